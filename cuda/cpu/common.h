@@ -1,0 +1,76 @@
+// CPU driver internals: error reporting and small helpers.
+#pragma once
+#include <stdint.h>
+#include <string>
+#include <exception>
+#include <math.h>
+
+#include "langfield_abi.h"
+#include "lf_math.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace lfcpu {
+
+void set_error(const std::string &msg);
+
+#define LF_CHECK(cond, msg)                 \
+    do {                                    \
+        if (!(cond)) {                      \
+            ::lfcpu::set_error(msg);        \
+            return 1;                       \
+        }                                   \
+    } while (0)
+
+// Runs `body` and turns a C++ exception (e.g. std::bad_alloc) into an error code.
+template <typename F> int guarded(const char *what, F &&body) {
+    try {
+        return body();
+    } catch (const std::exception &e) {
+        set_error(std::string(what) + ": " + e.what());
+        return 2;
+    } catch (...) {
+        set_error(std::string(what) + ": unknown C++ exception");
+        return 2;
+    }
+}
+
+// Conservative pixel rectangle [x0,x1) x [y0,y1) (image coordinates) outside
+// of which a Gaussian's alpha is below 1/255 at every pixel centre. Returns
+// false when it touches no pixel. Derived from the conic: alpha >= 1/255 needs
+// sigma <= L = ln(255 * opacity); the ellipse sigma <= L has half-extents
+// sqrt(2 L Sigma_xx), sqrt(2 L Sigma_yy) with Sigma = conic^-1.
+inline bool alpha_bbox(const float *mean2d, const float *conic, float opacity, int &x0, int &x1,
+                       int &y0, int &y1) {
+    if (!(opacity > 0.f)) return false;
+    float L = logf(opacity * 255.f);
+    if (!(L >= 0.f)) return false;  // opacity < 1/255: never visible
+    float det = conic[0] * conic[2] - conic[1] * conic[1];
+    if (!(det > 0.f)) {  // not positive definite: no safe bound, use everything
+        x0 = -(1 << 30); x1 = 1 << 30; y0 = -(1 << 30); y1 = 1 << 30;
+        return true;
+    }
+    float ex = sqrtf(2.f * L * conic[2] / det) + 1.f;  // +1 px margin for rounding
+    float ey = sqrtf(2.f * L * conic[0] / det) + 1.f;
+    // pixel p is inside if |mean - (p + 0.5)| <= e
+    float fx0 = ceilf(mean2d[0] - ex - 0.5f), fx1 = floorf(mean2d[0] + ex - 0.5f) + 1.f;
+    float fy0 = ceilf(mean2d[1] - ey - 0.5f), fy1 = floorf(mean2d[1] + ey - 0.5f) + 1.f;
+    const float BIG = (float)(1 << 30);
+    x0 = (int)lf::lf_max(-BIG, lf::lf_min(BIG, fx0));
+    x1 = (int)lf::lf_max(-BIG, lf::lf_min(BIG, fx1));
+    y0 = (int)lf::lf_max(-BIG, lf::lf_min(BIG, fy0));
+    y1 = (int)lf::lf_max(-BIG, lf::lf_min(BIG, fy1));
+    return x1 > x0 && y1 > y0;
+}
+
+inline int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+}  // namespace lfcpu

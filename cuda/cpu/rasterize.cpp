@@ -1,0 +1,274 @@
+// CPU driver: tile rasterization, forward and backward.
+//
+// One OpenMP task per tile. Inside a tile the loop order is Gaussian-outer,
+// pixel-inner: each Gaussian in depth order updates the pixels of its
+// conservative alpha rectangle (lfcpu::alpha_bbox) that are not yet
+// saturated. Per pixel this visits the Gaussians in exactly the order of the
+// per-pixel formulation, so results equal it, while small Gaussians cost only
+// the pixels they touch.
+//
+// Backward is deterministic: each tile writes its per-Gaussian gradient sums
+// into a private slot per intersection, and the slots are reduced per
+// Gaussian in intersection order (partitioned by Gaussian id across threads).
+#include <algorithm>
+#include <cstring>
+#include <vector>
+#include "common.h"
+
+namespace {
+
+struct TileGeom {
+    int64_t cam, tile, start, end;
+    int px0, py0, pw, ph;
+};
+
+inline TileGeom tile_geom(int64_t t, int tile_size, int tile_width, int tile_height, int width, int height,
+                          const int32_t *tile_offsets, int64_t n_tiles, int64_t n_isects) {
+    TileGeom g;
+    const int64_t per_cam = (int64_t)tile_width * tile_height;
+    g.cam = t / per_cam;
+    g.tile = t % per_cam;
+    const int ty = (int)(g.tile / tile_width), tx = (int)(g.tile % tile_width);
+    g.px0 = tx * tile_size;
+    g.py0 = ty * tile_size;
+    g.pw = std::min(tile_size, width - g.px0);
+    g.ph = std::min(tile_size, height - g.py0);
+    if (!tile_offsets || n_isects == 0) {
+        g.start = g.end = 0;
+        return g;
+    }
+    g.start = tile_offsets[t];
+    g.end = (t + 1 < n_tiles) ? tile_offsets[t + 1] : n_isects;
+    if (g.end < g.start) g.end = g.start;
+    return g;
+}
+
+}  // namespace
+
+extern "C" {
+
+LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile_size, int tile_width,
+                            int tile_height, const float *means2d, const float *conics, const float *colors,
+                            const float *opacities, const float *backgrounds, const int32_t *tile_offsets,
+                            const int32_t *flatten_ids, int64_t n_isects, float *render_colors,
+                            float *render_alphas, int32_t *last_ids, void *stream) {
+    (void)stream;
+    LF_CHECK(C >= 0 && N >= 0 && D >= 1, "lf_rasterize_fwd: bad C, N or D");
+    LF_CHECK(width > 0 && height > 0 && tile_size > 0, "lf_rasterize_fwd: bad image or tile size");
+    LF_CHECK(tile_width == (width + tile_size - 1) / tile_size &&
+                 tile_height == (height + tile_size - 1) / tile_size,
+             "lf_rasterize_fwd: tile grid does not match the image");
+    LF_CHECK(render_colors && render_alphas && last_ids, "lf_rasterize_fwd: null output");
+    LF_CHECK(n_isects == 0 || (means2d && conics && colors && opacities && flatten_ids && tile_offsets),
+             "lf_rasterize_fwd: null input");
+    const int64_t n_tiles = (int64_t)C * tile_width * tile_height;
+    return lfcpu::guarded("lf_rasterize_fwd", [&]() -> int {
+#pragma omp parallel
+        {
+            const int P = tile_size * tile_size;
+            std::vector<float> T(P), acc((size_t)P * D);
+            std::vector<int32_t> last(P);
+            std::vector<uint8_t> done(P);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < n_tiles; ++t) {
+                TileGeom tg = tile_geom(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
+                                        n_tiles, n_isects);
+                const int n_pix = tg.pw * tg.ph;
+                std::fill(T.begin(), T.end(), 1.f);
+                std::fill(acc.begin(), acc.begin() + (size_t)P * D, 0.f);
+                std::fill(last.begin(), last.end(), -1);
+                std::fill(done.begin(), done.end(), 0);
+                int n_done = 0;
+                for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
+                    const int64_t gid = flatten_ids[i];
+                    const float *m = means2d + gid * 2;
+                    const float *con = conics + gid * 3;
+                    const float op = opacities[gid];
+                    int bx0, bx1, by0, by1;
+                    if (!lfcpu::alpha_bbox(m, con, op, bx0, bx1, by0, by1)) continue;
+                    const int lx0 = std::max(bx0 - tg.px0, 0), lx1 = std::min(bx1 - tg.px0, tg.pw);
+                    const int ly0 = std::max(by0 - tg.py0, 0), ly1 = std::min(by1 - tg.py0, tg.ph);
+                    if (lx0 >= lx1 || ly0 >= ly1) continue;
+                    const float *col = colors + gid * (int64_t)D;
+                    for (int ly = ly0; ly < ly1; ++ly) {
+                        const float dy = m[1] - ((float)(tg.py0 + ly) + 0.5f);
+                        for (int lx = lx0; lx < lx1; ++lx) {
+                            const int p = ly * tile_size + lx;
+                            if (done[p]) continue;
+                            const float dx = m[0] - ((float)(tg.px0 + lx) + 0.5f);
+                            const float sigma = lf::gauss_sigma(con, dx, dy);
+                            if (sigma < 0.f) continue;
+                            const float alpha = lf::lf_min(lf::ALPHA_MAX, op * expf(-sigma));
+                            if (alpha < lf::ALPHA_THRESHOLD) continue;
+                            const float next_T = T[p] * (1.f - alpha);
+                            if (next_T <= lf::T_MIN) {
+                                done[p] = 1;
+                                ++n_done;
+                                continue;
+                            }
+                            const float w = alpha * T[p];
+                            float *a = acc.data() + (size_t)p * D;
+                            for (int k = 0; k < D; ++k) a[k] += w * col[k];
+                            T[p] = next_T;
+                            last[p] = (int32_t)i;
+                        }
+                    }
+                }
+                const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
+                for (int ly = 0; ly < tg.ph; ++ly)
+                    for (int lx = 0; lx < tg.pw; ++lx) {
+                        const int p = ly * tile_size + lx;
+                        const int64_t pix = (tg.cam * height + tg.py0 + ly) * (int64_t)width + tg.px0 + lx;
+                        float *out = render_colors + pix * D;
+                        const float *a = acc.data() + (size_t)p * D;
+                        for (int k = 0; k < D; ++k) out[k] = a[k] + (bg ? T[p] * bg[k] : 0.f);
+                        render_alphas[pix] = 1.f - T[p];
+                        last_ids[pix] = last[p];
+                    }
+            }
+        }
+        return 0;
+    });
+}
+
+LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile_size, int tile_width,
+                            int tile_height, const float *means2d, const float *conics, const float *colors,
+                            const float *opacities, const float *backgrounds, const int32_t *tile_offsets,
+                            const int32_t *flatten_ids, int64_t n_isects, const float *render_alphas,
+                            const int32_t *last_ids, const float *v_render_colors, const float *v_render_alphas,
+                            float *v_means2d, float *v_means2d_abs, float *v_conics, float *v_colors,
+                            float *v_opacities, float *v_backgrounds, void *stream) {
+    (void)stream;
+    LF_CHECK(C >= 0 && N >= 0 && D >= 1, "lf_rasterize_bwd: bad C, N or D");
+    LF_CHECK(width > 0 && height > 0 && tile_size > 0, "lf_rasterize_bwd: bad image or tile size");
+    LF_CHECK(tile_width == (width + tile_size - 1) / tile_size &&
+                 tile_height == (height + tile_size - 1) / tile_size,
+             "lf_rasterize_bwd: tile grid does not match the image");
+    LF_CHECK(render_alphas && last_ids && v_render_colors && v_render_alphas, "lf_rasterize_bwd: null input");
+    LF_CHECK(n_isects == 0 || (means2d && conics && colors && opacities && flatten_ids && tile_offsets &&
+                               v_means2d && v_conics && v_colors && v_opacities),
+             "lf_rasterize_bwd: null pointer");
+    const int64_t n_tiles = (int64_t)C * tile_width * tile_height;
+    const bool absgrad = v_means2d_abs != nullptr;
+    // per-intersection slot: v_xy(2) v_conic(3) v_opac(1) [v_xy_abs(2)] v_color(D)
+    const int S_ABS = 6, S_COL = absgrad ? 8 : 6;
+    const int S = S_COL + D;
+    return lfcpu::guarded("lf_rasterize_bwd", [&]() -> int {
+        std::vector<float> slots((size_t)n_isects * S, 0.f);
+        std::vector<double> bg_part(v_backgrounds ? (size_t)n_tiles * D : 0, 0.0);
+#pragma omp parallel
+        {
+            const int P = tile_size * tile_size;
+            std::vector<float> T(P), Tf(P), buf((size_t)P * D);
+            std::vector<int32_t> last(P);
+            std::vector<float> g(S);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t t = 0; t < n_tiles; ++t) {
+                TileGeom tg = tile_geom(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
+                                        n_tiles, n_isects);
+                const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
+                int32_t max_last = -1;
+                std::fill(last.begin(), last.end(), -1);
+                for (int ly = 0; ly < tg.ph; ++ly)
+                    for (int lx = 0; lx < tg.pw; ++lx) {
+                        const int p = ly * tile_size + lx;
+                        const int64_t pix = (tg.cam * height + tg.py0 + ly) * (int64_t)width + tg.px0 + lx;
+                        Tf[p] = T[p] = 1.f - render_alphas[pix];
+                        last[p] = last_ids[pix];
+                        if (last[p] > max_last) max_last = last[p];
+                        std::fill(buf.begin() + (size_t)p * D, buf.begin() + (size_t)(p + 1) * D, 0.f);
+                        if (v_backgrounds) {
+                            const float *vr = v_render_colors + pix * D;
+                            double *dst = bg_part.data() + (size_t)t * D;
+                            for (int k = 0; k < D; ++k) dst[k] += (double)Tf[p] * vr[k];
+                        }
+                    }
+                for (int64_t i = std::min<int64_t>(max_last, tg.end - 1); i >= tg.start; --i) {
+                    const int64_t gid = flatten_ids[i];
+                    const float *m = means2d + gid * 2;
+                    const float *con = conics + gid * 3;
+                    const float op = opacities[gid];
+                    int bx0, bx1, by0, by1;
+                    if (!lfcpu::alpha_bbox(m, con, op, bx0, bx1, by0, by1)) continue;
+                    const int lx0 = std::max(bx0 - tg.px0, 0), lx1 = std::min(bx1 - tg.px0, tg.pw);
+                    const int ly0 = std::max(by0 - tg.py0, 0), ly1 = std::min(by1 - tg.py0, tg.ph);
+                    if (lx0 >= lx1 || ly0 >= ly1) continue;
+                    const float *col = colors + gid * (int64_t)D;
+                    std::fill(g.begin(), g.end(), 0.f);
+                    bool any = false;
+                    for (int ly = ly0; ly < ly1; ++ly) {
+                        const float dy = m[1] - ((float)(tg.py0 + ly) + 0.5f);
+                        for (int lx = lx0; lx < lx1; ++lx) {
+                            const int p = ly * tile_size + lx;
+                            if (i > last[p]) continue;
+                            const float dx = m[0] - ((float)(tg.px0 + lx) + 0.5f);
+                            const float sigma = lf::gauss_sigma(con, dx, dy);
+                            if (sigma < 0.f) continue;
+                            const float vis = expf(-sigma);
+                            const float alpha = lf::lf_min(lf::ALPHA_MAX, op * vis);
+                            if (alpha < lf::ALPHA_THRESHOLD) continue;
+                            any = true;
+                            const int64_t pix = (tg.cam * height + tg.py0 + ly) * (int64_t)width + tg.px0 + lx;
+                            const float *vr = v_render_colors + pix * D;
+                            const float ra = 1.f / (1.f - alpha);
+                            T[p] *= ra;
+                            const float fac = alpha * T[p];
+                            float *b = buf.data() + (size_t)p * D;
+                            float v_alpha = 0.f;
+                            for (int k = 0; k < D; ++k) {
+                                g[S_COL + k] += fac * vr[k];
+                                v_alpha += (col[k] * T[p] - b[k] * ra) * vr[k];
+                                b[k] += col[k] * fac;
+                            }
+                            v_alpha += Tf[p] * ra * v_render_alphas[pix];
+                            if (bg) {
+                                float acc = 0.f;
+                                for (int k = 0; k < D; ++k) acc += bg[k] * vr[k];
+                                v_alpha -= Tf[p] * ra * acc;
+                            }
+                            lf::alpha_vjp(con, op, vis, dx, dy, v_alpha, &g[0], absgrad ? &g[S_ABS] : nullptr,
+                                          &g[2], g[5]);
+                        }
+                    }
+                    if (any) std::memcpy(slots.data() + (size_t)i * S, g.data(), sizeof(float) * S);
+                }
+            }
+        }
+        // deterministic reduction: Gaussian-id ranges per thread, intersections in order
+        const int64_t total = (int64_t)C * N;
+        const int n_parts = std::max(1, lfcpu::max_threads());
+#pragma omp parallel for schedule(static, 1)
+        for (int part = 0; part < n_parts; ++part) {
+            const int64_t lo = total * part / n_parts, hi = total * (part + 1) / n_parts;
+            for (int64_t i = 0; i < n_isects; ++i) {
+                const int64_t gid = flatten_ids[i];
+                if (gid < lo || gid >= hi) continue;
+                const float *s = slots.data() + (size_t)i * S;
+                v_means2d[gid * 2] += s[0];
+                v_means2d[gid * 2 + 1] += s[1];
+                v_conics[gid * 3] += s[2];
+                v_conics[gid * 3 + 1] += s[3];
+                v_conics[gid * 3 + 2] += s[4];
+                v_opacities[gid] += s[5];
+                if (absgrad) {
+                    v_means2d_abs[gid * 2] += s[S_ABS];
+                    v_means2d_abs[gid * 2 + 1] += s[S_ABS + 1];
+                }
+                float *vc = v_colors + gid * (int64_t)D;
+                for (int k = 0; k < D; ++k) vc[k] += s[S_COL + k];
+            }
+        }
+        if (v_backgrounds) {
+            const int64_t per_cam = (int64_t)tile_width * tile_height;
+            for (int64_t c = 0; c < C; ++c)
+                for (int k = 0; k < D; ++k) {
+                    double acc = 0.0;
+                    for (int64_t t = c * per_cam; t < (c + 1) * per_cam; ++t) acc += bg_part[(size_t)t * D + k];
+                    v_backgrounds[c * D + k] += (float)acc;
+                }
+        }
+        return 0;
+    });
+}
+
+}  // extern "C"

@@ -1,0 +1,73 @@
+"""``langfield <verb> [subverb] ...``: a thin layer over the library.
+
+Each command is a plain function whose typed signature tyro turns into flags;
+the implementation module is imported only when its command runs, so
+``langfield --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Dict, Tuple, Union
+
+# verb -> (module, function) or {subverb: (module, function)}
+Target = Tuple[str, str]
+COMMANDS: Dict[str, Union[Target, Dict[str, Target]]] = {
+    "build": ("langfield.render._build", "cli_build"),
+    "scenes": {
+        "list": ("langfield.scenes.cli", "scenes_list"),
+        "make": ("langfield.scenes.cli", "scenes_make"),
+    },
+}
+
+HELP = {
+    "build": "build the native renderer (CPU, and CUDA when nvcc and a GPU are present) ahead of time",
+    "scenes": "procedural scenes with exact ground truth: list, make",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: langfield <command> [args]", "", "commands:"]
+    for verb, target in COMMANDS.items():
+        if isinstance(target, dict):
+            lines.append(f"  {verb} {{{','.join(target)}}}  {HELP.get(verb, '')}")
+        else:
+            lines.append(f"  {verb:<12}{HELP.get(verb, '')}")
+    lines.append("")
+    lines.append("`langfield <command> --help` shows a command's options.")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("--version", "version"):
+        from langfield import __version__
+
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in COMMANDS:
+        print(f"langfield: unknown command {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    target = COMMANDS[verb]
+    prog = f"langfield {verb}"
+    if isinstance(target, dict):
+        if not rest or rest[0] not in target:
+            print(f"usage: langfield {verb} {{{','.join(target)}}} [args]", file=sys.stderr)
+            return 0 if rest and rest[0] in ("-h", "--help") else 2
+        prog = f"{prog} {rest[0]}"
+        target, rest = target[rest[0]], rest[1:]
+    module, func = target
+    import tyro
+
+    fn = getattr(importlib.import_module(module), func)
+    result = tyro.cli(fn, args=rest, prog=prog)
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Build the native renderer on first use, into a cache keyed by sources and flags.
+
+The CPU library is compiled with the system C++ compiler (``$CXX`` or g++) and
+OpenMP; the CUDA library with nvcc when it and a GPU are present. Builds are
+keyed by a hash of every source file, the compiler command and the compiler's
+version, written atomically (temp file + rename) under a file lock so that two
+processes building at once neither clash nor load a half-written library.
+``langfield build`` builds ahead of time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+__all__ = ["NativeBuildError", "source_dir", "cache_dir", "build_library", "load_library", "cli_build"]
+
+
+class NativeBuildError(RuntimeError):
+    """The native library could not be built or loaded."""
+
+
+def source_dir() -> Path:
+    import langfield.csrc as csrc
+
+    return Path(csrc.__file__).resolve().parent
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("LANGFIELD_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "langfield" / "native"
+
+
+def _sources(kind: str) -> List[Path]:
+    root = source_dir()
+    if kind == "cpu":
+        return sorted((root / "cpu").glob("*.cpp"))
+    return sorted((root / "cuda").glob("*.cu"))
+
+
+def _headers(kind: str) -> List[Path]:
+    root = source_dir()
+    own = sorted((root / "cpu").glob("*.h")) if kind == "cpu" else sorted((root / "cuda").glob("*.cuh"))
+    return sorted((root / "include").glob("*.h")) + own
+
+
+def find_cxx() -> Optional[str]:
+    for cand in [os.environ.get("CXX"), "g++", "c++", "clang++"]:
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def find_nvcc() -> Optional[str]:
+    cands = [os.environ.get("NVCC")]
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            cands.append(os.path.join(os.environ[var], "bin", "nvcc"))
+    cands += ["nvcc", "/usr/local/cuda/bin/nvcc"]
+    for cand in cands:
+        if cand and shutil.which(cand):
+            return shutil.which(cand)
+    return None
+
+
+def _tool_version(exe: str) -> str:
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+        return out.stdout.strip()
+    except Exception:  # pragma: no cover - version is only part of the cache key
+        return "unknown"
+
+
+def cuda_arch_flags() -> List[str]:
+    """-gencode flags: $LANGFIELD_CUDA_ARCHS (e.g. "80;90") or the visible GPUs' archs."""
+    archs: List[str] = []
+    env = os.environ.get("LANGFIELD_CUDA_ARCHS")
+    if env:
+        archs = [a.strip().replace(".", "") for a in env.replace(",", ";").split(";") if a.strip()]
+    else:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                for i in range(torch.cuda.device_count()):
+                    major, minor = torch.cuda.get_device_capability(i)
+                    archs.append(f"{major}{minor}")
+        except Exception:
+            pass
+    if not archs:
+        archs = ["80", "90"]
+    archs = sorted(set(archs))
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+def _commands(kind: str, out: Path) -> List[List[str]]:
+    """Candidate compile commands, best first (fallbacks drop optional flags)."""
+    inc = str(source_dir() / "include")
+    srcs = [str(s) for s in _sources(kind)]
+    if kind == "cpu":
+        cxx = find_cxx()
+        if cxx is None:
+            raise NativeBuildError("no C++ compiler found (set $CXX or install g++)")
+        base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-I", inc]
+        tail = srcs + ["-o", str(out)]
+        return [
+            base + ["-march=native", "-fopenmp"] + tail,
+            base + ["-fopenmp"] + tail,
+            base + tail,  # no OpenMP (e.g. Apple clang): single-threaded but correct
+        ]
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise NativeBuildError("nvcc not found (set $CUDA_HOME or put nvcc on PATH)")
+    return [
+        [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+         "--expt-relaxed-constexpr", "-lineinfo", "-I", inc]
+        + cuda_arch_flags()
+        + srcs
+        + ["-o", str(out)]
+    ]
+
+
+@dataclass
+class BuildResult:
+    kind: str
+    path: Path
+    built: bool  # False: taken from the cache
+    command: List[str]
+
+
+def _key(kind: str, cmd: List[str]) -> str:
+    h = hashlib.sha256()
+    h.update(kind.encode())
+    h.update(" ".join(c for c in cmd if not c.endswith(".so")).encode())
+    h.update(_tool_version(cmd[0]).encode())
+    h.update(platform.machine().encode())
+    h.update(platform.processor().encode())
+    for f in _sources(kind) + _headers(kind):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def build_library(kind: str = "cpu", force: bool = False, verbose: bool = False) -> BuildResult:
+    """Build (or find in the cache) ``liblangfield_<kind>.so``; kind is "cpu" or "cuda"."""
+    from filelock import FileLock
+
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"kind must be 'cpu' or 'cuda', got {kind!r}")
+    if not _sources(kind):
+        raise NativeBuildError(f"no {kind} sources found under {source_dir()}")
+    name = f"liblangfield_{kind}.so"
+    cmds = _commands(kind, Path(name))
+    key = _key(kind, cmds[0])
+    folder = cache_dir() / f"{kind}-{key}"
+    lib = folder / name
+    if lib.exists() and not force:
+        return BuildResult(kind, lib, False, cmds[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder / ".lock"), timeout=1800):
+        if lib.exists() and not force:  # built by another process meanwhile
+            return BuildResult(kind, lib, False, cmds[0])
+        errors = []
+        for cmd in cmds:
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            cmd = cmd[:-1] + [tmp]
+            if verbose:
+                print(" ".join(cmd))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(tmp, lib)
+                return BuildResult(kind, lib, True, cmd)
+            os.unlink(tmp)
+            errors.append(f"$ {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+        raise NativeBuildError(f"building the {kind} renderer failed:\n" + "\n".join(errors))
+
+
+_c = ctypes
+_P = _c.c_void_p
+_I = _c.c_int
+_F = _c.c_float
+_I64 = _c.c_int64
+_SIGNATURES: Dict[str, list] = {
+    "lf_abi_version": [],
+    "lf_last_error": [],
+    "lf_num_threads": [],
+    "lf_project_fwd": [_I, _I, _P, _P, _P, _P, _P, _P, _I, _I, _F, _F, _F, _F, _P, _P, _P, _P, _P, _P],
+    "lf_project_bwd": [_I, _I, _P, _P, _P, _P, _P, _I, _I, _F, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _P],
+    "lf_sh_fwd": [_I, _I, _I, _P, _P, _P, _P, _P],
+    "lf_sh_bwd": [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P],
+    "lf_isect_count": [_I, _I, _P, _P, _I, _I, _I, _P, _P, _P],
+    "lf_isect_fill": [_I, _I, _P, _P, _P, _I, _I, _I, _P, _I64, _P, _P, _P, _P],
+    "lf_rasterize_fwd": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P],
+    "lf_rasterize_bwd": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P,
+                         _P, _P, _P, _P, _P, _P, _P],
+}
+ABI_VERSION = 1
+
+_loaded: Dict[str, ctypes.CDLL] = {}
+_failed: Dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def load_library(kind: str = "cpu") -> ctypes.CDLL:
+    """Build if needed and load the native library; raises NativeBuildError."""
+    with _lock:
+        if kind in _loaded:
+            return _loaded[kind]
+        if kind in _failed:
+            raise NativeBuildError(_failed[kind])
+        try:
+            res = build_library(kind)
+            lib = ctypes.CDLL(str(res.path))
+            for name, args in _SIGNATURES.items():
+                fn = getattr(lib, name)
+                fn.argtypes = args
+                fn.restype = _c.c_char_p if name == "lf_last_error" else _I
+            if lib.lf_abi_version() != ABI_VERSION:
+                raise NativeBuildError(f"{res.path}: ABI version {lib.lf_abi_version()} != {ABI_VERSION}")
+        except (NativeBuildError, OSError, AttributeError) as e:
+            _failed[kind] = str(e)
+            raise NativeBuildError(str(e)) from e
+        _loaded[kind] = lib
+        return lib
+
+
+def native_available(kind: str = "cpu", warn: bool = True) -> bool:
+    try:
+        load_library(kind)
+        return True
+    except NativeBuildError as e:
+        if warn and kind not in _warned:
+            _warned.add(kind)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown error"
+            warnings.warn(
+                f"langfield: native {kind} renderer unavailable ({first}); using the slower torch backend. "
+                "Run `langfield build` for the full compiler output.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
+
+
+_warned: set = set()
+
+
+def cli_build(cuda: Optional[bool] = None, force: bool = False, verbose: bool = False) -> int:
+    """Build the native renderer ahead of time and report what was built.
+
+    Args:
+        cuda: also build the CUDA library (default: when nvcc is found).
+        force: rebuild even when a cached build exists.
+        verbose: print the compiler commands.
+    """
+    import time
+
+    kinds = ["cpu"]
+    if cuda or (cuda is None and find_nvcc() is not None):
+        kinds.append("cuda")
+    status = 0
+    for kind in kinds:
+        t0 = time.perf_counter()
+        try:
+            res = build_library(kind, force=force, verbose=verbose)
+        except NativeBuildError as e:
+            print(f"[{kind}] FAILED\n{e}")
+            status = 1
+            continue
+        dt = time.perf_counter() - t0
+        what = f"built in {dt:.1f}s" if res.built else "up to date (cached)"
+        print(f"[{kind}] {what}: {res.path}")
+        if kind == "cpu":
+            lib = ctypes.CDLL(str(res.path))
+            print(f"[{kind}] OpenMP threads: {lib.lf_num_threads()}")
+    print(f"cache: {cache_dir()}")
+    return status
