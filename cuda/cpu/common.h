@@ -7,10 +7,7 @@
 
 #include "langfield_abi.h"
 #include "lf_math.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "parallel.h"
 
 namespace lfcpu {
 
@@ -65,12 +62,6 @@ inline bool alpha_bbox(const float *mean2d, const float *conic, float opacity, i
     return x1 > x0 && y1 > y0;
 }
 
-inline int max_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
+inline int max_threads() { return num_threads(); }
 
 }  // namespace lfcpu

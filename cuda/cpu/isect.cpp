@@ -13,6 +13,11 @@ inline uint32_t float_bits(float f) {
     std::memcpy(&u, &f, 4);
     return u;
 }
+thread_local std::vector<int32_t> t_ids;
+inline std::vector<int32_t> &ids_scratch(int, int64_t n) {
+    if ((int64_t)t_ids.size() < n) t_ids.resize(n);
+    return t_ids;
+}
 inline int bit_width(int64_t n) {  // floor(log2(n)) + 1, 0 for n == 0
     int b = 0;
     while (n > 0) { ++b; n >>= 1; }
@@ -33,8 +38,8 @@ LF_API int lf_isect_count(int C, int N, const int32_t *radii, const float *means
     *n_isects = 0;
     if (total == 0) return 0;
     LF_CHECK(radii && means2d && cum_tiles, "lf_isect_count: null pointer");
-#pragma omp parallel for schedule(static)
-    for (int64_t idx = 0; idx < total; ++idx) {
+    lfcpu::parallel_for(total, 4096, [&](int64_t b, int64_t e, int) {
+    for (int64_t idx = b; idx < e; ++idx) {
         int64_t n = 0;
         if (radii[idx * 2] > 0 && radii[idx * 2 + 1] > 0) {
             int x0, x1, y0, y1;
@@ -44,6 +49,7 @@ LF_API int lf_isect_count(int C, int N, const int32_t *radii, const float *means
         }
         cum_tiles[idx] = n;
     }
+    });
     int64_t acc = 0;
     for (int64_t idx = 0; idx < total; ++idx) {
         acc += cum_tiles[idx];
@@ -73,8 +79,8 @@ LF_API int lf_isect_fill(int C, int N, const int32_t *radii, const float *means2
         const int64_t tiles_per_cam = (int64_t)tile_width * tile_height;
         std::vector<int32_t> gen_tile(n_isects);
         std::vector<int32_t> gen_id(n_isects);
-#pragma omp parallel for schedule(static)
-        for (int64_t idx = 0; idx < total; ++idx) {
+        lfcpu::parallel_for(total, 2048, [&](int64_t b, int64_t e, int) {
+        for (int64_t idx = b; idx < e; ++idx) {
             int64_t start = idx == 0 ? 0 : cum_tiles[idx - 1];
             int64_t end = cum_tiles[idx];
             if (end == start) continue;
@@ -89,6 +95,7 @@ LF_API int lf_isect_fill(int C, int N, const int32_t *radii, const float *means2
                     gen_id[k] = (int32_t)idx;
                 }
         }
+        });
         // stable counting sort by tile
         std::vector<int64_t> counts(n_tiles + 1, 0);
         for (int64_t i = 0; i < n_isects; ++i) counts[gen_tile[i] + 1]++;
@@ -98,28 +105,30 @@ LF_API int lf_isect_fill(int C, int N, const int32_t *radii, const float *means2
             std::vector<int64_t> cursor(counts.begin(), counts.end() - 1);
             for (int64_t i = 0; i < n_isects; ++i) flatten_ids[cursor[gen_tile[i]]++] = gen_id[i];
         }
-        // stable sort of each tile by depth
+        // sort each tile by depth; ties keep generation order (the key holds
+        // the generation rank in its low bits, so the sort need not be stable)
         const int tile_bits = bit_width(tiles_per_cam);
-#pragma omp parallel
-        {
-            std::vector<std::pair<uint32_t, int32_t>> buf;
-#pragma omp for schedule(dynamic, 4)
-            for (int64_t t = 0; t < n_tiles; ++t) {
+        std::vector<std::vector<uint64_t>> scratch(lfcpu::num_threads());
+        lfcpu::parallel_for(n_tiles, 8, [&](int64_t tb, int64_t te, int tid) {
+            std::vector<uint64_t> &buf = scratch[tid];
+            for (int64_t t = tb; t < te; ++t) {
                 const int64_t s = counts[t], e = counts[t + 1];
                 if (e - s > 1) {
                     buf.resize(e - s);
-                    for (int64_t i = s; i < e; ++i) buf[i - s] = {float_bits(depths[flatten_ids[i]]), flatten_ids[i]};
-                    std::stable_sort(buf.begin(), buf.end(),
-                                     [](const std::pair<uint32_t, int32_t> &a,
-                                        const std::pair<uint32_t, int32_t> &b) { return a.first < b.first; });
-                    for (int64_t i = s; i < e; ++i) flatten_ids[i] = buf[i - s].second;
+                    for (int64_t i = s; i < e; ++i)
+                        buf[i - s] = ((uint64_t)float_bits(depths[flatten_ids[i]]) << 32) | (uint64_t)(i - s);
+                    std::sort(buf.begin(), buf.end());
+                    // permute: flatten_ids[s..e) by the sorted ranks
+                    std::vector<int32_t> &ids = ids_scratch(tid, e - s);
+                    for (int64_t i = 0; i < e - s; ++i) ids[i] = flatten_ids[s + (int64_t)(buf[i] & 0xffffffffu)];
+                    std::memcpy(flatten_ids + s, ids.data(), sizeof(int32_t) * (e - s));
                 }
                 const int64_t c = t / tiles_per_cam, tile = t % tiles_per_cam;
                 for (int64_t i = s; i < e; ++i)
                     isect_ids[i] = (int64_t)(((uint64_t)c << (32 + tile_bits)) | ((uint64_t)tile << 32) |
                                              (uint64_t)float_bits(depths[flatten_ids[i]]));
             }
-        }
+        });
         return 0;
     });
 }

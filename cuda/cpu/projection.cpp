@@ -18,8 +18,8 @@ LF_API int lf_project_fwd(int C, int N, const float *means, const float *quats, 
     LF_CHECK(means && quats && scales && viewmats && Ks && radii && means2d && depths && conics,
              "lf_project_fwd: null pointer");
     const bool comp = compensations != nullptr;
-#pragma omp parallel for schedule(static)
-    for (int64_t idx = 0; idx < total; ++idx) {
+    lfcpu::parallel_for(total, 2048, [&](int64_t b, int64_t e, int) {
+    for (int64_t idx = b; idx < e; ++idx) {
         const int64_t c = idx / N, g = idx % N;
         lf::ProjOut o = lf::project_one(means + g * 3, quats + g * 4, scales + g * 3,
                                         opacities ? opacities + g : nullptr, viewmats + c * 16, Ks + c * 9,
@@ -34,6 +34,7 @@ LF_API int lf_project_fwd(int C, int N, const float *means, const float *quats, 
         conics[idx * 3 + 2] = o.conic[2];
         if (comp) compensations[idx] = o.compensation;
     }
+    });
     return 0;
 }
 
@@ -55,8 +56,8 @@ LF_API int lf_project_bwd(int C, int N, const float *means, const float *quats, 
         const int64_t n_chunks = N < 64 ? (N > 0 ? N : 1) : 64;
         const int64_t chunk = (N + n_chunks - 1) / n_chunks;
         std::vector<double> vm_part(v_viewmats ? (size_t)n_chunks * C * 16 : 0, 0.0);
-#pragma omp parallel for schedule(dynamic, 1)
-        for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        lfcpu::parallel_for(n_chunks, 1, [&](int64_t cb, int64_t ce, int) {
+        for (int64_t ch = cb; ch < ce; ++ch) {
             const int64_t g0 = ch * chunk, g1 = g0 + chunk < N ? g0 + chunk : N;
             for (int64_t g = g0; g < g1; ++g) {
                 for (int64_t c = 0; c < C; ++c) {
@@ -78,6 +79,7 @@ LF_API int lf_project_bwd(int C, int N, const float *means, const float *quats, 
                 }
             }
         }
+        });
         if (v_viewmats) {
             for (int64_t c = 0; c < C; ++c)
                 for (int k = 0; k < 12; ++k) {

@@ -43,6 +43,34 @@ inline TileGeom tile_geom(int64_t t, int tile_size, int tile_width, int tile_hei
     return g;
 }
 
+struct FwdScratch {
+    std::vector<float> T, acc;
+    std::vector<int32_t> last;
+    std::vector<uint8_t> done;
+    void init(int P, int D) {
+        T.resize(P); acc.resize((size_t)P * D); last.resize(P); done.resize(P);
+    }
+};
+
+struct BwdScratch {
+    std::vector<float> T, Tf, buf, g;
+    std::vector<int32_t> last;
+    void init(int P, int D, int S) {
+        T.resize(P); Tf.resize(P); buf.resize((size_t)P * D); g.resize(S); last.resize(P);
+    }
+};
+
+// a[k] += w * c[k], unrolled for the common small channel counts
+inline void accumulate(float *__restrict a, const float *__restrict c, float w, int D) {
+    switch (D) {
+    case 1: a[0] += w * c[0]; return;
+    case 3: a[0] += w * c[0]; a[1] += w * c[1]; a[2] += w * c[2]; return;
+    case 4: a[0] += w * c[0]; a[1] += w * c[1]; a[2] += w * c[2]; a[3] += w * c[3]; return;
+    default:
+        for (int k = 0; k < D; ++k) a[k] += w * c[k];
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -63,14 +91,15 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
              "lf_rasterize_fwd: null input");
     const int64_t n_tiles = (int64_t)C * tile_width * tile_height;
     return lfcpu::guarded("lf_rasterize_fwd", [&]() -> int {
-#pragma omp parallel
-        {
-            const int P = tile_size * tile_size;
-            std::vector<float> T(P), acc((size_t)P * D);
-            std::vector<int32_t> last(P);
-            std::vector<uint8_t> done(P);
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < n_tiles; ++t) {
+        const int P = tile_size * tile_size;
+        std::vector<FwdScratch> scratch(lfcpu::num_threads());
+        lfcpu::parallel_for(n_tiles, 1, [&](int64_t tb, int64_t te, int tid) {
+            FwdScratch &sc = scratch[tid];
+            sc.init(P, D);
+            std::vector<float> &T = sc.T, &acc = sc.acc;
+            std::vector<int32_t> &last = sc.last;
+            std::vector<uint8_t> &done = sc.done;
+            for (int64_t t = tb; t < te; ++t) {
                 TileGeom tg = tile_geom(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                         n_tiles, n_isects);
                 const int n_pix = tg.pw * tg.ph;
@@ -108,7 +137,7 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                             }
                             const float w = alpha * T[p];
                             float *a = acc.data() + (size_t)p * D;
-                            for (int k = 0; k < D; ++k) a[k] += w * col[k];
+                            accumulate(a, col, w, D);
                             T[p] = next_T;
                             last[p] = (int32_t)i;
                         }
@@ -126,7 +155,7 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                         last_ids[pix] = last[p];
                     }
             }
-        }
+        });
         return 0;
     });
 }
@@ -156,14 +185,14 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
     return lfcpu::guarded("lf_rasterize_bwd", [&]() -> int {
         std::vector<float> slots((size_t)n_isects * S, 0.f);
         std::vector<double> bg_part(v_backgrounds ? (size_t)n_tiles * D : 0, 0.0);
-#pragma omp parallel
-        {
-            const int P = tile_size * tile_size;
-            std::vector<float> T(P), Tf(P), buf((size_t)P * D);
-            std::vector<int32_t> last(P);
-            std::vector<float> g(S);
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t t = 0; t < n_tiles; ++t) {
+        const int P = tile_size * tile_size;
+        std::vector<BwdScratch> scratch(lfcpu::num_threads());
+        lfcpu::parallel_for(n_tiles, 1, [&](int64_t tb, int64_t te, int tid) {
+            BwdScratch &sc = scratch[tid];
+            sc.init(P, D, S);
+            std::vector<float> &T = sc.T, &Tf = sc.Tf, &buf = sc.buf, &g = sc.g;
+            std::vector<int32_t> &last = sc.last;
+            for (int64_t t = tb; t < te; ++t) {
                 TileGeom tg = tile_geom(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                         n_tiles, n_isects);
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
@@ -233,12 +262,12 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                     if (any) std::memcpy(slots.data() + (size_t)i * S, g.data(), sizeof(float) * S);
                 }
             }
-        }
+        });
         // deterministic reduction: Gaussian-id ranges per thread, intersections in order
         const int64_t total = (int64_t)C * N;
         const int n_parts = std::max(1, lfcpu::max_threads());
-#pragma omp parallel for schedule(static, 1)
-        for (int part = 0; part < n_parts; ++part) {
+        lfcpu::parallel_for(n_parts, 1, [&](int64_t pb, int64_t pe, int) {
+        for (int64_t part = pb; part < pe; ++part) {
             const int64_t lo = total * part / n_parts, hi = total * (part + 1) / n_parts;
             for (int64_t i = 0; i < n_isects; ++i) {
                 const int64_t gid = flatten_ids[i];
@@ -258,6 +287,7 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                 for (int k = 0; k < D; ++k) vc[k] += s[S_COL + k];
             }
         }
+        });
         if (v_backgrounds) {
             const int64_t per_cam = (int64_t)tile_width * tile_height;
             for (int64_t c = 0; c < C; ++c)

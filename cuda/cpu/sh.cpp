@@ -11,11 +11,12 @@ LF_API int lf_sh_fwd(int degree, int M, int K, const float *dirs, const float *c
     LF_CHECK(M >= 0, "lf_sh_fwd: negative M");
     if (M == 0) return 0;
     LF_CHECK(dirs && coeffs && colors, "lf_sh_fwd: null pointer");
-#pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-        if (masks && !masks[m]) continue;
-        lf::sh_eval(degree, K, dirs + m * 3, coeffs + m * (int64_t)K * 3, colors + m * 3);
-    }
+    lfcpu::parallel_for(M, 4096, [&](int64_t b, int64_t e, int) {
+        for (int64_t m = b; m < e; ++m) {
+            if (masks && !masks[m]) continue;
+            lf::sh_eval(degree, K, dirs + m * 3, coeffs + m * (int64_t)K * 3, colors + m * 3);
+        }
+    });
     return 0;
 }
 
@@ -27,12 +28,13 @@ LF_API int lf_sh_bwd(int degree, int M, int K, const float *dirs, const float *c
     LF_CHECK(M >= 0, "lf_sh_bwd: negative M");
     if (M == 0) return 0;
     LF_CHECK(dirs && coeffs && v_colors && v_coeffs, "lf_sh_bwd: null pointer");
-#pragma omp parallel for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-        if (masks && !masks[m]) continue;
-        lf::sh_eval_vjp(degree, K, dirs + m * 3, coeffs + m * (int64_t)K * 3, v_colors + m * 3,
-                        v_coeffs + m * (int64_t)K * 3, v_dirs ? v_dirs + m * 3 : nullptr);
-    }
+    lfcpu::parallel_for(M, 4096, [&](int64_t b, int64_t e, int) {
+        for (int64_t m = b; m < e; ++m) {
+            if (masks && !masks[m]) continue;
+            lf::sh_eval_vjp(degree, K, dirs + m * 3, coeffs + m * (int64_t)K * 3, v_colors + m * 3,
+                            v_coeffs + m * (int64_t)K * 3, v_dirs ? v_dirs + m * 3 : nullptr);
+        }
+    });
     return 0;
 }
 

@@ -120,10 +120,10 @@ def _commands(kind: str, out: Path) -> List[List[str]]:
             raise NativeBuildError("no C++ compiler found (set $CXX or install g++)")
         base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-I", inc]
         tail = srcs + ["-o", str(out)]
+        # threads come from our own pool (cuda/cpu/parallel.h), not OpenMP
         return [
-            base + ["-march=native", "-fopenmp"] + tail,
-            base + ["-fopenmp"] + tail,
-            base + tail,  # no OpenMP (e.g. Apple clang): single-threaded but correct
+            base + ["-march=native", "-fno-math-errno", "-pthread"] + tail,
+            base + ["-pthread"] + tail,
         ]
     nvcc = find_nvcc()
     if nvcc is None:
