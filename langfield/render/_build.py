@@ -31,9 +31,13 @@ class NativeBuildError(RuntimeError):
 
 
 def source_dir() -> Path:
-    import langfield.csrc as csrc
+    """cuda/ sources: the installed ``langfield.csrc`` package, else the source tree."""
+    try:
+        import langfield.csrc as csrc
 
-    return Path(csrc.__file__).resolve().parent
+        return Path(csrc.__file__).resolve().parent
+    except ImportError:  # running from a checkout on PYTHONPATH without an install
+        return Path(__file__).resolve().parents[2] / "cuda"
 
 
 def cache_dir() -> Path:
