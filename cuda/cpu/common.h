@@ -62,6 +62,43 @@ inline bool alpha_bbox(const float *mean2d, const float *conic, float opacity, i
     return x1 > x0 && y1 > y0;
 }
 
+// exp(x) for x <= 0 (Cephes' range reduction and polynomial, about 1 ulp),
+// branch-free so the compiler vectorises loops that call it. Forward and
+// backward both use it, so their skip decisions agree.
+inline float exp_neg(float x) {
+    x = x < -87.33654f ? -87.33654f : (x > 0.f ? 0.f : x);
+    float fx = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+    float z = r * r;
+    float y = ((((1.9875691500E-4f * r + 1.3981999507E-3f) * r + 8.3334519073E-3f) * r + 4.1665795894E-2f) * r +
+               1.6666665459E-1f) * r + 5.0000001201E-1f;
+    y = y * z + r + 1.f;
+    int32_t n = (int32_t)fx + 127;
+    uint32_t bits = (uint32_t)n << 23;
+    float scale;
+    __builtin_memcpy(&scale, &bits, 4);
+    return y * scale;
+}
+
+// Pixels [x0, x1) of the image row whose centre is at height py_centre that
+// can have alpha >= 1/255: the chord of the ellipse sigma <= ln(255 opacity)
+// through that row, widened by one pixel on each side for rounding.
+inline bool alpha_row_span(const float *mean2d, const float *conic, float L, float py_centre, int &x0,
+                           int &x1) {
+    const float a = conic[0], b = conic[1], c = conic[2];
+    const float dy = mean2d[1] - py_centre;
+    const float disc = 2.f * a * L - dy * dy * (a * c - b * b);
+    if (!(disc >= 0.f) || !(a > 0.f)) return false;
+    const float r = sqrtf(disc);
+    const float dx_lo = (-b * dy - r) / a, dx_hi = (-b * dy + r) / a;
+    // dx = mean.x - (px + 0.5)
+    const float BIG = (float)(1 << 30);
+    const float f0 = ceilf(mean2d[0] - dx_hi - 0.5f - 1.f), f1 = floorf(mean2d[0] - dx_lo - 0.5f + 1.f) + 1.f;
+    x0 = (int)lf::lf_max(-BIG, lf::lf_min(BIG, f0));
+    x1 = (int)lf::lf_max(-BIG, lf::lf_min(BIG, f1));
+    return x1 > x0;
+}
+
 inline int max_threads() { return num_threads(); }
 
 }  // namespace lfcpu

@@ -107,6 +107,8 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                 std::fill(acc.begin(), acc.begin() + (size_t)P * D, 0.f);
                 std::fill(last.begin(), last.end(), -1);
                 std::fill(done.begin(), done.end(), 0);
+                int row_done[32] = {0};
+                float sig[32], vis[32];
                 int n_done = 0;
                 for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
                     const int64_t gid = flatten_ids[i];
@@ -119,20 +121,39 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                     const int ly0 = std::max(by0 - tg.py0, 0), ly1 = std::min(by1 - tg.py0, tg.ph);
                     if (lx0 >= lx1 || ly0 >= ly1) continue;
                     const float *col = colors + gid * (int64_t)D;
+                    const float ca = con[0], cb = con[1], cc = con[2];
+                    const float L = logf(op * 255.f);
+                    const bool pd = ca * cc - cb * cb > 0.f;
                     for (int ly = ly0; ly < ly1; ++ly) {
+                        if (row_done[ly] == tg.pw) continue;
                         const float dy = m[1] - ((float)(tg.py0 + ly) + 0.5f);
-                        for (int lx = lx0; lx < lx1; ++lx) {
-                            const int p = ly * tile_size + lx;
-                            if (done[p]) continue;
-                            const float dx = m[0] - ((float)(tg.px0 + lx) + 0.5f);
-                            const float sigma = lf::gauss_sigma(con, dx, dy);
-                            if (sigma < 0.f) continue;
-                            const float alpha = lf::lf_min(lf::ALPHA_MAX, op * expf(-sigma));
+                        int rx0 = lx0, rx1 = lx1;
+                        if (pd) {
+                            int sx0, sx1;
+                            if (!lfcpu::alpha_row_span(m, con, L, (float)(tg.py0 + ly) + 0.5f, sx0, sx1)) continue;
+                            rx0 = std::max(lx0, sx0 - tg.px0);
+                            rx1 = std::min(lx1, sx1 - tg.px0);
+                            if (rx0 >= rx1) continue;
+                        }
+                        const int n = rx1 - rx0;
+                        // pass 1 (vectorised): sigma and exp(-sigma) along the row
+                        for (int j = 0; j < n; ++j) {
+                            const float dx = m[0] - ((float)(tg.px0 + rx0 + j) + 0.5f);
+                            const float s = 0.5f * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
+                            sig[j] = s;
+                            vis[j] = lfcpu::exp_neg(-s);
+                        }
+                        // pass 2 (sequential per pixel): blend
+                        for (int j = 0; j < n; ++j) {
+                            const int p = ly * tile_size + rx0 + j;
+                            if (done[p] || sig[j] < 0.f) continue;
+                            const float alpha = lf::lf_min(lf::ALPHA_MAX, op * vis[j]);
                             if (alpha < lf::ALPHA_THRESHOLD) continue;
                             const float next_T = T[p] * (1.f - alpha);
                             if (next_T <= lf::T_MIN) {
                                 done[p] = 1;
                                 ++n_done;
+                                ++row_done[ly];
                                 continue;
                             }
                             const float w = alpha * T[p];
@@ -233,7 +254,7 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                             const float dx = m[0] - ((float)(tg.px0 + lx) + 0.5f);
                             const float sigma = lf::gauss_sigma(con, dx, dy);
                             if (sigma < 0.f) continue;
-                            const float vis = expf(-sigma);
+                            const float vis = lfcpu::exp_neg(-sigma);
                             const float alpha = lf::lf_min(lf::ALPHA_MAX, op * vis);
                             if (alpha < lf::ALPHA_THRESHOLD) continue;
                             any = true;
