@@ -15,6 +15,9 @@
 #include <vector>
 #include "common.h"
 
+using lfcpu::lf_vf8;
+using lfcpu::lf_vi8;
+
 namespace {
 
 struct TileGeom {
@@ -43,12 +46,14 @@ inline TileGeom tile_geom(int64_t t, int tile_size, int tile_width, int tile_hei
     return g;
 }
 
+// Forward scratch of one thread. Rows are processed 8 pixels at a time, so
+// every array has 8 floats of padding past the tile; acc is channel-major
+// [D][PP] with PP = P + 8.
 struct FwdScratch {
     std::vector<float> T, acc;
-    std::vector<int32_t> last;
-    std::vector<uint8_t> done;
+    std::vector<int32_t> last, done;
     void init(int P, int D) {
-        T.resize(P); acc.resize((size_t)P * D); last.resize(P); done.resize(P);
+        T.resize(P + 8); acc.resize((size_t)(P + 8) * D); last.resize(P + 8); done.resize(P + 8);
     }
 };
 
@@ -97,14 +102,15 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
             FwdScratch &sc = scratch[tid];
             sc.init(P, D);
             std::vector<float> &T = sc.T, &acc = sc.acc;
-            std::vector<int32_t> &last = sc.last;
-            std::vector<uint8_t> &done = sc.done;
+            std::vector<int32_t> &last = sc.last, &done = sc.done;
+            const int PP = P + 8;
+            const lf_vi8 lane_i = {0, 1, 2, 3, 4, 5, 6, 7};
             for (int64_t t = tb; t < te; ++t) {
                 TileGeom tg = tile_geom(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                         n_tiles, n_isects);
                 const int n_pix = tg.pw * tg.ph;
                 std::fill(T.begin(), T.end(), 1.f);
-                std::fill(acc.begin(), acc.begin() + (size_t)P * D, 0.f);
+                std::fill(acc.begin(), acc.end(), 0.f);
                 std::fill(last.begin(), last.end(), -1);
                 std::fill(done.begin(), done.end(), 0);
                 int row_done[32] = {0};
@@ -121,9 +127,9 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                     const int ly0 = std::max(by0 - tg.py0, 0), ly1 = std::min(by1 - tg.py0, tg.ph);
                     if (lx0 >= lx1 || ly0 >= ly1) continue;
                     const float *col = colors + gid * (int64_t)D;
-                    const float ca = con[0], cb = con[1], cc = con[2];
                     const float L = logf(op * 255.f);
-                    const bool pd = ca * cc - cb * cb > 0.f;
+                    const bool pd = con[0] * con[2] - con[1] * con[1] > 0.f;
+                    const int32_t cur = (int32_t)i;
                     for (int ly = ly0; ly < ly1; ++ly) {
                         if (row_done[ly] == tg.pw) continue;
                         const float dy = m[1] - ((float)(tg.py0 + ly) + 0.5f);
@@ -137,31 +143,45 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                         }
                         const int n = rx1 - rx0;
                         // pass 1 (vectorised): sigma and exp(-sigma) along the row
-                        for (int j = 0; j < n; ++j) {
-                            const float dx = m[0] - ((float)(tg.px0 + rx0 + j) + 0.5f);
-                            const float s = 0.5f * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-                            sig[j] = s;
-                            vis[j] = lfcpu::exp_neg(-s);
-                        }
-                        // pass 2 (sequential per pixel): blend
-                        for (int j = 0; j < n; ++j) {
-                            const int p = ly * tile_size + rx0 + j;
-                            if (done[p] || sig[j] < 0.f) continue;
-                            const float alpha = lf::lf_min(lf::ALPHA_MAX, op * vis[j]);
-                            if (alpha < lf::ALPHA_THRESHOLD) continue;
-                            const float next_T = T[p] * (1.f - alpha);
-                            if (next_T <= lf::T_MIN) {
-                                done[p] = 1;
-                                ++n_done;
-                                ++row_done[ly];
-                                continue;
+                        lfcpu::row_eval(n, m[0], dy, (float)(tg.px0 + rx0), con, sig, vis);
+                        // pass 2: the blend step of every pixel of the row, 8 pixels at a
+                        // time (pixels are independent; per pixel the order is front to back)
+                        const int p0 = ly * tile_size + rx0;
+                        const lf_vf8 opv = lf_vf8{} + op;
+                        int nd = 0;
+                        for (int j = 0; j < n; j += 8) {
+                            lf_vf8 sv, vv, Tv;
+                            lf_vi8 dn, lv;
+                            __builtin_memcpy(&sv, sig + j, 32);
+                            __builtin_memcpy(&vv, vis + j, 32);
+                            __builtin_memcpy(&Tv, T.data() + p0 + j, 32);
+                            __builtin_memcpy(&dn, done.data() + p0 + j, 32);
+                            __builtin_memcpy(&lv, last.data() + p0 + j, 32);
+                            lf_vf8 alpha = opv * vv;
+                            alpha = alpha < lf::ALPHA_MAX ? alpha : lf_vf8{} + lf::ALPHA_MAX;
+                            const lf_vi8 inrow = (lane_i + j) < n;
+                            const lf_vi8 valid = inrow & (dn == 0) & (sv >= 0.f) & (alpha >= lf::ALPHA_THRESHOLD);
+                            const lf_vf8 nT = Tv * (1.f - alpha);
+                            const lf_vi8 fin = valid & (nT <= lf::T_MIN);
+                            const lf_vi8 contrib = valid & ~fin;
+                            const lf_vf8 w = (lf_vf8)((lf_vi8)(alpha * Tv) & contrib);
+                            Tv = (lf_vf8)(((lf_vi8)nT & contrib) | ((lf_vi8)Tv & ~contrib));
+                            dn = dn | (fin & 1);
+                            lv = (contrib & cur) | (lv & ~contrib);
+                            __builtin_memcpy(T.data() + p0 + j, &Tv, 32);
+                            __builtin_memcpy(done.data() + p0 + j, &dn, 32);
+                            __builtin_memcpy(last.data() + p0 + j, &lv, 32);
+                            for (int q = 0; q < 8; ++q) nd -= fin[q];
+                            for (int k = 0; k < D; ++k) {
+                                float *ak = acc.data() + (size_t)k * PP + p0 + j;
+                                lf_vf8 av;
+                                __builtin_memcpy(&av, ak, 32);
+                                av += w * col[k];
+                                __builtin_memcpy(ak, &av, 32);
                             }
-                            const float w = alpha * T[p];
-                            float *a = acc.data() + (size_t)p * D;
-                            accumulate(a, col, w, D);
-                            T[p] = next_T;
-                            last[p] = (int32_t)i;
                         }
+                        row_done[ly] += nd;
+                        n_done += nd;
                     }
                 }
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
@@ -170,8 +190,7 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                         const int p = ly * tile_size + lx;
                         const int64_t pix = (tg.cam * height + tg.py0 + ly) * (int64_t)width + tg.px0 + lx;
                         float *out = render_colors + pix * D;
-                        const float *a = acc.data() + (size_t)p * D;
-                        for (int k = 0; k < D; ++k) out[k] = a[k] + (bg ? T[p] * bg[k] : 0.f);
+                        for (int k = 0; k < D; ++k) out[k] = acc[(size_t)k * PP + p] + (bg ? T[p] * bg[k] : 0.f);
                         render_alphas[pix] = 1.f - T[p];
                         last_ids[pix] = last[p];
                     }
@@ -213,6 +232,7 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
             sc.init(P, D, S);
             std::vector<float> &T = sc.T, &Tf = sc.Tf, &buf = sc.buf, &g = sc.g;
             std::vector<int32_t> &last = sc.last;
+            float sig[32], vis_row[32];
             for (int64_t t = tb; t < te; ++t) {
                 TileGeom tg = tile_geom(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                         n_tiles, n_isects);
@@ -246,15 +266,28 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                     const float *col = colors + gid * (int64_t)D;
                     std::fill(g.begin(), g.end(), 0.f);
                     bool any = false;
+                    // the same row spans and row evaluation as the forward pass
+                    const float L = logf(op * 255.f);
+                    const bool pd = con[0] * con[2] - con[1] * con[1] > 0.f;
                     for (int ly = ly0; ly < ly1; ++ly) {
-                        const float dy = m[1] - ((float)(tg.py0 + ly) + 0.5f);
-                        for (int lx = lx0; lx < lx1; ++lx) {
+                        const float py = (float)(tg.py0 + ly) + 0.5f;
+                        const float dy = m[1] - py;
+                        int rx0 = lx0, rx1 = lx1;
+                        if (pd) {
+                            int sx0, sx1;
+                            if (!lfcpu::alpha_row_span(m, con, L, py, sx0, sx1)) continue;
+                            rx0 = std::max(lx0, sx0 - tg.px0);
+                            rx1 = std::min(lx1, sx1 - tg.px0);
+                            if (rx0 >= rx1) continue;
+                        }
+                        lfcpu::row_eval(rx1 - rx0, m[0], dy, (float)(tg.px0 + rx0), con, sig, vis_row);
+                        for (int lx = rx0; lx < rx1; ++lx) {
                             const int p = ly * tile_size + lx;
                             if (i > last[p]) continue;
                             const float dx = m[0] - ((float)(tg.px0 + lx) + 0.5f);
-                            const float sigma = lf::gauss_sigma(con, dx, dy);
+                            const float sigma = sig[lx - rx0];
                             if (sigma < 0.f) continue;
-                            const float vis = lfcpu::exp_neg(-sigma);
+                            const float vis = vis_row[lx - rx0];
                             const float alpha = lf::lf_min(lf::ALPHA_MAX, op * vis);
                             if (alpha < lf::ALPHA_THRESHOLD) continue;
                             any = true;

@@ -122,7 +122,7 @@ def _commands(kind: str, out: Path) -> List[List[str]]:
         cxx = find_cxx()
         if cxx is None:
             raise NativeBuildError("no C++ compiler found (set $CXX or install g++)")
-        base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-I", inc]
+        base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-Wno-psabi", "-I", inc]
         tail = srcs + ["-o", str(out)]
         # threads come from our own pool (cuda/cpu/parallel.h), not OpenMP
         return [
