@@ -1,0 +1,320 @@
+"""Render a scene along a camera path and write every ground-truth format.
+
+:func:`make_scene` is what ``langfield scenes make`` runs; see scenes/README.md for the
+output layout.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from langfield.scenes import cameras as cams
+from langfield.scenes import writers as W
+from langfield.scenes.builtin import get_scene
+from langfield.scenes.model import LEVELS, Scene
+
+KINDS = ("multiview", "rgbd", "dynamic")
+DEFAULT_FOV = {"multiview": 50.0, "rgbd": 65.0, "dynamic": 50.0}
+
+
+def parse_size(size: Union[str, Sequence[int]]) -> Tuple[int, int]:
+    """'256x192' (width x height) or (w, h) -> (w, h); ValueError on anything else."""
+    if isinstance(size, str):
+        parts = size.lower().replace("*", "x").split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"bad size {size!r}: expected WIDTHxHEIGHT, e.g. 256x256")
+        w, h = int(parts[0]), int(parts[1])
+    else:
+        w, h = (int(v) for v in size)
+    if w < 1 or h < 1 or w > 8192 or h > 8192:
+        raise ValueError(f"bad size {w}x{h}: width and height must be in 1..8192")
+    return w, h
+
+
+# ----------------------------------------------------------------------------- rendering
+def _render_block(args):
+    """Worker: render a block of views sharing one time. Returns [(index, arrays)]."""
+    from langfield.scenes.raycast import TorchScene, render_view
+
+    flat, jobs, w, h, aa = args
+    sc = TorchScene(flat)
+    out = []
+    for idx, K, vm in jobs:
+        r = render_view(sc, K, vm, w, h, aa=aa)
+        out.append((idx, {
+            "rgb": np.round(r["rgb"].numpy().clip(0, 1) * 255).astype(np.uint8),
+            "depth": r["depth"].numpy().astype(np.float32),
+            "labels": r["labels"].numpy().astype(np.int32),
+        }))
+    return out
+
+
+def render_frames(scene: Scene, frames: List[dict], w: int, h: int, aa: int = 2, workers: int = 1,
+                  progress: bool = False, block: int = 4) -> List[dict]:
+    """Render every frame (dicts with viewmat, K, time); same result for any ``workers``."""
+    times = sorted({float(f["time"] or 0.0) for f in frames})
+    flats = {t: scene.flatten(t) for t in times}
+    blocks = []
+    for t in times:
+        idx = [i for i, f in enumerate(frames) if float(f["time"] or 0.0) == t]
+        for s in range(0, len(idx), block):
+            blocks.append((flats[t], [(i, frames[i]["K"], frames[i]["viewmat"]) for i in idx[s:s + block]], w, h, aa))
+    results: List[Optional[dict]] = [None] * len(frames)
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(frames), desc=f"render {scene.name}", unit="view")
+        except ImportError:  # pragma: no cover
+            bar = None
+    if workers > 1 and len(blocks) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+            for res in ex.map(_render_block, blocks):
+                for i, r in res:
+                    results[i] = r
+                if bar is not None:
+                    bar.update(len(res))
+    else:
+        for b in blocks:
+            for i, r in _render_block(b):
+                results[i] = r
+            if bar is not None:
+                bar.update(len(b[1]))
+    if bar is not None:
+        bar.close()
+    return results  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- cameras
+def plan_cameras(scene: Scene, kind: str, views: Optional[int], frames: Optional[int], w: int, h: int,
+                 seed: int, fov: Optional[float], camera: str, test_every: int) -> Tuple[np.ndarray, List[dict]]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    for label, v in (("views", views), ("frames", frames)):
+        if v is not None and v < 1:
+            raise ValueError(f"--{label} must be at least 1 (got {v})")
+    K = cams.intrinsics(w, h, fov or DEFAULT_FOV[kind])
+    split = (lambda i: "test" if test_every > 0 and i % test_every == test_every - 1 else "train")
+    out: List[dict] = []
+    if kind == "multiview":
+        n = views or 64
+        for i, vm in enumerate(cams.hemisphere(scene.center, scene.radius, n, seed=seed)):
+            out.append({"viewmat": vm, "time": None, "split": split(i)})
+    elif kind == "rgbd":
+        n = frames or views or 200
+        if scene.room is not None:
+            vms = cams.handheld(scene.room, n, seed=seed)
+        else:
+            cx, cy, cz = scene.center
+            r = scene.radius
+            vms = cams.handheld((cx - r, cy - r, cx + r, cy + r, 0.0, 3.0), n, seed=seed, margin=0.0,
+                                height=cz + 0.45 * r)
+        for i, vm in enumerate(vms):
+            out.append({"viewmat": vm, "time": None, "split": split(i)})
+    else:
+        nf = frames or 24
+        t0, t1 = scene.time_range
+        times = [t0 + (t1 - t0) * i / max(nf - 1, 1) for i in range(nf)]
+        nv = (views or 4) if camera == "static" else 1
+        vms, fidx = cams.dynamic_cameras(scene.center, scene.radius, nf, nv, mode=camera, seed=seed)
+        for i, (vm, fi) in enumerate(zip(vms, fidx)):
+            cam = i % nv if camera == "static" else None
+            if camera == "static" and nv > 1 and test_every > 0:
+                sp = "test" if cam == 0 else "train"
+            else:
+                sp = split(i)
+            out.append({"viewmat": vm, "time": times[int(fi)], "split": sp, "camera": cam})
+    for i, f in enumerate(out):
+        f["K"] = K
+        f["name"] = f"frame_{i:05d}"
+    return K, out
+
+
+# ----------------------------------------------------------------------------- ground truth
+def label_table(scene: Scene) -> dict:
+    tables = scene.label_tables()
+    objects = []
+    _, prim_ids = scene._labels()
+    for oi, obj in enumerate(scene.objects):
+        parts = {}
+        for p, (_, pid, sid) in zip(obj.prims, prim_ids[oi]):
+            _, part, sub = obj.labels_of(p)
+            e = parts.setdefault(pid, {"id": pid, "name": part, "subparts": {}})
+            e["subparts"][sid] = sub
+        objects.append({
+            "id": oi + 1, "name": obj.name, "queries": [obj.name, *obj.queries], "queryable": obj.queryable,
+            "parts": [{"id": e["id"], "name": e["name"], "subparts": [{"id": k, "name": v} for k, v in e["subparts"].items()]}
+                      for e in parts.values()],
+            "states": [s.name for s in obj.states],
+            "schedule": [[float(t), s] for t, s in obj.schedule],
+            "moving": bool(obj.keyframes),
+        })
+    return {"levels": list(LEVELS), "background": 0,
+            "names": {lv: {str(k): v for k, v in tables[lv].items()} for lv in LEVELS}, "objects": objects}
+
+
+def query_masks(scene: Scene, labels: np.ndarray, t: Optional[float]):
+    """For one rendered view: [(text, level, ids, mask, time_sensitive)] (mask may be empty)."""
+    vocab = scene.vocabulary()
+    states = scene.state_queries(t if t is not None else 0.0) if any(o.states for o in scene.objects) else {}
+    out = []
+    for text, per_level, sensitive in [(k, v, False) for k, v in vocab.items()] + [(k, v, True) for k, v in states.items()]:
+        level = next((lv for lv in LEVELS if lv in per_level), None)
+        if level is None:
+            ids: List[int] = []
+            mask = np.zeros(labels.shape[1:], dtype=bool)
+            level = "whole"
+        else:
+            ids = sorted(per_level[level])
+            mask = np.isin(labels[LEVELS.index(level)], ids)
+        out.append((text, level, ids, mask, sensitive))
+    return out
+
+
+def _points(frames, results, max_points: int, seed: int):
+    xyz, rgb = [], []
+    train = [i for i, f in enumerate(frames) if f["split"] == "train"] or list(range(len(frames)))
+    per = max(1, max_points * 4 // max(len(train), 1))
+    for i in train:
+        dep = results[i]["depth"]
+        h, w = dep.shape
+        stride = max(1, int(math.sqrt(h * w / per)))
+        vs, us = np.mgrid[stride // 2:h:stride, stride // 2:w:stride]
+        z = dep[vs, us].astype(np.float64)
+        ok = z > 0
+        K = np.asarray(frames[i]["K"])
+        x = ((us[ok] + 0.5) - K[0, 2]) / K[0, 0] * z[ok]
+        y = ((vs[ok] + 0.5) - K[1, 2]) / K[1, 1] * z[ok]
+        pc = np.stack([x, y, z[ok], np.ones_like(x)], -1)
+        c2w = np.linalg.inv(frames[i]["viewmat"])
+        xyz.append((pc @ c2w.T)[:, :3])
+        rgb.append(results[i]["rgb"][vs[ok], us[ok]])
+    xyz = np.concatenate(xyz) if xyz else np.zeros((0, 3))
+    rgb = np.concatenate(rgb) if rgb else np.zeros((0, 3), np.uint8)
+    if len(xyz) > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
+        xyz, rgb = xyz[keep], rgb[keep]
+    return xyz, rgb
+
+
+# ----------------------------------------------------------------------------- main entry
+def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[str] = None,
+               views: Optional[int] = None, frames: Optional[int] = None,
+               size: Union[str, Sequence[int]] = (256, 256), seed: int = 0, fov: Optional[float] = None,
+               aa: int = 2, camera: str = "orbit", test_every: int = 8, formats: Optional[Sequence[str]] = None,
+               workers: Optional[int] = None, max_points: int = 100_000, progress: bool = False) -> dict:
+    """Render ``scene`` (a built-in name or a :class:`Scene`) and write it under ``out``.
+
+    ``kind``: multiview (hemisphere of ``views`` cameras, default 64), rgbd (hand-held walk
+    of ``frames`` (or ``views``) frames, default 200), dynamic (``frames`` time steps,
+    default 24, seen by one moving camera (``camera='orbit'``) or ``views`` fixed cameras
+    (``camera='static'``, default 4)). ``formats``: extra writers among tum, replica,
+    dnerf (default: tum+replica for rgbd, dnerf for dynamic); the nerfstudio layout,
+    labels, queries and points are always written. ``workers``: render processes (default:
+    2 when there are at least 16 views and 2+ CPUs; the result is identical for any value).
+
+    Returns a dict with ``K``, ``width``, ``height``, ``frames`` (name, viewmat (OpenCV
+    world-to-camera), K, time, split) and ``timings``.
+    """
+    t_start = time.perf_counter()
+    if isinstance(scene, str):
+        scene = get_scene(scene, seed)
+    kind = kind or scene.default_kind
+    w, h = parse_size(size)
+    if aa < 1:
+        raise ValueError("aa must be >= 1")
+    K, frs = plan_cameras(scene, kind, views, frames, w, h, seed, fov, camera, test_every)
+    if formats is None:
+        formats = {"multiview": (), "rgbd": ("tum", "replica"), "dynamic": ("dnerf",)}[kind]
+    bad = [f for f in formats if f not in ("tum", "replica", "dnerf", "nerfstudio")]
+    if bad:
+        raise ValueError(f"unknown format(s) {bad}; known: tum, replica, dnerf (nerfstudio is always written)")
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1) if len(frs) >= 16 else 1
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    results = render_frames(scene, frs, w, h, aa=aa, workers=workers, progress=progress)
+    t_render = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for f, r in zip(frs, results):
+        name = f["name"]
+        f["file_path"] = f"images/{name}.png"
+        f["depth_file_path"] = f"depth/{name}.npy"
+        f["label_paths"] = {lv: f"labels/{lv}/{name}.png" for lv in LEVELS}
+        f["instance_path"] = f["label_paths"]["whole"]
+        W.save_rgb(out / f["file_path"], r["rgb"])
+        (out / "depth").mkdir(exist_ok=True)
+        np.save(out / f["depth_file_path"], r["depth"])
+        for li, lv in enumerate(LEVELS):
+            W.save_u16(out / f["label_paths"][lv], r["labels"][li])
+
+    xyz, rgb = _points(frs, results, max_points, seed)
+    W.write_points_ply(out / "points3d.ply", xyz, rgb)
+    W.write_nerfstudio(out, frs, K, w, h, ply="points3d.ply",
+                       extra={"scene": scene.name, "kind": kind, "seed": seed, "depth_format": "npy float32 z-depth (m)"})
+    W.write_json(out / "labels.json", label_table(scene))
+
+    # queries on held-out views
+    qviews = []
+    for f, r in zip(frs, results):
+        if f["split"] != "test":
+            continue
+        entries, absent, used = [], [], set()
+        for text, level, ids, mask, sensitive in query_masks(scene, r["labels"], f["time"]):
+            if not mask.any():
+                absent.append(text)
+                continue
+            s = W.slug(text)
+            while s in used:
+                s += "_"
+            used.add(s)
+            mpath = f"queries/{f['name']}/{s}.png"
+            W.save_rgb(out / mpath, mask.astype(np.uint8) * 255)  # 8-bit greyscale
+            entries.append({"text": text, "level": level, "ids": ids, "mask": mpath, "pixels": int(mask.sum()),
+                            "time_sensitive": sensitive})
+        v = {"file_path": f["file_path"], "name": f["name"], "queries": entries, "absent": absent}
+        if f["time"] is not None:
+            v["time"] = float(f["time"])
+        qviews.append(v)
+    W.write_json(out / "queries.json", {
+        "scene": scene.name, "levels": list(LEVELS),
+        "mask_format": "8-bit PNG, 255 = pixel belongs to the query; equals isin(labels/<level>, ids)",
+        "views": qviews,
+    })
+
+    images = [r["rgb"] for r in results]
+    depths = [r["depth"] for r in results]
+    if "tum" in formats:
+        W.write_tum(out / "tum", frs, images, depths, K, w, h)
+    if "replica" in formats:
+        W.write_replica(out / "replica", frs, images, depths, K, w, h)
+    if "dnerf" in formats:
+        W.write_dnerf(out, frs, K, w, h)
+
+    W.write_json(out / "scene.json", {
+        "scene": scene.name, "description": scene.description, "kind": kind, "seed": seed, "width": w, "height": h,
+        "aa": aa, "camera": camera if kind == "dynamic" else None, "time_range": list(scene.time_range),
+        "formats": ["nerfstudio", *formats], "levels": list(LEVELS),
+        "conventions": "viewmat: OpenCV world-to-camera (x right, y down, z forward), world z up, metres; "
+                       "depth: camera z-depth; pixel centres at +0.5",
+        "frames": [{"name": f["name"], "file_path": f["file_path"], "split": f["split"], "time": f["time"],
+                    "camera": f.get("camera"), "viewmat": np.asarray(f["viewmat"]).tolist(),
+                    "K": np.asarray(f["K"]).tolist()} for f in frs],
+    })
+    t_write = time.perf_counter() - t0
+    return {"scene": scene, "out": out, "kind": kind, "K": K, "width": w, "height": h, "frames": frs,
+            "timings": {"render_s": t_render, "write_s": t_write, "total_s": time.perf_counter() - t_start,
+                        "workers": workers, "views": len(frs)}}
