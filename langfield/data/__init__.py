@@ -1,0 +1,1 @@
+"""Datasets: COLMAP, nerfstudio transforms.json, Blender synthetic."""

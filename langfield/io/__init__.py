@@ -1,0 +1,1 @@
+"""Reading and writing scenes: 3DGS PLY files and safetensors checkpoints."""

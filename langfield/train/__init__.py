@@ -1,0 +1,1 @@
+"""Training: the RGB stage and (later) the language stage."""
