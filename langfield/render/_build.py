@@ -293,6 +293,6 @@ def cli_build(cuda: Optional[bool] = None, force: bool = False, verbose: bool = 
         print(f"[{kind}] {what}: {res.path}")
         if kind == "cpu":
             lib = ctypes.CDLL(str(res.path))
-            print(f"[{kind}] OpenMP threads: {lib.lf_num_threads()}")
+            print(f"[{kind}] threads: {lib.lf_num_threads()} (set LANGFIELD_NUM_THREADS to change)")
     print(f"cache: {cache_dir()}")
     return status
