@@ -237,6 +237,9 @@ def load_library(kind: str = "cpu") -> ctypes.CDLL:
                 fn = getattr(lib, name)
                 fn.argtypes = args
                 fn.restype = _c.c_char_p if name == "lf_last_error" else _I
+            if kind == "cpu":
+                lib.lf_cpu_count_nonfinite.argtypes = [_P, _I64]
+                lib.lf_cpu_count_nonfinite.restype = _I64
             if lib.lf_abi_version() != ABI_VERSION:
                 raise NativeBuildError(f"{res.path}: ABI version {lib.lf_abi_version()} != {ABI_VERSION}")
         except (NativeBuildError, OSError, AttributeError) as e:

@@ -107,10 +107,27 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
     if width * height > 2**31 // 4:
         fail(f"image {width}x{height} is too large")
     for name, t in tensors.items():
-        if t.numel() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        bad = _count_nonfinite(t)
+        if bad:
             fail(f"{name} has {bad} non-finite value(s) (NaN or Inf)")
     return C, N
+
+
+def _count_nonfinite(t: Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    if t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous():
+        # one scan in native code: torch's threaded ops cost milliseconds each on
+        # a busy machine, which adds up to more than the render itself
+        from langfield.render._build import native_available
+
+        if native_available("cpu", warn=False):
+            import ctypes
+
+            from langfield.render._build import load_library
+
+            return int(load_library("cpu").lf_cpu_count_nonfinite(ctypes.c_void_p(t.data_ptr()), t.numel()))
+    return int((~torch.isfinite(t)).sum())
 
 
 def rasterization(

@@ -60,11 +60,12 @@ class _Project(torch.autograd.Function):
         dev = means.device
         means_, quats_, scales_, viewmats_, Ks_ = (_c(x) for x in (means, quats, scales, viewmats, Ks))
         opac_ = _c(opacities)
-        radii = torch.zeros((C, N, 2), dtype=torch.int32, device=dev)
-        means2d = torch.zeros((C, N, 2), dtype=torch.float32, device=dev)
-        depths = torch.zeros((C, N), dtype=torch.float32, device=dev)
-        conics = torch.zeros((C, N, 3), dtype=torch.float32, device=dev)
-        comps = torch.zeros((C, N), dtype=torch.float32, device=dev) if calc_compensations else None
+        # every entry is written by the library (zeros for culled pairs)
+        radii = torch.empty((C, N, 2), dtype=torch.int32, device=dev)
+        means2d = torch.empty((C, N, 2), dtype=torch.float32, device=dev)
+        depths = torch.empty((C, N), dtype=torch.float32, device=dev)
+        conics = torch.empty((C, N, 3), dtype=torch.float32, device=dev)
+        comps = torch.empty((C, N), dtype=torch.float32, device=dev) if calc_compensations else None
         lib = _lib(means)
         _check(lib, lib.lf_project_fwd(C, N, _p(means_), _p(quats_), _p(scales_), _p(opac_), _p(viewmats_),
                                        _p(Ks_), width, height, eps2d, near_plane, far_plane, radius_clip,
@@ -157,7 +158,7 @@ def isect(radii: Tensor, means2d: Tensor, depths: Tensor, width: int, height: in
     dev = radii.device
     tw, th = math.ceil(width / tile_size), math.ceil(height / tile_size)
     radii_, means2d_, depths_ = radii.to(torch.int32).contiguous(), _c(means2d), _c(depths)
-    cum = torch.zeros(C * N, dtype=torch.int64, device=dev)
+    cum = torch.empty(C * N, dtype=torch.int64, device=dev)
     n = ctypes.c_int64(0)
     lib = _lib(radii)
     _check(lib, lib.lf_isect_count(C, N, _p(radii_), _p(means2d_), tile_size, tw, th, _p(cum),
@@ -165,7 +166,7 @@ def isect(radii: Tensor, means2d: Tensor, depths: Tensor, width: int, height: in
     n_isects = int(n.value)
     isect_ids = torch.empty(n_isects, dtype=torch.int64, device=dev)
     flatten_ids = torch.empty(n_isects, dtype=torch.int32, device=dev)
-    tile_offsets = torch.zeros((C, th, tw), dtype=torch.int32, device=dev)
+    tile_offsets = torch.empty((C, th, tw), dtype=torch.int32, device=dev)
     _check(lib, lib.lf_isect_fill(C, N, _p(radii_), _p(means2d_), _p(depths_), tile_size, tw, th, _p(cum),
                                   n_isects, _p(isect_ids), _p(flatten_ids), _p(tile_offsets), _stream(radii)),
            "isect fill")
