@@ -128,6 +128,19 @@ inline lf_vf8 vexp_neg(lf_vf8 x) {
     return y * (lf_vf8)bits;
 }
 
+inline lf_vf8 select(lf_vi8 mask, lf_vf8 a, lf_vf8 b) {
+    return (lf_vf8)(((lf_vi8)a & mask) | ((lf_vi8)b & ~mask));
+}
+inline lf_vf8 vabs(lf_vf8 x) { return (lf_vf8)((lf_vi8)x & 0x7fffffff); }
+inline float hsum(lf_vf8 v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+inline bool any_lane(lf_vi8 m) {
+    int32_t r = 0;
+    for (int q = 0; q < 8; ++q) r |= m[q];
+    return r != 0;
+}
+
 inline void row_eval(int n, float mx, float dy, float px_start, const float *conic, float *sig, float *vis) {
     const lf_vf8 lane = {0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f};
     const float ca = conic[0], cb = conic[1], cc = conic[2];

@@ -57,11 +57,16 @@ struct FwdScratch {
     }
 };
 
+// Backward scratch of one thread: per-pixel state with 8 floats of padding,
+// channel-major [D][P+8] arrays, and one vector accumulator per channel.
 struct BwdScratch {
-    std::vector<float> T, Tf, buf, g;
+    std::vector<float> T, Tf, va, bgdot, buf, vr;
     std::vector<int32_t> last;
-    void init(int P, int D, int S) {
-        T.resize(P); Tf.resize(P); buf.resize((size_t)P * D); g.resize(S); last.resize(P);
+    std::vector<lf_vf8> gcol;
+    void init(int P, int D) {
+        const size_t PP = (size_t)P + 8;
+        T.assign(PP, 0.f); Tf.assign(PP, 0.f); va.assign(PP, 0.f); bgdot.assign(PP, 0.f);
+        buf.resize(PP * D); vr.resize(PP * D); last.resize(PP); gcol.resize(D);
     }
 };
 
@@ -227,30 +232,42 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
         std::vector<double> bg_part(v_backgrounds ? (size_t)n_tiles * D : 0, 0.0);
         const int P = tile_size * tile_size;
         std::vector<BwdScratch> scratch(lfcpu::num_threads());
+        const int PP = P + 8;
         lfcpu::parallel_for(n_tiles, 1, [&](int64_t tb, int64_t te, int tid) {
             BwdScratch &sc = scratch[tid];
-            sc.init(P, D, S);
-            std::vector<float> &T = sc.T, &Tf = sc.Tf, &buf = sc.buf, &g = sc.g;
-            std::vector<int32_t> &last = sc.last;
+            sc.init(P, D);
+            const lf_vi8 lane_i = {0, 1, 2, 3, 4, 5, 6, 7};
+            const lf_vf8 lane_c = {0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f};
             float sig[32], vis_row[32];
             for (int64_t t = tb; t < te; ++t) {
                 TileGeom tg = tile_geom(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                         n_tiles, n_isects);
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
+                // tile state, channel-major with 8 floats of padding: T (current transmittance,
+                // recovered back to front), Tf (final), v_render (SoA), buf (colour behind)
+                std::fill(sc.last.begin(), sc.last.end(), -1);
+                std::fill(sc.buf.begin(), sc.buf.end(), 0.f);
+                std::fill(sc.vr.begin(), sc.vr.end(), 0.f);
+                std::fill(sc.bgdot.begin(), sc.bgdot.end(), 0.f);
                 int32_t max_last = -1;
-                std::fill(last.begin(), last.end(), -1);
                 for (int ly = 0; ly < tg.ph; ++ly)
                     for (int lx = 0; lx < tg.pw; ++lx) {
                         const int p = ly * tile_size + lx;
                         const int64_t pix = (tg.cam * height + tg.py0 + ly) * (int64_t)width + tg.px0 + lx;
-                        Tf[p] = T[p] = 1.f - render_alphas[pix];
-                        last[p] = last_ids[pix];
-                        if (last[p] > max_last) max_last = last[p];
-                        std::fill(buf.begin() + (size_t)p * D, buf.begin() + (size_t)(p + 1) * D, 0.f);
+                        sc.Tf[p] = sc.T[p] = 1.f - render_alphas[pix];
+                        sc.last[p] = last_ids[pix];
+                        sc.va[p] = v_render_alphas[pix];
+                        if (sc.last[p] > max_last) max_last = sc.last[p];
+                        const float *vr = v_render_colors + pix * D;
+                        float dot = 0.f;
+                        for (int k = 0; k < D; ++k) {
+                            sc.vr[(size_t)k * PP + p] = vr[k];
+                            if (bg) dot += bg[k] * vr[k];
+                        }
+                        sc.bgdot[p] = dot;
                         if (v_backgrounds) {
-                            const float *vr = v_render_colors + pix * D;
                             double *dst = bg_part.data() + (size_t)t * D;
-                            for (int k = 0; k < D; ++k) dst[k] += (double)Tf[p] * vr[k];
+                            for (int k = 0; k < D; ++k) dst[k] += (double)sc.Tf[p] * vr[k];
                         }
                     }
                 for (int64_t i = std::min<int64_t>(max_last, tg.end - 1); i >= tg.start; --i) {
@@ -264,11 +281,17 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                     const int ly0 = std::max(by0 - tg.py0, 0), ly1 = std::min(by1 - tg.py0, tg.ph);
                     if (lx0 >= lx1 || ly0 >= ly1) continue;
                     const float *col = colors + gid * (int64_t)D;
-                    std::fill(g.begin(), g.end(), 0.f);
-                    bool any = false;
+                    const float ca = con[0], cb = con[1], cc = con[2];
+                    const lf_vf8 zero = {};
+                    lf_vf8 g_x = zero, g_y = zero, g_ax = zero, g_ay = zero, g_c0 = zero, g_c1 = zero,
+                           g_c2 = zero, g_op = zero;
+                    lf_vf8 *g_col = sc.gcol.data();
+                    for (int k = 0; k < D; ++k) g_col[k] = zero;
+                    lf_vi8 any_v = {};
                     // the same row spans and row evaluation as the forward pass
                     const float L = logf(op * 255.f);
-                    const bool pd = con[0] * con[2] - con[1] * con[1] > 0.f;
+                    const bool pd = ca * cc - cb * cb > 0.f;
+                    const int32_t cur = (int32_t)i;
                     for (int ly = ly0; ly < ly1; ++ly) {
                         const float py = (float)(tg.py0 + ly) + 0.5f;
                         const float dy = m[1] - py;
@@ -280,40 +303,74 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                             rx1 = std::min(lx1, sx1 - tg.px0);
                             if (rx0 >= rx1) continue;
                         }
-                        lfcpu::row_eval(rx1 - rx0, m[0], dy, (float)(tg.px0 + rx0), con, sig, vis_row);
-                        for (int lx = rx0; lx < rx1; ++lx) {
-                            const int p = ly * tile_size + lx;
-                            if (i > last[p]) continue;
-                            const float dx = m[0] - ((float)(tg.px0 + lx) + 0.5f);
-                            const float sigma = sig[lx - rx0];
-                            if (sigma < 0.f) continue;
-                            const float vis = vis_row[lx - rx0];
-                            const float alpha = lf::lf_min(lf::ALPHA_MAX, op * vis);
-                            if (alpha < lf::ALPHA_THRESHOLD) continue;
-                            any = true;
-                            const int64_t pix = (tg.cam * height + tg.py0 + ly) * (int64_t)width + tg.px0 + lx;
-                            const float *vr = v_render_colors + pix * D;
-                            const float ra = 1.f / (1.f - alpha);
-                            T[p] *= ra;
-                            const float fac = alpha * T[p];
-                            float *b = buf.data() + (size_t)p * D;
-                            float v_alpha = 0.f;
+                        const int n = rx1 - rx0;
+                        lfcpu::row_eval(n, m[0], dy, (float)(tg.px0 + rx0), con, sig, vis_row);
+                        const int p0 = ly * tile_size + rx0;
+                        for (int j = 0; j < n; j += 8) {
+                            const int pj = p0 + j;
+                            lf_vf8 sv, vv, Tv, Tfv, vav, bgd;
+                            lf_vi8 lv;
+                            __builtin_memcpy(&sv, sig + j, 32);
+                            __builtin_memcpy(&vv, vis_row + j, 32);
+                            __builtin_memcpy(&Tv, sc.T.data() + pj, 32);
+                            __builtin_memcpy(&Tfv, sc.Tf.data() + pj, 32);
+                            __builtin_memcpy(&vav, sc.va.data() + pj, 32);
+                            __builtin_memcpy(&bgd, sc.bgdot.data() + pj, 32);
+                            __builtin_memcpy(&lv, sc.last.data() + pj, 32);
+                            const lf_vf8 ov = op * vv;
+                            const lf_vf8 alpha = ov < lf::ALPHA_MAX ? ov : zero + lf::ALPHA_MAX;
+                            const lf_vi8 valid = ((lane_i + j) < n) & (cur <= lv) & (sv >= 0.f) &
+                                                 (alpha >= lf::ALPHA_THRESHOLD);
+                            if (!lfcpu::any_lane(valid)) continue;
+                            any_v |= valid;
+                            const lf_vf8 ra = 1.f / (1.f - alpha);
+                            const lf_vf8 Tn = Tv * ra;
+                            Tv = lfcpu::select(valid, Tn, Tv);
+                            __builtin_memcpy(sc.T.data() + pj, &Tv, 32);
+                            const lf_vf8 fac = lfcpu::select(valid, alpha * Tn, zero);
+                            lf_vf8 v_alpha = zero;
                             for (int k = 0; k < D; ++k) {
-                                g[S_COL + k] += fac * vr[k];
-                                v_alpha += (col[k] * T[p] - b[k] * ra) * vr[k];
-                                b[k] += col[k] * fac;
+                                float *bk_p = sc.buf.data() + (size_t)k * PP + pj;
+                                lf_vf8 vr, bk;
+                                __builtin_memcpy(&vr, sc.vr.data() + (size_t)k * PP + pj, 32);
+                                __builtin_memcpy(&bk, bk_p, 32);
+                                const float ck = col[k];
+                                g_col[k] += fac * vr;
+                                v_alpha += (ck * Tn - bk * ra) * vr;
+                                bk += ck * fac;
+                                __builtin_memcpy(bk_p, &bk, 32);
                             }
-                            v_alpha += Tf[p] * ra * v_render_alphas[pix];
-                            if (bg) {
-                                float acc = 0.f;
-                                for (int k = 0; k < D; ++k) acc += bg[k] * vr[k];
-                                v_alpha -= Tf[p] * ra * acc;
-                            }
-                            lf::alpha_vjp(con, op, vis, dx, dy, v_alpha, &g[0], absgrad ? &g[S_ABS] : nullptr,
-                                          &g[2], g[5]);
+                            v_alpha += Tfv * ra * vav;
+                            if (bg) v_alpha -= Tfv * ra * bgd;
+                            // alpha = min(0.999, op vis): no gradient through the clamp
+                            const lf_vi8 m_ok = valid & (ov <= lf::ALPHA_MAX);
+                            const lf_vf8 v_sigma = lfcpu::select(m_ok, -ov * v_alpha, zero);
+                            const lf_vf8 dx = m[0] - (((float)(tg.px0 + rx0 + j)) + lane_c);
+                            g_c0 += 0.5f * v_sigma * dx * dx;
+                            g_c1 += v_sigma * dx * dy;
+                            g_c2 += 0.5f * v_sigma * dy * dy;
+                            const lf_vf8 gx = v_sigma * (ca * dx + cb * dy);
+                            const lf_vf8 gy = v_sigma * (cb * dx + cc * dy);
+                            g_x += gx;
+                            g_y += gy;
+                            g_ax += lfcpu::vabs(gx);
+                            g_ay += lfcpu::vabs(gy);
+                            g_op += lfcpu::select(m_ok, vv * v_alpha, zero);
                         }
                     }
-                    if (any) std::memcpy(slots.data() + (size_t)i * S, g.data(), sizeof(float) * S);
+                    if (!lfcpu::any_lane(any_v)) continue;
+                    float *slot = slots.data() + (size_t)i * S;
+                    slot[0] = lfcpu::hsum(g_x);
+                    slot[1] = lfcpu::hsum(g_y);
+                    slot[2] = lfcpu::hsum(g_c0);
+                    slot[3] = lfcpu::hsum(g_c1);
+                    slot[4] = lfcpu::hsum(g_c2);
+                    slot[5] = lfcpu::hsum(g_op);
+                    if (absgrad) {
+                        slot[S_ABS] = lfcpu::hsum(g_ax);
+                        slot[S_ABS + 1] = lfcpu::hsum(g_ay);
+                    }
+                    for (int k = 0; k < D; ++k) slot[S_COL + k] = lfcpu::hsum(g_col[k]);
                 }
             }
         });
