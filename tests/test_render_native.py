@@ -262,3 +262,30 @@ def test_means2d_grad_feeds_gsplat_default_strategy():
         for o in opts.values():
             o.step(); o.zero_grad()
     assert params["means"].shape[0] > n0  # grew from our screen-space gradients
+
+
+def test_device_and_dtype_rules():
+    s = random_scene(20, C=1)
+    p = s.params()
+    with pytest.raises(ValueError, match="is on meta but means is on cpu"):
+        rasterization(**{**p, "colors": p["colors"].to("meta")}, backend="cpu")
+    p64 = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+    with pytest.raises(ValueError, match="float32"):
+        rasterization(**p64, backend="cpu")
+    out, _, meta = rasterization(**p64, backend="auto")  # float64 goes to the reference
+    assert meta["backend"] == "torch" and out.dtype == torch.float64
+    ref, _, _ = rasterization(**p, backend="cpu")
+    assert (out.float() - ref).abs().max().item() < 1e-5
+
+
+def test_per_camera_colors_and_backgrounds():
+    s = random_scene(200, C=3, width=30, height=20, D=5, seed=13)
+    cols = torch.rand(3, 200, 5)
+    bg = torch.rand(3, 5)
+    out = render(s, "cpu", colors=cols, backgrounds=bg)
+    ref = render(s, "torch", colors=cols, backgrounds=bg)
+    assert_same_render(out, ref)
+    # camera 1 rendered alone with its own colours equals slice 1
+    one = rasterization(s.means, s.quats, s.scales, s.opacities, cols[1], s.viewmats[1:2], s.Ks[1:2],
+                        s.width, s.height, backgrounds=bg[1:2], backend="cpu")
+    assert torch.allclose(one[0][0], out[0][1], atol=1e-6)
