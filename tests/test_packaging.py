@@ -23,6 +23,9 @@ def test_every_package_folder_is_listed():
     assert not missing, f"add to [tool.setuptools] packages: {sorted(missing)}"
     for pkg in listed:
         folder = ROOT / dirs.get(pkg, pkg.replace(".", "/"))
+        if pkg == "langfield.csrc":  # data only, no __init__.py (it must not shadow NVIDIA's `cuda`)
+            assert folder.is_dir() and not (folder / "__init__.py").exists()
+            continue
         assert (folder / "__init__.py").exists(), f"{pkg}: {folder} has no __init__.py"
 
 
@@ -35,3 +38,9 @@ def test_native_sources_are_package_data():
             continue
         rel = f.relative_to(cuda).as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not shipped: extend package-data"
+
+
+def test_source_dir_is_found():
+    from langfield.render._build import source_dir
+
+    assert (source_dir() / "include" / "langfield_abi.h").exists()

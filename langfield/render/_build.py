@@ -32,12 +32,19 @@ class NativeBuildError(RuntimeError):
 
 def source_dir() -> Path:
     """cuda/ sources: the installed ``langfield.csrc`` package, else the source tree."""
-    try:
-        import langfield.csrc as csrc
+    # langfield.csrc is a data-only (namespace) package: cuda/ has no __init__.py on purpose,
+    # so a checkout on sys.path does not shadow NVIDIA's own `cuda` Python package
+    import importlib.util
 
-        return Path(csrc.__file__).resolve().parent
-    except ImportError:  # running from a checkout on PYTHONPATH without an install
-        return Path(__file__).resolve().parents[2] / "cuda"
+    try:
+        spec = importlib.util.find_spec("langfield.csrc")
+    except ImportError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            if (Path(loc) / "include" / "langfield_abi.h").exists():
+                return Path(loc).resolve()
+    return Path(__file__).resolve().parents[2] / "cuda"  # a checkout without install
 
 
 def cache_dir() -> Path:
