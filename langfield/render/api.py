@@ -106,10 +106,13 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
         fail(f"width and height must be >= 1, got {width}x{height}")
     if width * height > 2**31 // 4:
         fail(f"image {width}x{height} is too large")
-    for name, t in tensors.items():
-        bad = _count_nonfinite(t)
+    if dev.type == "cpu":
+        counts = [_count_nonfinite(t) for t in tensors.values()]
+    else:  # one device-to-host transfer for all inputs
+        counts = torch.stack([(~torch.isfinite(t)).sum() for t in tensors.values()]).tolist()
+    for name, bad in zip(tensors, counts):
         if bad:
-            fail(f"{name} has {bad} non-finite value(s) (NaN or Inf)")
+            fail(f"{name} has {int(bad)} non-finite value(s) (NaN or Inf)")
     return C, N
 
 
