@@ -12,14 +12,28 @@
 * ``labels`` [3,H,W] int32: label ids for the levels ``("whole", "part", "subpart")``;
 * ``normal`` [H,W,3] world normals, ``prim`` [H,W] primitive index (-1 = background).
 
-Rays are traced in chunks of spatially coherent rays; each chunk is bounded by a cone
-(origin ball + direction cone + length), primitives whose bounding spheres cannot touch it
-are skipped, and exact intersections run only on the rest. Deterministic: no randomness.
+Tracing works on (ray, primitive) *pairs*, never looping over primitives in Python:
+
+1. rays come in spatially coherent order (16x16 pixel tiles) and are bounded in chunks
+   (axis-aligned boxes of origins and directions + the longest ray); a hierarchy of chunk
+   sizes (e.g. 128 then 32 rays) keeps, per chunk, only the primitives whose tight local
+   bounding box it can reach (an interval slab test in the primitive's frame);
+2. the surviving pairs are expanded to single rays and tested against the bounding sphere
+   and then the local bounding box, so elongated or flat parts (table legs, lamp arm,
+   shelves) cost only where they are;
+3. exact intersections run once per shape *type* on all remaining pairs at once (per-pair
+   sizes), and the nearest hit per ray is a scatter-min (ties: the lowest primitive index);
+   shadow rays only ask whether anything is hit.
+
+The culling tests are conservative (padded), and every quantity that reaches the output is
+computed from the rays with elementwise ops only (no matmul), so a ray's result does not depend on which
+rays it is traced with: output is deterministic and identical for any chunking or worker
+count.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -31,12 +45,18 @@ T_EPS = 1e-5  # smallest accepted ray parameter
 SHADOW_OFFSET = 5e-4  # shadow rays start this far above the surface (metres)
 FAR = 1e4
 TILE = 16
-CHUNK = 256
+# chunk sizes (rays bounded together), coarse to fine; the first level is tested densely
+# against every primitive, each next one only against its parent's survivors
+LEVELS_FEW = (128, 32)
+LEVELS_MANY = (1024, 128, 32)
+MANY_PRIMS = 48  # from this many primitives on, use LEVELS_MANY
+MAX_PAIRS = 1 << 21
 
 _INF = float("inf")
 
 
 # ----------------------------------------------------------------------------- shapes
+# Every intersector takes local rays o, d [N,3] (d unit) and per-ray sizes s [N,3].
 def _first(*cands, tmin=T_EPS):
     """Smallest valid candidate parameter (> tmin) per ray; inf if none."""
     best = None
@@ -55,18 +75,22 @@ def _roots(a, b, c):
     return q / a, c / q, ok
 
 
-def _sphere(o, d, s, tmin=T_EPS):
-    r = s[0]
-    b = (o * d).sum(-1)
+def _dot(a, b):
+    return a[:, 0] * b[:, 0] + a[:, 1] * b[:, 1] + a[:, 2] * b[:, 2]
+
+
+def _sphere(o, d, s, tmin=T_EPS, r=None):
+    r = s[:, 0] if r is None else r
+    b = _dot(o, d)
     perp = o - b[:, None] * d
-    h = r * r - (perp * perp).sum(-1)
+    h = r * r - _dot(perp, perp)
     ok = h >= 0
     sh = torch.sqrt(torch.clamp(h, min=0.0))
     return _first((-b - sh, ok), (-b + sh, ok), tmin=tmin)
 
 
 def _box(o, d, s):
-    h = torch.tensor(s[:3], dtype=o.dtype)
+    h = s
     inv = 1.0 / d
     t1 = (-h - o) * inv
     t2 = (h - o) * inv
@@ -77,19 +101,21 @@ def _box(o, d, s):
 
 
 def _cylinder(o, d, s, tmin=T_EPS):
-    r, hh = s[0], s[1]
-    a = d[:, 0] ** 2 + d[:, 1] ** 2
-    b = o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1]
-    c = o[:, 0] ** 2 + o[:, 1] ** 2 - r * r
+    r, hh = s[:, 0], s[:, 1]
+    ox, oy, oz = o[:, 0], o[:, 1], o[:, 2]
+    dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
+    a = dx * dx + dy * dy
+    b = ox * dx + oy * dy
+    c = ox * ox + oy * oy - r * r
     t1, t2, ok = _roots(a, b, c)
-    z1 = o[:, 2] + t1 * d[:, 2]
-    z2 = o[:, 2] + t2 * d[:, 2]
-    tc1 = (hh - o[:, 2]) / d[:, 2]
-    tc2 = (-hh - o[:, 2]) / d[:, 2]
+    z1 = oz + t1 * dz
+    z2 = oz + t2 * dz
+    tc1 = (hh - oz) / dz
+    tc2 = (-hh - oz) / dz
 
     def in_disc(t):
-        x = o[:, 0] + t * d[:, 0]
-        y = o[:, 1] + t * d[:, 1]
+        x = ox + t * dx
+        y = oy + t * dy
         return x * x + y * y <= r * r
 
     return _first((t1, ok & (z1.abs() <= hh)), (t2, ok & (z2.abs() <= hh)), (tc1, in_disc(tc1)), (tc2, in_disc(tc2)),
@@ -97,22 +123,24 @@ def _cylinder(o, d, s, tmin=T_EPS):
 
 
 def _cone(o, d, s, tmin=T_EPS):
-    r, h = s[0], s[1]
+    r, h = s[:, 0], s[:, 1]
+    ox, oy, oz = o[:, 0], o[:, 1], o[:, 2]
+    dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
     k2 = (r / h) ** 2
-    oz = h - o[:, 2]
-    dz = -d[:, 2]
-    a = d[:, 0] ** 2 + d[:, 1] ** 2 - k2 * dz * dz
-    b = o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1] - k2 * oz * dz
-    c = o[:, 0] ** 2 + o[:, 1] ** 2 - k2 * oz * oz
+    hz = h - oz
+    ndz = -dz
+    a = dx * dx + dy * dy - k2 * ndz * ndz
+    b = ox * dx + oy * dy - k2 * hz * ndz
+    c = ox * ox + oy * oy - k2 * hz * hz
     t1, t2, ok = _roots(a, b, c)
 
     def on_side(t):
-        z = o[:, 2] + t * d[:, 2]
+        z = oz + t * dz
         return ok & (z >= 0) & (z <= h)
 
-    tb = -o[:, 2] / d[:, 2]
-    xb = o[:, 0] + tb * d[:, 0]
-    yb = o[:, 1] + tb * d[:, 1]
+    tb = -oz / dz
+    xb = ox + tb * dx
+    yb = oy + tb * dy
     return _first((t1, on_side(t1)), (t2, on_side(t2)), (tb, xb * xb + yb * yb <= r * r), tmin=tmin)
 
 
@@ -120,102 +148,143 @@ def _plane(o, d, s):
     t = -o[:, 2] / d[:, 2]
     x = o[:, 0] + t * d[:, 0]
     y = o[:, 1] + t * d[:, 1]
-    return _first((t, (x.abs() <= s[0]) & (y.abs() <= s[1])))
+    return _first((t, (x.abs() <= s[:, 0]) & (y.abs() <= s[:, 1])))
 
 
 def _capsule(o, d, s, tmin=T_EPS):
-    r, hh = s[0], s[1]
-    a = d[:, 0] ** 2 + d[:, 1] ** 2
-    b = o[:, 0] * d[:, 0] + o[:, 1] * d[:, 1]
-    c = o[:, 0] ** 2 + o[:, 1] ** 2 - r * r
+    r, hh = s[:, 0], s[:, 1]
+    ox, oy, oz = o[:, 0], o[:, 1], o[:, 2]
+    dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
+    a = dx * dx + dy * dy
+    b = ox * dx + oy * dy
+    c = ox * ox + oy * oy - r * r
     t1, t2, ok = _roots(a, b, c)
-    z1 = o[:, 2] + t1 * d[:, 2]
-    z2 = o[:, 2] + t2 * d[:, 2]
-    off = torch.tensor([0.0, 0.0, hh], dtype=o.dtype)
-    return _first(
-        (t1, ok & (z1.abs() <= hh)),
-        (t2, ok & (z2.abs() <= hh)),
-        (_sphere(o - off, d, (r,), tmin), torch.ones_like(ok)),
-        (_sphere(o + off, d, (r,), tmin), torch.ones_like(ok)),
-        tmin=tmin,
+    z1 = oz + t1 * dz
+    z2 = oz + t2 * dz
+    off = torch.zeros_like(o)
+    off[:, 2] = hh
+    return torch.minimum(
+        _first((t1, ok & (z1.abs() <= hh)), (t2, ok & (z2.abs() <= hh)), tmin=tmin),
+        torch.minimum(_sphere(o - off, d, s, tmin, r=r), _sphere(o + off, d, s, tmin, r=r)),
     )
 
 
-def _torus(o, d, s, iters: int = 64):
-    """Sphere tracing of the exact torus SDF from the bounding sphere, then Newton steps on
-    the quartic implicit so that the depth is exact to float precision."""
-    R, r = s[0], s[1]
-    b = (o * d).sum(-1)
-    perp = o - b[:, None] * d
-    h = (R + r) ** 2 - (perp * perp).sum(-1)
-    out = torch.full_like(b, _INF)
-    sel = ((h >= 0) & (-b + torch.sqrt(torch.clamp(h, min=0.0)) > T_EPS)).nonzero().flatten()
-    if sel.numel() == 0:
-        return out
-    o, d, b, h = o[sel], d[sel], b[sel], h[sel]
-    sh = torch.sqrt(h)
-    t = torch.clamp(-b - sh, min=0.0)
-    t1 = -b + sh
-    tol = 1e-6 * (R + r)
-    live = torch.arange(t.numel())
-    for i in range(iters // 4):
-        ol, dl = o.index_select(0, live), d.index_select(0, live)
-        tl = t.index_select(0, live)
-        for _ in range(4):
-            p = ol + tl[:, None] * dl
-            q = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2) - R
-            sdf = torch.sqrt(q * q + p[:, 2] ** 2) - r
-            tl = tl + sdf
-        t.index_copy_(0, live, tl)
-        go = ((sdf.abs() >= tol) & (tl <= t1.index_select(0, live))).nonzero().flatten()
-        if go.numel() == 0 or 4 * (i + 1) >= iters:
-            break
-        live = live.index_select(0, go)
-    k = R * R - r * r
-    for _ in range(3):
-        p = o + t[:, None] * d
-        pp = (p * p).sum(-1)
-        g = pp + k
-        f = g * g - 4 * R * R * (p[:, 0] ** 2 + p[:, 1] ** 2)
-        df = 4 * g * (p * d).sum(-1) - 8 * R * R * (p[:, 0] * d[:, 0] + p[:, 1] * d[:, 1])
-        step = f / df
-        t = torch.where(df.abs() > 1e-12, t - step.clamp(-r, r), t)
-    p = o + t[:, None] * d
-    q = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2) - R
-    sdf = torch.sqrt(q * q + p[:, 2] ** 2) - r
-    out[sel] = _first((t, (sdf.abs() < 1e-4 * (1 + r)) & (t <= t1 + 1e-4)))
-    return out
+def _cubic_max_root(b, c, e):
+    """Largest real root of m^3 + b m^2 + c m + e (float64, vectorised), Newton-polished."""
+    p = c - b * b / 3
+    q = 2 * b ** 3 / 27 - b * c / 3 + e
+    disc = (q / 2) ** 2 + (p / 3) ** 3
+    sq = torch.sqrt(torch.clamp(disc, min=0.0))
+    one = torch.sign(-q / 2 + sq) * torch.abs(-q / 2 + sq) ** (1 / 3) + torch.sign(-q / 2 - sq) * torch.abs(-q / 2 - sq) ** (1 / 3)
+    rr = torch.sqrt(torch.clamp(-p / 3, min=0.0))
+    cos = torch.clamp(-q / 2 / torch.clamp(rr ** 3, min=1e-300), -1.0, 1.0)
+    three = 2 * rr * torch.cos(torch.acos(cos) / 3)
+    m = torch.where(disc > 0, one, three) - b / 3
+    for _ in range(2):
+        f = ((m + b) * m + c) * m + e
+        df = (3 * m + 2 * b) * m + c
+        m = torch.where(df.abs() > 1e-30, m - f / torch.where(df.abs() > 1e-30, df, torch.ones_like(df)), m)
+    return m
 
 
-def _recentred(fn, centre_z=lambda s: 0.0):
+def _torus(o, d, s):
+    """Exact ray-torus hit: the quartic in the ray parameter, taken from the ray's closest
+    approach to the centre (so it has no cubic term) and scaled by R + r, is solved in
+    float64 by Ferrari's method (resolvent cubic, two quadratics) and Newton-polished."""
+    f64 = torch.float64
+    R, r = s[:, 0].to(f64), s[:, 1].to(f64)
+    o, d = o.to(f64), d.to(f64)
+    dn = torch.sqrt(_dot(d, d))
+    d = d / dn[:, None]
+    t0 = -_dot(o, d)
+    oc = o + t0[:, None] * d
+    c0 = _dot(oc, oc)
+    L = R + r
+    # in units of L: u = t / L
+    R2 = (R / L) ** 2
+    k = c0 / (L * L) + R2 - (r / L) ** 2
+    ox, oy = oc[:, 0] / L, oc[:, 1] / L
+    a2 = d[:, 0] ** 2 + d[:, 1] ** 2
+    a1 = ox * d[:, 0] + oy * d[:, 1]
+    a0 = ox * ox + oy * oy
+    P = 2 * k - 4 * R2 * a2
+    Q = -8 * R2 * a1
+    S = k * k - 4 * R2 * a0
+    m = torch.clamp(_cubic_max_root(P, P * P / 4 - S, -Q * Q / 8), min=0.0)
+    sm = torch.sqrt(2 * m)
+    w_div = Q / (2 * torch.where(sm > 1e-4, sm, torch.ones_like(sm)))
+    w_sq = torch.sign(Q) * torch.sqrt(torch.clamp((P / 2 + m) ** 2 - S, min=0.0))
+    w = torch.where(sm > 1e-4, w_div, w_sq)
+    cands = []
+    for B, C in ((-sm, P / 2 + m + w), (sm, P / 2 + m - w)):
+        disc = B * B / 4 - C
+        ok = disc >= 0
+        sq = torch.sqrt(torch.clamp(disc, min=0.0))
+        for u in (-B / 2 - sq, -B / 2 + sq):
+            for _ in range(2):
+                g = ((u * u + P) * u + Q) * u + S
+                dg = (4 * u * u + 2 * P) * u + Q
+                safe = dg.abs() > 1e-12
+                u = torch.where(safe, u - g / torch.where(safe, dg, torch.ones_like(dg)), u)
+            cands.append(((u * L + t0) / dn, ok & (c0 <= L * L * 1.0001)))
+    t = _first(*((tt.to(torch.float32), ok) for tt, ok in cands))
+    return t
+
+
+def _recentred(fn, centre_z=None):
     """Solve the quadratic from the ray's closest approach to the primitive's centre: the
     coefficients then stay small and float32 keeps depth exact to ~1e-7 relative (from a
     far-away origin, c = |o|^2 - r^2 cancels catastrophically for thin primitives)."""
 
     def wrapped(o, d, s):
-        c = torch.tensor([0.0, 0.0, centre_z(s)], dtype=o.dtype)
-        t0 = -((o - c) * d).sum(-1)
+        if centre_z is None:
+            t0 = -_dot(o, d)
+        else:
+            c = torch.zeros_like(o)
+            c[:, 2] = centre_z(s)
+            t0 = -_dot(o - c, d)
         return fn(o + t0[:, None] * d, d, s, tmin=T_EPS - t0) + t0
 
     return wrapped
 
 
-_INTERSECT = {"sphere": _sphere, "box": _box, "cylinder": _recentred(_cylinder), "cone": _recentred(_cone, lambda s: s[1] / 2),
-              "plane": _plane, "torus": _torus, "capsule": _recentred(_capsule)}
+_INTERSECT = {"sphere": _sphere, "box": _box, "cylinder": _recentred(_cylinder),
+              "cone": _recentred(_cone, lambda s: s[:, 1] / 2), "plane": _plane, "torus": _torus,
+              "capsule": _recentred(_capsule)}
+
+
+def _local_box(shape: str, s) -> Tuple[Tuple[float, float, float], Tuple[float, float, float]]:
+    """Tight local-frame bounding box (lo, hi) of a primitive."""
+    if shape == "sphere":
+        e = (s[0], s[0], s[0])
+        return tuple(-v for v in e), e
+    if shape == "box":
+        return (-s[0], -s[1], -s[2]), (s[0], s[1], s[2])
+    if shape == "cylinder":
+        return (-s[0], -s[0], -s[1]), (s[0], s[0], s[1])
+    if shape == "cone":
+        return (-s[0], -s[0], 0.0), (s[0], s[0], s[1])
+    if shape == "plane":
+        return (-s[0], -s[1], 0.0), (s[0], s[1], 0.0)
+    if shape == "torus":
+        e = s[0] + s[1]
+        return (-e, -e, -s[1]), (e, e, s[1])
+    if shape == "capsule":
+        return (-s[0], -s[0], -s[1] - s[0]), (s[0], s[0], s[1] + s[0])
+    raise ValueError(shape)
 
 
 def _normal_local(shape: str, p, s):
-    """Outward normal at a local surface point."""
+    """Outward normal at local surface points p [N,3] (per-point sizes s [N,3])."""
     if shape == "sphere":
         n = p
     elif shape == "box":
-        h = torch.tensor(s[:3], dtype=p.dtype)
-        rel = p.abs() / h
+        rel = p.abs() / s
         ax = rel.argmax(-1)
         n = torch.zeros_like(p)
         n.scatter_(1, ax[:, None], torch.sign(p.gather(1, ax[:, None])))
     elif shape in ("cylinder", "cone"):
-        r, hh = s[0], s[1]
+        r, hh = s[:, 0], s[:, 1]
         rho = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2).clamp(min=1e-12)
         if shape == "cylinder":
             side = torch.stack([p[:, 0], p[:, 1], torch.zeros_like(rho)], -1)
@@ -227,37 +296,47 @@ def _normal_local(shape: str, p, s):
             side = torch.stack([p[:, 0], p[:, 1], k * rho], -1)
             cap = torch.zeros_like(p)
             cap[:, 2] = -1.0
-            d_side = (rho - k * (hh - p[:, 2])).abs() / math.sqrt(1 + k * k)
+            d_side = (rho - k * (hh - p[:, 2])).abs() / torch.sqrt(1 + k * k)
             d_cap = p[:, 2].abs()
         n = torch.where((d_cap < d_side)[:, None], cap, side)
     elif shape == "plane":
         n = torch.zeros_like(p)
         n[:, 2] = 1.0
     elif shape == "torus":
-        R = s[0]
+        R = s[:, 0]
         rho = torch.sqrt(p[:, 0] ** 2 + p[:, 1] ** 2).clamp(min=1e-12)
         c = torch.stack([p[:, 0] / rho * R, p[:, 1] / rho * R, torch.zeros_like(rho)], -1)
         n = p - c
     elif shape == "capsule":
         c = torch.zeros_like(p)
-        c[:, 2] = p[:, 2].clamp(-s[1], s[1])
+        c[:, 2] = torch.minimum(torch.maximum(p[:, 2], -s[:, 1]), s[:, 1])
         n = p - c
     else:
         raise ValueError(shape)
-    return n / n.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return n / torch.sqrt(_dot(n, n)).clamp(min=1e-12)[:, None]
+
+
+def _to_local(x, R):
+    """x [...,3] (world offsets) times per-row rotations R [...,3,3]: x @ R, elementwise."""
+    return x[..., 0:1] * R[..., 0, :] + x[..., 1:2] * R[..., 1, :] + x[..., 2:3] * R[..., 2, :]
+
+
+def _to_world(n, R):
+    """Per-row R @ n (local directions to world), elementwise."""
+    return n[:, 0:1] * R[:, :, 0] + n[:, 1:2] * R[:, :, 1] + n[:, 2:3] * R[:, :, 2]
 
 
 # ----------------------------------------------------------------------------- scene
 class TorchScene:
-    """A :class:`FlatScene` as float32 tensors plus per-primitive python scalars."""
+    """A :class:`FlatScene` as float32 tensors (plus per-primitive local bounding boxes)."""
 
     def __init__(self, fs: FlatScene):
         self.fs = fs
         self.n = len(fs)
         f32 = torch.float32
-        self.rot = torch.as_tensor(fs.rot, dtype=f32)
-        self.trans = torch.as_tensor(fs.trans, dtype=f32)
-        self.bcenter = torch.as_tensor(fs.bcenter, dtype=f32)
+        self.rot = torch.as_tensor(fs.rot, dtype=f32).reshape(-1, 3, 3)
+        self.trans = torch.as_tensor(fs.trans, dtype=f32).reshape(-1, 3)
+        self.bcenter = torch.as_tensor(fs.bcenter, dtype=f32).reshape(-1, 3)
         self.bradius = torch.as_tensor(fs.bradius, dtype=f32)
         self.tex = torch.as_tensor(fs.tex)
         self.color = torch.as_tensor(fs.color, dtype=f32)
@@ -269,83 +348,210 @@ class TorchScene:
         self.shapes = [SHAPES[int(c)] for c in fs.shape]
         self.sizes = [tuple(float(v) for v in row) for row in fs.size]
         self.background = torch.as_tensor(fs.background, dtype=f32)
+        self.code = torch.as_tensor(np.asarray(fs.shape), dtype=torch.int64).reshape(-1)
+        self.size = torch.as_tensor(fs.size, dtype=f32).reshape(-1, 3)
+        # local bounding boxes (centre, half extents), padded against float error
+        lo = np.zeros((self.n, 3))
+        hi = np.zeros((self.n, 3))
+        for i, (sh, s) in enumerate(zip(self.shapes, self.sizes)):
+            lo[i], hi[i] = _local_box(sh, s)
+        half = (hi - lo) / 2
+        # float32 rounding of local coordinates is ~1e-7 of their magnitude: pad by far more
+        pad = 2e-5 + 1e-6 * (np.abs(np.asarray(fs.trans).reshape(-1, 3)).max(1, keepdims=True) + half.max(1, keepdims=True))
+        self.bmid = torch.as_tensor((hi + lo) / 2, dtype=f32).reshape(-1, 3)
+        self.bhalf = torch.as_tensor(half + pad, dtype=f32).reshape(-1, 3)
+        self.absrot = self.rot.abs()
+        self.rsphere = self.bradius * 1.001 + 1e-4  # per-ray sphere test radius
+        # the same per-primitive data as contiguous 1-D columns (fast gathers and elementwise ops)
+        self.bcx, self.bcy, self.bcz = (x.contiguous() for x in self.bcenter.unbind(1))
+        self.rcols = [self.rot[:, i, j].contiguous() for i in range(3) for j in range(3)]
+        self.tcols = [x.contiguous() for x in self.trans.unbind(1)]
+        self.mcols = [x.contiguous() for x in self.bmid.unbind(1)]
+        self.hcols = [x.contiguous() for x in self.bhalf.unbind(1)]
+        self.scols = [x.contiguous() for x in self.size.unbind(1)]
+        self.present = sorted({int(c) for c in np.asarray(fs.shape).reshape(-1)})
 
 
-def trace(sc: TorchScene, o, d, tmax=None, chunk: Optional[int] = None):
+def _chunk_bounds(cols, tmax, cs):
+    """Axis-aligned bounds of consecutive chunks of ``cs`` rays: origin box (centre, half
+    extents), direction box (centre, half extents) and the largest ray parameter L.
+    ``cols``: the six ray components (ox, oy, oz, dx, dy, dz) as contiguous 1-D tensors."""
+    lo = torch.stack([c.view(-1, cs).amin(1) for c in cols], -1)
+    hi = torch.stack([c.view(-1, cs).amax(1) for c in cols], -1)
+    mid, half = (lo + hi) * 0.5, (hi - lo) * 0.5
+    L = torch.nan_to_num(tmax.view(-1, cs).amax(1), posinf=FAR).clamp(max=FAR)
+    return mid[:, :3], half[:, :3], mid[:, 3:], half[:, 3:], L
+
+
+def _slab_test(mo, eo, md, ed, L, R, absR, trans, bmid, bhalf):
+    """Can a ray of a chunk hit a primitive's local bounding box?
+
+    Interval slab test: in the primitive's frame every ray of the chunk has, per axis j,
+    ``o_j in [m_j - e_j, m_j + e_j]`` and ``d_j in [a_j - w_j, a_j + w_j]`` (the chunk's
+    world boxes, rotated: half extents grow to ``|R|^T e``), so its point at ``t >= 0``
+    lies in ``[m_j - e_j + t (a_j - w_j), m_j + e_j + t (a_j + w_j)]``; a hit needs a ``t``
+    in [0, L] where all three intervals meet the box. Arguments broadcast (pairs or [C,P]
+    grids); returns a bool mask.
+    """
+    ml = _to_local(mo - trans, R) - bmid
+    el = _to_local(eo, absR)
+    al = _to_local(md, R)
+    wl = _to_local(ed, absR)
+    # constraints alpha + beta t <= 0: the lower end below the box top, the upper end above its bottom
+    alpha = torch.cat([ml - el - bhalf, -bhalf - ml - el], -1)
+    beta = torch.cat([al - wl, -al - wl], -1)
+    tb = -alpha / beta
+    lo = torch.where(beta < 0, tb, torch.zeros_like(tb)).amax(-1).clamp(min=0.0)
+    hi = torch.where(beta > 0, tb, torch.full_like(tb, _INF)).amin(-1)
+    hi = torch.minimum(hi, L)
+    bad = ((beta == 0) & (alpha > 0)).any(-1)
+    return (lo <= hi) & ~bad
+
+
+def _levels(sc: TorchScene, n: int):
+    sizes = LEVELS_MANY if sc.n >= MANY_PRIMS else LEVELS_FEW
+    while len(sizes) > 1 and n < 2 * sizes[0]:
+        sizes = sizes[1:]
+    return sizes
+
+
+def _candidates(sc: TorchScene, cols, tmax, n):
+    """(chunk index, primitive index) pairs at the finest chunk level whose
+    bounds can touch the primitive's local bounding box. o, d, tmax are padded."""
+    sizes = _levels(sc, n)
+    ci = pi = None
+    prev = None
+    for cs in sizes:
+        mo, eo, md, ed, L = _chunk_bounds(cols, tmax, cs)
+        if ci is None:  # dense first level: [C, P]
+            ok = _nz(_slab_test(mo[:, None], eo[:, None], md[:, None], ed[:, None], L[:, None], sc.rot[None],
+                                sc.absrot[None], sc.trans[None], sc.bmid[None], sc.bhalf[None]).flatten())
+            ci, pi = ok // sc.n, ok % sc.n
+        else:
+            f = prev // cs
+            ci = (ci[:, None] * f + torch.arange(f)[None]).flatten()
+            pi = pi.repeat_interleave(f)
+            ok = _nz(_slab_test(mo[ci], eo[ci], md[ci], ed[ci], L[ci], sc.rot[pi], sc.absrot[pi], sc.trans[pi],
+                                sc.bmid[pi], sc.bhalf[pi]))
+            ci, pi = ci.index_select(0, ok), pi.index_select(0, ok)
+        prev = cs
+    return ci, pi
+
+
+def _nz(mask):
+    """Indices of the true entries of a 1-D bool tensor (numpy's is several times faster)."""
+    return torch.from_numpy(np.flatnonzero(mask.numpy()))
+
+
+def _intersect_pairs(sc: TorchScene, rays, tmax, ri, pi):
+    """Exact hits of the (ray, primitive) pairs: returns (ri, pi, t) of pairs hit at
+    T_EPS < t < tmax, after a per-ray bounding-sphere and local bounding-box test.
+    ``rays``: (o, d, ox, oy, oz, dx, dy, dz) with the components as contiguous 1-D tensors."""
+    o, d, ox, oy, oz, dx, dy, dz = rays
+    # bounding sphere (world frame; a conservative filter, so its rounding does not matter)
+    cx = sc.bcx.index_select(0, pi) - ox.index_select(0, ri)
+    cy = sc.bcy.index_select(0, pi) - oy.index_select(0, ri)
+    cz = sc.bcz.index_select(0, pi) - oz.index_select(0, ri)
+    bb = cx * dx.index_select(0, ri) + cy * dy.index_select(0, ri) + cz * dz.index_select(0, ri)
+    r = sc.rsphere.index_select(0, pi)
+    tm = tmax.index_select(0, ri)
+    perp2 = cx * cx + cy * cy + cz * cz - bb * bb
+    keep = _nz((perp2 <= r * r) & (bb > -r) & (bb - r < tm))
+    ri, pi, tm = ri.index_select(0, keep), pi.index_select(0, keep), tm.index_select(0, keep)
+    # local frame (component-wise: o @ R) + tight local bounding box (slab test)
+    def g(col):
+        return col.index_select(0, pi)
+
+    R = [g(c) for c in sc.rcols]  # R00 R01 R02 R10 ... R22
+    x = ox.index_select(0, ri) - g(sc.tcols[0])
+    y = oy.index_select(0, ri) - g(sc.tcols[1])
+    z = oz.index_select(0, ri) - g(sc.tcols[2])
+    ol = [x * R[j] + y * R[3 + j] + z * R[6 + j] for j in range(3)]
+    x, y, z = dx.index_select(0, ri), dy.index_select(0, ri), dz.index_select(0, ri)
+    dl = [x * R[j] + y * R[3 + j] + z * R[6 + j] for j in range(3)]
+    tn = tf = None
+    for j in range(3):
+        oc = ol[j] - g(sc.mcols[j])
+        h = g(sc.hcols[j])
+        inv = 1.0 / dl[j]
+        t1 = (-h - oc) * inv
+        t2 = (h - oc) * inv
+        lo = torch.minimum(t1, t2).nan_to_num_(-_INF)
+        hi = torch.maximum(t1, t2).nan_to_num_(_INF)
+        tn = lo if tn is None else torch.maximum(tn, lo)
+        tf = hi if tf is None else torch.minimum(tf, hi)
+    keep = _nz((tf >= tn) & (tf > 0) & (tn < tm))
+    ri, pi, tm = ri.index_select(0, keep), pi.index_select(0, keep), tm.index_select(0, keep)
+    # [3,N] storage, used as [N,3] views whose columns are contiguous
+    olT = torch.stack([c.index_select(0, keep) for c in ol])
+    dlT = torch.stack([c.index_select(0, keep) for c in dl])
+    sT = torch.stack([c.index_select(0, pi) for c in sc.scols])
+    t = torch.full((ri.numel(),), _INF, dtype=o.dtype)
+    code = sc.code.index_select(0, pi)
+    for c in sc.present:
+        if len(sc.present) == 1:
+            t = _INTERSECT[SHAPES[c]](olT.T, dlT.T, sT.T)
+            break
+        sel = _nz(code == c)
+        if sel.numel():
+            t[sel] = _INTERSECT[SHAPES[c]](olT.index_select(1, sel).T, dlT.index_select(1, sel).T,
+                                           sT.index_select(1, sel).T)
+    hit = _nz(t < tm)
+    return ri.index_select(0, hit), pi.index_select(0, hit), t.index_select(0, hit)
+
+
+def trace(sc: TorchScene, o, d, tmax=None, chunk: Optional[int] = None, any_hit: bool = False):
     """Nearest hit of rays ``o + t d`` (d unit, [N,3]) with ``t < tmax``.
 
     Returns ``t`` [N] (tmax or inf where nothing is hit) and the primitive index [N]
-    (-1 = nothing). Rays should come in spatially coherent order (they are bounded in
-    consecutive chunks of ``chunk``).
+    (-1 = nothing; on exact ties the lowest index). Rays should come in spatially coherent
+    order (they are bounded in consecutive chunks). ``any_hit``: only whether something is
+    hit (shadow rays): returns a bool [N] instead.
     """
     n = o.shape[0]
-    chunk = chunk or CHUNK
     if tmax is None:
         tmax = torch.full((n,), _INF, dtype=o.dtype)
     if n == 0 or sc.n == 0:
+        if any_hit:
+            return torch.zeros(n, dtype=torch.bool)
         return tmax.clone(), torch.full((n,), -1, dtype=torch.int64)
-    c = -(-n // chunk)
-    pad = c * chunk - n
+    sizes = _levels(sc, n)
+    cs = sizes[-1]
+    pad = -n % sizes[0]
     if pad:
         o = torch.cat([o, o[-1:].expand(pad, 3)])
         d = torch.cat([d, d[-1:].expand(pad, 3)])
         tmax = torch.cat([tmax, tmax[-1:].expand(pad)])
-    O = o.view(c, chunk, 3)
-    D = d.view(c, chunk, 3)
-    best = tmax.view(c, chunk).clone()
-    pid = torch.full((c, chunk), -1, dtype=torch.int64)
-
-    # chunk bounds: origins in ball(m, rho), directions within angle of axis a, t <= L
-    m = O.mean(1)
-    rho = (O - m[:, None]).norm(dim=-1).amax(1)
-    a = D.sum(1)
-    a = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-12)
-    cosb = (D * a[:, None]).sum(-1).amin(1).clamp(-1.0, 1.0)
-    k = torch.sqrt(torch.clamp(2.0 - 2.0 * cosb, min=0.0))[:, None]
-    L = torch.nan_to_num(best.amax(1), posinf=FAR).clamp(max=FAR)[:, None]
-    v = sc.bcenter[None] - m[:, None]  # [C,P,3]
-    s = (v * a[:, None]).sum(-1)
-    q = (v - s[..., None] * a[:, None]).norm(dim=-1)
-    topt = (s + k * q / torch.sqrt(torch.clamp(1.0 - k * k, min=1e-6))).clamp(min=0.0)
-    topt = torch.minimum(topt, L)
-    f = (v - topt[..., None] * a[:, None]).norm(dim=-1) - k * topt
-    slack = rho[:, None] + sc.bradius[None] * 1.001 + 1e-3
-    cand = (f <= slack) | (k > 0.95)
-
-    any_p = cand.any(0).nonzero().flatten().tolist()
-    flat_best = best.view(-1)
-    flat_pid = pid.view(-1)
-    for p in any_p:
-        idx = cand[:, p].nonzero().flatten()
-        if idx.numel() == c:
-            ridx = None
-            oo, dd = o, d
-        else:
-            ridx = (idx[:, None] * chunk + torch.arange(chunk)[None]).flatten()
-            oo = o.index_select(0, ridx)
-            dd = d.index_select(0, ridx)
-        # per-ray bounding-sphere test, then the exact intersection on the survivors
-        cc = sc.bcenter[p] - oo
-        bb = (cc * dd).sum(-1)
-        r = float(sc.bradius[p]) * 1.001 + 1e-4
-        perp2 = (cc * cc).sum(-1) - bb * bb
-        cur = flat_best if ridx is None else flat_best.index_select(0, ridx)
-        keep = ((perp2 <= r * r) & (bb + r > 0) & (bb - r < cur)).nonzero().flatten()
-        if keep.numel() == 0:
-            continue
-        R = sc.rot[p]
-        ol = (oo.index_select(0, keep) - sc.trans[p]) @ R
-        dl = dd.index_select(0, keep) @ R
-        t = _INTERSECT[sc.shapes[p]](ol, dl, sc.sizes[p])
-        gidx = keep if ridx is None else ridx.index_select(0, keep)
-        cur = flat_best.index_select(0, gidx)
-        better = t < cur
-        if bool(better.any()):
-            sel = better.nonzero().flatten()
-            gsel = gidx.index_select(0, sel)
-            flat_best.index_copy_(0, gsel, t.index_select(0, sel))
-            flat_pid.index_fill_(0, gsel, p)
-    return best.view(-1)[:n], pid.view(-1)[:n]
+    cols = tuple(x.contiguous() for x in o.unbind(1)) + tuple(x.contiguous() for x in d.unbind(1))
+    ci, pi = _candidates(sc, cols, tmax, n)
+    rays = (o, d) + cols
+    # expand chunk pairs to ray pairs, a block at a time
+    step = max(1, MAX_PAIRS // cs)
+    ar = torch.arange(cs)
+    hits = []
+    for s in range(0, ci.numel(), step):
+        c, p = ci[s:s + step], pi[s:s + step]
+        ri = (c[:, None] * cs + ar[None]).flatten()
+        pr = p.repeat_interleave(cs)
+        if pad:
+            ok = _nz(ri < n)
+            ri, pr = ri.index_select(0, ok), pr.index_select(0, ok)
+        hits.append(_intersect_pairs(sc, rays, tmax, ri, pr))
+    ri = torch.cat([h[0] for h in hits])
+    pr = torch.cat([h[1] for h in hits])
+    t = torch.cat([h[2] for h in hits])
+    if any_hit:
+        out = torch.zeros(n, dtype=torch.bool)
+        out[ri] = True
+        return out
+    best = tmax[:n].clone()
+    best.scatter_reduce_(0, ri, t, "amin")
+    win = (t == best.index_select(0, ri)).nonzero().flatten()
+    big = sc.n
+    pid = torch.full((n,), big, dtype=torch.int64)
+    pid.scatter_reduce_(0, ri[win], pr[win], "amin")
+    pid[pid == big] = -1
+    return best, pid
 
 
 def surface(sc: TorchScene, o, d, t, pid):
@@ -353,24 +559,28 @@ def surface(sc: TorchScene, o, d, t, pid):
     n = o.shape[0]
     pl = torch.zeros((n, 3), dtype=o.dtype)
     nw = torch.zeros((n, 3), dtype=o.dtype)
-    hit = pid >= 0
-    if not bool(hit.any()):
+    hidx = (pid >= 0).nonzero().flatten()
+    if hidx.numel() == 0:
         return pl, nw
-    pw = o + torch.where(hit, t, torch.zeros_like(t))[:, None] * d
-    order = torch.argsort(pid, stable=True)
-    counts = torch.bincount(pid[hit], minlength=sc.n).tolist()
-    start = int((~hit).sum())
-    for p, cnt in enumerate(counts):
-        if cnt == 0:
-            continue
-        sel = order[start : start + cnt]
-        start += cnt
-        R = sc.rot[p]
-        loc = (pw[sel] - sc.trans[p]) @ R
-        pl[sel] = loc
-        nw[sel] = _normal_local(sc.shapes[p], loc, sc.sizes[p]) @ R.T
-    facing = (nw * d).sum(-1) > 0
-    nw = torch.where(facing[:, None], -nw, nw)
+    all_hit = hidx.numel() == n
+    if not all_hit:
+        o, d, t, pid = o[hidx], d[hidx], t[hidx], pid[hidx]
+    pw = o + t[:, None] * d
+    R = sc.rot.index_select(0, pid)
+    loc = _to_local(pw - sc.trans.index_select(0, pid), R)
+    nl = torch.zeros_like(loc)
+    code = sc.code.index_select(0, pid)
+    for c in sc.present:
+        sel = (code == c).nonzero().flatten()
+        if sel.numel():
+            nl[sel] = _normal_local(SHAPES[c], loc[sel], sc.size.index_select(0, pid[sel]))
+    nrm = _to_world(nl, R)
+    facing = _dot(nrm, d) > 0
+    nrm = torch.where(facing[:, None], -nrm, nrm)
+    if all_hit:
+        return loc, nrm
+    pl[hidx] = loc
+    nw[hidx] = nrm
     return pl, nw
 
 
@@ -446,8 +656,8 @@ def shade(sc: TorchScene, o, d, t, pid, normals_out=None):
         lit = (ndl > 0).nonzero().flatten()
         if lit.numel():
             so = pw[lit] + nw[lit] * SHADOW_OFFSET
-            ts, ps = trace(sc, so, ldir[lit], (dist[lit] - 2 * SHADOW_OFFSET).clamp(min=0.0))
-            ndl[lit] = torch.where(ps >= 0, torch.zeros_like(ts), ndl[lit])
+            shadowed = trace(sc, so, ldir[lit], (dist[lit] - 2 * SHADOW_OFFSET).clamp(min=0.0), any_hit=True)
+            ndl[lit] = torch.where(shadowed, torch.zeros_like(so[:, 0]), ndl[lit])
         light = light + ndl[:, None] * (lt.intensity * torch.tensor(lt.color, dtype=o.dtype))
     c = alb * light + alb * sc.emit[p][:, None]
     col[hidx] = c.clamp(0.0, 1.0)
@@ -455,6 +665,7 @@ def shade(sc: TorchScene, o, d, t, pid, normals_out=None):
 
 
 # ----------------------------------------------------------------------------- cameras
+@functools.lru_cache(maxsize=8)
 def _tile_order(W: int, H: int, tile: Optional[int] = None):
     """Pixel linear indices (y*W+x) ordered tile by tile (row-major inside tiles)."""
     tile = tile or TILE
