@@ -1,0 +1,100 @@
+"""Blender synthetic (NeRF-synthetic) and D-NeRF datasets.
+
+Layout: ``transforms_train.json`` (required), ``transforms_val.json``, ``transforms_test.json``,
+each with ``camera_angle_x`` (horizontal field of view, radians; ``fl_x``/``fl_y``/``cx``/``cy``
+used instead when present) and ``frames`` of ``file_path`` (usually without extension:
+``.png`` is implied), ``transform_matrix`` (camera-to-world, OpenGL axes) and, for D-NeRF,
+``time``. Images are RGBA, composited on ``background`` (white by default). The format's own
+split is used. There are no points: :meth:`langfield.scene.Gaussians.from_dataset`
+initialises at random in the cameras' common view.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence, Union
+
+import numpy as np
+
+from .base import (GL_TO_CV, DatasetError, Frame, MissingFileError, check_matrix, finalize, fov_to_focal, image_size,
+                   scale_K, scaled_size)
+from .nerfstudio import _num, read_transforms_json
+
+__all__ = ["load_blender"]
+
+
+def _image_file(root: Path, fp: str) -> Path:
+    p = Path(fp)
+    p = p if p.is_absolute() else root / p
+    if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".exr") and p.is_file():
+        return p
+    png = p.parent / (p.name + ".png")
+    if png.is_file():
+        return png
+    return p if p.is_file() else png
+
+
+def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequence[float] = (1.0, 1.0, 1.0),
+                 normalize: bool = True, splits: Sequence[str] = ("train", "val", "test"), cache_images: bool = False):
+    """Load a Blender / D-NeRF dataset (see the module docstring). ``path``: the folder with
+    ``transforms_*.json``."""
+    path = Path(path)
+    root = path.parent if path.suffix == ".json" else path
+    if not (root / "transforms_train.json").is_file():
+        raise MissingFileError("Blender dataset without transforms_train.json", root / "transforms_train.json")
+    frames: List[Frame] = []
+    is_dnerf = False
+    for split in splits:
+        jpath = root / f"transforms_{split}.json"
+        if not jpath.is_file():
+            continue
+        meta = read_transforms_json(jpath)
+        fl = meta.get("frames")
+        if fl is None:
+            raise DatasetError("missing (the list of posed images)", jpath, "frames")
+        if not isinstance(fl, list):
+            raise DatasetError("must be a list", jpath, "frames")
+        if "camera_angle_x" not in meta and "fl_x" not in meta:
+            raise DatasetError("missing (horizontal field of view in radians)", jpath, "camera_angle_x")
+        for i, fr in enumerate(fl):
+            where = f"frames[{i}]"
+            if not isinstance(fr, dict):
+                raise DatasetError("must be an object", jpath, where)
+            fp = fr.get("file_path")
+            if not isinstance(fp, str) or not fp:
+                raise DatasetError("missing or not a string", jpath, f"{where}.file_path")
+            img = _image_file(root, fp)
+            if not img.is_file():
+                raise MissingFileError(f"image of {where} not found (file_path {fp!r} in {jpath})", img)
+            if "transform_matrix" not in fr:
+                raise DatasetError(f"missing (camera-to-world pose of {fp})", jpath, f"{where}.transform_matrix")
+            c2w = check_matrix(fr["transform_matrix"], (4, 4), jpath, f"{where}.transform_matrix") @ GL_TO_CV
+            W, H = image_size(img)
+            if "fl_x" in meta:
+                fx = _num(meta["fl_x"], jpath, "fl_x")
+                fy = _num(meta.get("fl_y", fx), jpath, "fl_y")
+                # fl_* given for the stored size w x h (if stated); rescale to the actual image
+                sw = W / _num(meta.get("w", W), jpath, "w")
+                sh = H / _num(meta.get("h", H), jpath, "h")
+                fx, fy = fx * sw, fy * sh
+                cx = _num(meta.get("cx", W / 2 / sw), jpath, "cx") * sw
+                cy = _num(meta.get("cy", H / 2 / sh), jpath, "cy") * sh
+            else:
+                fx = fov_to_focal(_num(meta["camera_angle_x"], jpath, "camera_angle_x"), W)
+                fy = fov_to_focal(_num(meta["camera_angle_y"], jpath, "camera_angle_y"), H) \
+                    if "camera_angle_y" in meta else fx
+                cx, cy = W / 2.0, H / 2.0
+            K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+            w, h = scaled_size(W, H, downscale) if downscale > 1 else (W, H)
+            K = scale_K(K, w / W, h / H)
+            t = fr.get("time")
+            if t is not None:
+                t = _num(t, jpath, f"{where}.time")
+                is_dnerf = True
+            name = str(Path(fp).as_posix()).lstrip("./") or fp
+            frames.append(Frame(image_path=img, width=w, height=h, K=K, camtoworld=c2w, split=split, name=name,
+                                time=t))
+    if not frames:
+        raise DatasetError("no frames in transforms_{train,val,test}.json", root)
+    return finalize(frames, root=root, format="dnerf" if is_dnerf else "blender", points=None, normalize=normalize,
+                    background=background, meta={"downscale": downscale}, cache_images=cache_images)
