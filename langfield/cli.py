@@ -15,6 +15,11 @@ from typing import Dict, Tuple, Union
 Target = Tuple[str, str]
 COMMANDS: Dict[str, Union[Target, Dict[str, Target]]] = {
     "build": ("langfield.render._build", "cli_build"),
+    "process": ("langfield.data.process", "cli_process"),
+    "train": ("langfield.train.cli", "cli_train"),
+    "render": ("langfield.train.cli", "cli_render"),
+    "eval": ("langfield.train.cli", "cli_eval"),
+    "export": ("langfield.train.cli", "cli_export"),
     "scenes": {
         "list": ("langfield.scenes.cli", "scenes_list"),
         "make": ("langfield.scenes.cli", "scenes_make"),
@@ -23,6 +28,11 @@ COMMANDS: Dict[str, Union[Target, Dict[str, Target]]] = {
 
 HELP = {
     "build": "build the native renderer (CPU, and CUDA when nvcc and a GPU are present) ahead of time",
+    "process": "structure from motion (pycolmap) on a folder of images without poses -> a COLMAP dataset",
+    "train": "train a Gaussian scene on a dataset (COLMAP, nerfstudio, Blender)",
+    "render": "render a trained run's views (held-out by default)",
+    "eval": "PSNR/SSIM of a trained run on its held-out views -> metrics.json",
+    "export": "export a trained run as a standard 3DGS PLY (with lang_* properties when present)",
     "scenes": "procedural scenes with exact ground truth: list, make",
 }
 
