@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <cstdlib>
 #include <mutex>
 #include <thread>
@@ -54,9 +55,15 @@ class Pool {
         t_in_pool = true;
         work(0);
         t_in_pool = false;
-        std::unique_lock<std::mutex> lk(m_);
-        cv_done_.wait(lk, [this] { return active_ == 0; });
-        fn_ = nullptr;
+        std::exception_ptr err;
+        {
+            std::unique_lock<std::mutex> lk(m_);
+            cv_done_.wait(lk, [this] { return active_ == 0; });
+            fn_ = nullptr;
+            err = error_;
+            error_ = nullptr;
+        }
+        if (err) std::rethrow_exception(err);  // e.g. std::bad_alloc in a worker: reported by the caller
     }
 
   private:
@@ -65,7 +72,13 @@ class Pool {
             int64_t b = next_.fetch_add(grain_);
             if (b >= n_) break;
             int64_t e = b + grain_ < n_ ? b + grain_ : n_;
-            (*fn_)(b, e, tid);
+            try {
+                (*fn_)(b, e, tid);
+            } catch (...) {
+                std::lock_guard<std::mutex> lk(m_);
+                if (!error_) error_ = std::current_exception();
+                next_.store(n_);  // stop handing out work
+            }
         }
     }
     void worker(int tid) {
@@ -93,6 +106,7 @@ class Pool {
     std::atomic<int64_t> next_{0};
     int active_ = 0;
     uint64_t generation_ = 0;
+    std::exception_ptr error_;
 };
 
 Pool &pool() {
