@@ -12,7 +12,11 @@ Sections, each check in its own try/except so one failure hides nothing:
 1. parity, CUDA vs CPU backend (same process, same inputs): renders and alphas within 1e-4
    (renders scaled by max(1, max|ref|), for depth channels), radii exactly equal, last_ids
    mismatch under 1e-3 of pixels, gradients of means, quats, scales, opacities, colors,
-   viewmats and backgrounds within 1e-3 relative (||a - b|| / ||b||).
+   viewmats and backgrounds (and ``meta["means2d"].absgrad`` for cases with absgrad) within 1e-3
+   relative (||a - b|| / ||b||). The loss is <renders, u> + <alphas, v> with random u, v, so the
+   backward always sees non-zero v_render_alphas. The CUDA library runs this section with
+   lf_cuda_set_sync(1) (LANGFIELD_CUDA_SYNC, see cuda/cuda/common.cuh: a kernel fault is reported
+   by the call that launched it) when it exports that switch, and sections 3-4 with it off.
 2. parity, CUDA vs gsplat (``backend="gsplat"``) on the same scenes, same tolerances.
 3. timings at 1920x1080 with 1M Gaussians, forward and forward+backward (CUDA events, warm-up,
    median of >= 10 repeats, peak memory): RGB, RGB (SH degree 3), RGB+ED, RGB + 9 feature
@@ -53,7 +57,7 @@ import torch  # noqa: E402
 from _util import print_table  # noqa: E402  (bench/_util.py)
 
 RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
-GRAD_KEYS = ("means", "quats", "scales", "opacities", "colors", "viewmats", "backgrounds")
+GRAD_KEYS = ("means", "quats", "scales", "opacities", "colors", "viewmats", "backgrounds", "means2d_absgrad")
 FWD_TOL = 1e-4        # renders (scaled by max(1, max|ref|)) and alphas, max abs
 GRAD_RTOL = 1e-3      # ||a - b|| / ||b|| per parameter
 LAST_IDS_TOL = 1e-3   # fraction of pixels whose last contributor differs
@@ -118,6 +122,22 @@ def parity_cases(quick: bool) -> List[Dict[str, Any]]:
              opacity_range=(0.9, 1.0), seed=19),
         dict(name="dense 50k 128x96 D12 RGB+ED", N=50_000, C=1, W=128, H=96, D=12, mode="RGB+ED",
              scale_range=(0.01, 0.08), seed=20),
+        # channel chunks in the CUDA backward (32 wide, narrower for big tiles), absgrad across
+        # chunks (its own pass when D > chunk), backgrounds; the alphas are always in the loss
+        dict(name="absgrad D3 C2", N=2000, C=2, W=64, H=48, D=3, bg=True, absgrad=True, seed=21),
+        dict(name="absgrad D40 C2", N=1500, C=2, W=64, H=48, D=40, bg=True, absgrad=True, seed=22),
+        dict(name="D40 C2 bg", N=1500, C=2, W=64, H=48, D=40, bg=True, seed=23),
+        dict(name="absgrad D64 C1 bg", N=1500, C=1, W=48, H=40, D=64, bg=True, absgrad=True, seed=24),
+        # block sizes: tile^2 padded to a multiple of 32 (25 -> 32, 289 -> 320), 1024 threads
+        dict(name="tile 5, 37x29 D12 absgrad", N=2000, C=1, W=37, H=29, D=12, tile=5, bg=True,
+             absgrad=True, seed=25),
+        dict(name="tile 17, 45x38 D40 absgrad", N=2000, C=2, W=45, H=38, D=40, tile=17, bg=True,
+             absgrad=True, seed=26),
+        dict(name="tile 32, 70x50 D3 absgrad", N=2000, C=1, W=70, H=50, D=3, tile=32, bg=True,
+             absgrad=True, seed=27),
+        dict(name="tile 32, 70x50 D17 absgrad", N=2000, C=1, W=70, H=50, D=17, tile=32, bg=True,
+             absgrad=True, seed=28),
+        dict(name="tile 32, 70x50 D40 bg", N=2000, C=2, W=70, H=50, D=40, tile=32, bg=True, seed=29),
     ]
     if quick:  # the torch reference stands in on the CPU: keep it small
         for c in cases:
@@ -158,7 +178,7 @@ def run_case(cfg: Dict[str, Any], backend: str, device: str, upstream=None):
         leaves["viewmats"], s.Ks.to(device), s.width, s.height, sh_degree=cfg.get("sh"),
         backgrounds=leaves.get("backgrounds"), render_mode=cfg.get("mode", "RGB"),
         rasterize_mode="antialiased" if cfg.get("aa") else "classic", tile_size=cfg.get("tile", 16),
-        backend=backend)
+        absgrad=bool(cfg.get("absgrad")), backend=backend)
     if upstream is None:
         g = torch.Generator().manual_seed(cfg["seed"] + 2000)
         upstream = (torch.randn(renders.shape, generator=g), torch.randn(alphas.shape, generator=g))
@@ -174,7 +194,31 @@ def run_case(cfg: Dict[str, Any], backend: str, device: str, upstream=None):
         "n_isects": int(meta["flatten_ids"].numel()) if meta.get("flatten_ids") is not None else None,
         "grads": {k: (None if v.grad is None else v.grad.double().cpu()) for k, v in leaves.items()},
     }
+    if cfg.get("absgrad"):
+        ag = getattr(meta["means2d"], "absgrad", None)
+        res["grads"]["means2d_absgrad"] = None if ag is None else ag.detach().double().cpu()
     return res, upstream
+
+
+def set_cuda_sync(on: bool) -> Optional[int]:
+    """lf_cuda_set_sync of the CUDA library (LANGFIELD_CUDA_SYNC at run time); None if unavailable.
+
+    Returns the previous setting. The CUDA library reads LANGFIELD_CUDA_SYNC once, when it is
+    loaded; this switch works at any time, so parity (synchronised: a kernel fault is reported by
+    the call that caused it) and timings (not synchronised) share one process."""
+    import ctypes
+
+    from langfield.render._build import load_library
+
+    try:
+        fn = getattr(load_library("cuda"), "lf_cuda_set_sync", None)
+    except Exception:  # noqa: BLE001 - no CUDA library: nothing to switch
+        return None
+    if fn is None:
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return int(fn(1 if on else 0))
 
 
 def compare(test: Dict[str, Any], ref: Dict[str, Any]) -> Dict[str, Any]:
@@ -831,6 +875,12 @@ def main(argv=None) -> int:
     built = build_section(res, ["cpu", "cuda"] if gpu else ["cpu"])
     cases = parity_cases(args.quick)
 
+    # parity with LANGFIELD_CUDA_SYNC on (faults reported by the call that caused them)
+    if gpu and built.get("cuda"):
+        prev = set_cuda_sync(True)
+        res.data["env"]["cuda_sync_parity"] = "unavailable" if prev is None else f"on (was {prev})"
+        log(f"CUDA sync after every launch for the parity sections: {res.data['env']['cuda_sync_parity']}")
+
     # 1. CUDA vs CPU (cpu-only: CPU vs torch reference)
     if "parity_cpu" not in skip:
         try:
@@ -861,6 +911,12 @@ def main(argv=None) -> int:
                 parity_section(res, "parity_gsplat", "cpu", "cpu", "torch", "cpu", cases[:3], args.deadline - 60)
         except Exception as e:  # noqa: BLE001
             res.data["errors"].append({"where": "parity_gsplat", "error": short_exc(e)})
+
+    # timings without the per-launch synchronisation
+    if gpu and built.get("cuda"):
+        set_cuda_sync(False)
+        res.data["env"]["cuda_sync_timings"] = "off"
+    res.save()
 
     # 3. timings
     if "timings" not in skip:

@@ -2,7 +2,10 @@
 
 Needs only nvcc (no GPU): the library is built with exactly the command the
 Python side uses, then `nm -D` must list every function declared with LF_API
-in cuda/include/langfield_abi.h. A second, stricter build (sm_90 only, host
+in cuda/include/langfield_abi.h, and nothing else of ours except the CUDA
+library's own debug switch lf_cuda_set_sync (declared in cuda/cuda/common.cuh,
+not in the ABI header: the CPU library has no such symbol; see
+LANGFIELD_CUDA_SYNC there). A second, stricter build (sm_90 only, host
 -Wall -Wextra, every nvcc warning an error) keeps the sources warning-free.
 """
 from __future__ import annotations
@@ -17,6 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ABI_HEADER = ROOT / "cuda" / "include" / "langfield_abi.h"
 CU_SOURCES = sorted((ROOT / "cuda" / "cuda").glob("*.cu"))
+# Exported by the CUDA library on top of the ABI (see common.cuh): the run-time
+# switch of LANGFIELD_CUDA_SYNC, looked up optionally (ctypes) by scripts/gpu_check.py.
+CUDA_EXTRA_EXPORTS = {"lf_cuda_set_sync"}
 NVCC = shutil.which("nvcc")
 NM = shutil.which("nm")
 BUILD_TIMEOUT_S = 600
@@ -100,9 +106,13 @@ def test_cuda_library_exports_the_abi(cuda_library):
     expected = abi_functions()
     missing = sorted(n for n in expected if exported.get(n) != "T")
     assert not missing, f"ABI functions not exported as text symbols: {missing}"
-    # -fvisibility=hidden: nothing of ours beyond the ABI leaks out
-    extra = sorted(n for n in exported if n.startswith(("lf_", "_ZN3lfc")) and n not in expected)
+    missing_extra = sorted(n for n in CUDA_EXTRA_EXPORTS if exported.get(n) != "T")
+    assert not missing_extra, f"CUDA-only functions not exported: {missing_extra}"
+    # -fvisibility=hidden: nothing of ours beyond the ABI (+ the debug switch) leaks out
+    extra = sorted(n for n in exported if n.startswith(("lf_", "_ZN3lfc"))
+                   and n not in expected and n not in CUDA_EXTRA_EXPORTS)
     assert not extra, f"unexpected exported symbols: {extra}"
+    assert not CUDA_EXTRA_EXPORTS & expected, "a CUDA-only symbol moved into the ABI header"
 
 
 def test_cuda_sources_are_warning_free_under_strict_flags(tmp_path):

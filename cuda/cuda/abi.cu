@@ -9,8 +9,10 @@
 // lf_isect_count synchronises it (its total is a host value).
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
+#include <atomic>
 #include <string>
 
 #include "common.cuh"
@@ -43,6 +45,37 @@ int cuda_fail(cudaError_t err, const char *what, const char *file, int line) {
 namespace {
 
 constexpr int64_t kInt32Max = 2147483647;
+
+// LANGFIELD_CUDA_SYNC, read once when the library is loaded (static
+// initialisation); lf_cuda_set_sync() changes it later.
+int sync_from_env() {
+    const char *v = getenv("LANGFIELD_CUDA_SYNC");
+    return (v != nullptr && v[0] != '\0' && strcmp(v, "0") != 0) ? 1 : 0;
+}
+std::atomic<int> g_sync{sync_from_env()};
+
+}  // namespace
+
+bool sync_after_launch() { return g_sync.load(std::memory_order_relaxed) != 0; }
+
+int check_raster_grid(const char *fn, int64_t n_blocks) {
+    if (n_blocks > kInt32Max)
+        return set_error(LF_ERR_ARG,
+                         "%s: C * tile_width * tile_height = %lld blocks exceeds the int32 range "
+                         "(use fewer cameras per call or a larger tile_size)",
+                         fn, (long long)n_blocks);
+    int dev = 0, max_x = 0;
+    LFC_CHECK(cudaGetDevice(&dev));
+    LFC_CHECK(cudaDeviceGetAttribute(&max_x, cudaDevAttrMaxGridDimX, dev));
+    if (n_blocks > (int64_t)max_x)
+        return set_error(LF_ERR_ARG,
+                         "%s: C * tile_width * tile_height = %lld blocks exceeds the device's "
+                         "grid x limit %d (use fewer cameras per call or a larger tile_size)",
+                         fn, (long long)n_blocks, max_x);
+    return LF_OK;
+}
+
+namespace {
 
 // Makes the device that owns `ptr` current for the scope of an ABI call and
 // restores the previous one afterwards. Rejects pageable host memory.
@@ -141,6 +174,12 @@ using namespace lfc;
 extern "C" {
 
 int lf_abi_version(void) { return LF_ABI_VERSION; }
+
+// Not part of langfield_abi.h: declared (and exported) in common.cuh.
+int lf_cuda_set_sync(int on) {
+    if (on < 0) return g_sync.load();
+    return g_sync.exchange(on ? 1 : 0);
+}
 
 const char *lf_last_error(void) { return g_last_error.c_str(); }
 

@@ -13,6 +13,18 @@
 // Everything except the ABI symbols lives in namespace lfc and is hidden
 // (the library is built with -fvisibility=hidden). The per-pair and
 // per-pixel math comes from lf_math.h, shared with the CPU driver.
+//
+// Debugging: LANGFIELD_CUDA_SYNC
+//   With the environment variable LANGFIELD_CUDA_SYNC set to anything but ""
+//   or "0" when the library is loaded, every kernel launch (LFC_CHECK_LAUNCH)
+//   is followed by cudaStreamSynchronize(stream) and an error check, so that
+//   a fault inside a kernel is reported (lf_last_error) by the ABI call that
+//   launched it instead of by some later call. Off by default: it serialises
+//   the host with the GPU and breaks CUDA graph capture. The variable is read
+//   once, at load time; lf_cuda_set_sync() (below; exported by the CUDA
+//   library only, not part of langfield_abi.h) switches it at run time, e.g.
+//   scripts/gpu_check.py turns it on for its parity checks and off for its
+//   timings via ctypes.
 #pragma once
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -29,6 +41,8 @@ enum : int { LF_OK = 0, LF_ERR_ARG = 1, LF_ERR_CUDA = 2 };
 int set_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 // Records a failed CUDA call and returns LF_ERR_CUDA.
 int cuda_fail(cudaError_t err, const char *what, const char *file, int line);
+// Whether LFC_CHECK_LAUNCH synchronises (LANGFIELD_CUDA_SYNC / lf_cuda_set_sync).
+bool sync_after_launch();
 
 #define LFC_CHECK(call)                                                         \
     do {                                                                        \
@@ -38,14 +52,28 @@ int cuda_fail(cudaError_t err, const char *what, const char *file, int line);
     } while (0)
 
 // After every kernel launch: launch-configuration errors (and any sticky
-// error of earlier asynchronous work) surface here.
-#define LFC_CHECK_LAUNCH(name)                                                  \
+// error of earlier asynchronous work) surface here. With LANGFIELD_CUDA_SYNC
+// the stream is also synchronised, so that faults of this kernel surface here.
+#define LFC_CHECK_LAUNCH(name, strm)                                            \
     do {                                                                        \
         cudaError_t lfc_err_ = cudaGetLastError();                              \
         if (lfc_err_ != cudaSuccess)                                            \
             return ::lfc::cuda_fail(lfc_err_, "launch of " name, __FILE__,      \
                                     __LINE__);                                  \
+        if (::lfc::sync_after_launch()) {                                       \
+            lfc_err_ = cudaStreamSynchronize(strm);                             \
+            if (lfc_err_ == cudaSuccess) lfc_err_ = cudaGetLastError();         \
+            if (lfc_err_ != cudaSuccess)                                        \
+                return ::lfc::cuda_fail(lfc_err_,                               \
+                                        "execution of " name                    \
+                                        " (LANGFIELD_CUDA_SYNC)",               \
+                                        __FILE__, __LINE__);                    \
+        }                                                                       \
     } while (0)
+
+// The blocks of a rasterizer launch (C * tile_width * tile_height, grid.x)
+// must fit the int32 range and the device's grid x limit.
+int check_raster_grid(const char *fn, int64_t n_blocks);
 
 constexpr int kBlock = 256;  // 1D kernels (projection, SH, isect)
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -131,10 +159,20 @@ inline int raster_block_threads(int tile_size) {
 
 // Channels are processed in chunks of at most kMaxChunk per launch; a chunk
 // of n channels uses the kernel instantiated for the smallest CH >= n in
-// {1, 2, 3, 4, 8, 16, 32}.
+// {1, 2, 3, 4, 8, 16, 32}. (The backward narrows its chunk to 16 or 8 when
+// the 32-wide kernel's registers do not allow the block size; see
+// rasterize_bwd.cu.)
 constexpr int kMaxChunk = 32;
 inline int chunk_instance(int n) {
     return n <= 1 ? 1 : n <= 2 ? 2 : n <= 3 ? 3 : n <= 4 ? 4 : n <= 8 ? 8 : n <= 16 ? 16 : 32;
 }
 
 }  // namespace lfc
+
+// Debug switch of the CUDA library only (not in langfield_abi.h; the CPU
+// library has no such symbol, so callers look it up optionally, e.g. with
+// ctypes: getattr(lib, "lf_cuda_set_sync", None)). on > 0: synchronise and
+// check after every kernel launch; on == 0: don't; on < 0: leave as is.
+// Returns the previous setting (0 or 1). The initial setting comes from
+// LANGFIELD_CUDA_SYNC (see the top of this file). Process-wide.
+extern "C" __attribute__((visibility("default"))) int lf_cuda_set_sync(int on);

@@ -128,13 +128,14 @@ int launch_isect_count(int C, int N, const int32_t *radii,
     if (total == 0) return LF_OK;
     isect_count_kernel<<<grid_for(total, kBlock), kBlock, 0, stream>>>(
         total, radii, means2d, tile_size, tile_width, tile_height, cum_tiles);
-    LFC_CHECK_LAUNCH("isect_count_kernel");
+    LFC_CHECK_LAUNCH("isect_count_kernel", stream);
 
     size_t temp_bytes = 0;
     LFC_CHECK(cub::DeviceScan::InclusiveSum(nullptr, temp_bytes, cum_tiles, (int)total, stream));
     AsyncBuffer temp(stream);
     LFC_CHECK(temp.alloc(temp_bytes));
     LFC_CHECK(cub::DeviceScan::InclusiveSum(temp.ptr, temp_bytes, cum_tiles, (int)total, stream));
+    LFC_CHECK_LAUNCH("cub::DeviceScan::InclusiveSum", stream);
     LFC_CHECK(temp.release());
 
     int64_t n = 0;
@@ -177,7 +178,7 @@ int launch_isect_fill(int C, int N, const int32_t *radii, const float *means2d,
     isect_fill_kernel<<<grid_for(total, kBlock), kBlock, 0, stream>>>(
         total, N, radii, means2d, depths, tile_size, tile_width, tile_height, tile_bits,
         cum_tiles, n_isects, keys_in, vals_in);
-    LFC_CHECK_LAUNCH("isect_fill_kernel");
+    LFC_CHECK_LAUNCH("isect_fill_kernel", stream);
 
     const int end_bit = 32 + tile_bits + cam_bits;
     const int n = (int)n_isects;
@@ -187,6 +188,7 @@ int launch_isect_fill(int C, int N, const int32_t *radii, const float *means2d,
     LFC_CHECK(temp.alloc(temp_bytes));
     LFC_CHECK(cub::DeviceRadixSort::SortPairs(temp.ptr, temp_bytes, keys_in, keys_out, vals_in,
                                               flatten_ids, n, 0, end_bit, stream));
+    LFC_CHECK_LAUNCH("cub::DeviceRadixSort::SortPairs", stream);
     LFC_CHECK(temp.release());
     LFC_CHECK(vals_tmp.release());
     LFC_CHECK(keys_tmp.release());
@@ -194,7 +196,7 @@ int launch_isect_fill(int C, int N, const int32_t *radii, const float *means2d,
     if (n_tiles_total > 0) {
         tile_offsets_kernel<<<grid_for(n_tiles_total, kBlock), kBlock, 0, stream>>>(
             n_tiles_total, n_tiles, tile_bits, keys_out, n_isects, tile_offsets);
-        LFC_CHECK_LAUNCH("tile_offsets_kernel");
+        LFC_CHECK_LAUNCH("tile_offsets_kernel", stream);
     }
     return LF_OK;
 }

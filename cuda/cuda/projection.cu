@@ -120,7 +120,7 @@ int launch_project_fwd(int C, int N, const float *means, const float *quats,
     project_fwd_kernel<<<grid_for(total, kBlock), kBlock, 0, stream>>>(
         C, N, means, quats, scales, opacities, viewmats, Ks, width, height, eps2d,
         near_plane, far_plane, radius_clip, radii, means2d, depths, conics, compensations);
-    LFC_CHECK_LAUNCH("project_fwd_kernel");
+    LFC_CHECK_LAUNCH("project_fwd_kernel", stream);
     return LF_OK;
 }
 
@@ -139,7 +139,7 @@ int launch_project_bwd(int C, int N, const float *means, const float *quats,
         C, N, means, quats, scales, viewmats, Ks, width, height, eps2d, radii, conics,
         compensations, v_means2d, v_depths, v_conics, v_compensations, v_means, v_quats,
         v_scales, v_viewmats);
-    LFC_CHECK_LAUNCH("project_bwd_kernel");
+    LFC_CHECK_LAUNCH("project_bwd_kernel", stream);
     return LF_OK;
 }
 

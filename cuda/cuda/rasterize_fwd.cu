@@ -26,8 +26,9 @@
 // wide features, where the colour reads dominate anyway.
 //
 // Per (pixel, Gaussian), exactly as the CPU driver / ABI: d = mean2d -
-// (pixel + 0.5), sigma = lf::gauss_sigma; skip if sigma < 0; alpha =
-// min(0.999, opacity * exp(-sigma)); skip if alpha < 1/255; stop (without
+// (pixel + 0.5), sigma = lf::gauss_sigma; skip unless sigma >= 0; alpha =
+// min(0.999, opacity * exp(-sigma)); skip unless alpha >= 1/255 (so NaNs are
+// skipped, as by the CPU driver); stop (without
 // blending it) at a Gaussian with T * (1 - alpha) <= 1e-4. The block exits
 // early once every pixel is done (__syncthreads_count).
 #include "common.cuh"
@@ -99,9 +100,10 @@ __global__ void rasterize_fwd_kernel(RasterArgs a, int k0_base, int nch,
             const float dx = s_xy[j] - cx;
             const float dy = s_xy[bs + j] - cy;
             const float sigma = lf::gauss_sigma(conic, dx, dy);
-            if (sigma < 0.f) continue;
+            // negated >= tests: a NaN sigma / alpha is skipped, as by the CPU driver
+            if (!(sigma >= 0.f)) continue;
             const float alpha = lf::lf_min(lf::ALPHA_MAX, s_opac[j] * expf(-sigma));
-            if (alpha < lf::ALPHA_THRESHOLD) continue;
+            if (!(alpha >= lf::ALPHA_THRESHOLD)) continue;
             const float next_T = T * (1.f - alpha);
             if (next_T <= lf::T_MIN) {
                 done = true;
@@ -148,7 +150,7 @@ int launch_fwd_chunks(const RasterArgs &a, int k0, int n_chunks, int nch, float 
     dim3 grid((unsigned)((int64_t)a.C * a.tile_width * a.tile_height), (unsigned)n_chunks, 1);
     rasterize_fwd_kernel<CH><<<grid, threads, smem, stream>>>(a, k0, nch, render_colors,
                                                             render_alphas, last_ids);
-    LFC_CHECK_LAUNCH("rasterize_fwd_kernel");
+    LFC_CHECK_LAUNCH("rasterize_fwd_kernel", stream);
     return LF_OK;
 }
 
@@ -173,6 +175,7 @@ int launch_rasterize_fwd(const RasterArgs &a, float *render_colors,
                          cudaStream_t stream) {
     const int64_t n_blocks = (int64_t)a.C * a.tile_width * a.tile_height;
     if (n_blocks == 0 || (int64_t)a.width * a.height == 0) return LF_OK;
+    if (int rc = check_raster_grid("lf_rasterize_fwd", n_blocks)) return rc;
     const int full = a.D / kMaxChunk, rem = a.D % kMaxChunk;
     if (full > 0) {
         int rc = launch_fwd_instance(a, 0, full, kMaxChunk, render_colors, render_alphas,

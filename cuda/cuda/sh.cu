@@ -33,7 +33,7 @@ int launch_sh_fwd(int degree, int M, int K, const float *dirs,
     if (M == 0) return LF_OK;
     sh_fwd_kernel<<<grid_for(M, kBlock), kBlock, 0, stream>>>(degree, M, K, dirs, coeffs,
                                                               masks, colors);
-    LFC_CHECK_LAUNCH("sh_fwd_kernel");
+    LFC_CHECK_LAUNCH("sh_fwd_kernel", stream);
     return LF_OK;
 }
 
@@ -45,7 +45,7 @@ int launch_sh_bwd(int degree, int M, int K, const float *dirs,
     sh_bwd_kernel<<<grid_for(M, kBlock), kBlock, 0, stream>>>(degree, M, K, dirs, coeffs,
                                                               masks, v_colors, v_coeffs,
                                                               v_dirs);
-    LFC_CHECK_LAUNCH("sh_bwd_kernel");
+    LFC_CHECK_LAUNCH("sh_bwd_kernel", stream);
     return LF_OK;
 }
 
