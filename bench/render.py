@@ -52,7 +52,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller repeats (CI smoke)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "render.json")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads for both sides (torch and LANGFIELD_NUM_THREADS); 0 = all CPUs")
     args = ap.parse_args()
+    if args.threads:
+        import os
+
+        os.environ["LANGFIELD_NUM_THREADS"] = str(args.threads)  # read when the library loads
+        torch.set_num_threads(args.threads)
     rep, ref_rep = (2, 1) if args.quick else (5, 2)
     rows = []
     for D in (3, 12):
@@ -60,7 +67,7 @@ def main():
             rows.append(run_case(20_000, 256, 256, D, bwd, rep, ref_rep))
     rows.append(run_case(100_000, 640, 480, 3, False, rep, 1))
     table = print_table(rows, ["case", "pass", "native_ms", "torch_ref_ms", "speedup"])
-    write_json(args.out, {"machine": machine(), "rows": rows, "table": table})
+    write_json(args.out, {"machine": machine(), "threads": args.threads or "all", "rows": rows, "table": table})
 
 
 if __name__ == "__main__":
