@@ -1,0 +1,179 @@
+"""The RGB stage's configuration: one dataclass, stored in ``RUN/config.json``.
+
+Defaults follow gsplat's ``simple_trainer`` (which follows 3DGS): per-parameter Adam learning
+rates (means ``1.6e-4 * scene_scale`` decaying exponentially to 1 % over the run), the loss
+``(1 - ssim_lambda) * L1 + ssim_lambda * (1 - SSIM)`` with ``ssim_lambda = 0.2`` (3DGS' "L1 +
+0.2 D-SSIM" weighting), SH degree ramp (+1 every ``sh_degree_interval`` steps), and
+``DefaultStrategy`` densification with its thresholds.
+
+Values left ``None`` are resolved from the run length by :meth:`TrainConfig.resolved`:
+``refine_stop_iter`` = min(15000, steps // 2), ``refine_start_iter`` = min(500, steps // 4),
+``refine_every`` = min(100, steps // 6): gsplat's defaults for runs of 2000+ steps, scaled
+down for shorter ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
+
+__all__ = ["TrainConfig", "RESUME_MAY_CHANGE", "config_diff"]
+
+Background = Literal["auto", "random", "white", "black"]
+Device = Literal["auto", "cpu", "cuda"]
+Backend = Literal["auto", "cpu", "cuda", "torch", "gsplat"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything the RGB stage needs besides the dataset path and the run folder."""
+
+    # --- run -------------------------------------------------------------------------
+    steps: int = 30_000
+    """Optimisation steps (one camera per step)."""
+    seed: int = 0
+    """Seeds the initialisation, the camera order, random backgrounds and the global RNG
+    (densification splits)."""
+    device: Device = "auto"
+    backend: Backend = "auto"
+    """Renderer backend (see ``langfield.render.rasterization``)."""
+    ckpt_every: int = 2_000
+    """Write a checkpoint every N steps (and always at the end)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep (0 keeps all)."""
+
+    # --- data ------------------------------------------------------------------------
+    downscale: int = 1
+    test_every: int = 8
+    """Hold out every N-th image when the dataset has no split of its own."""
+    normalize: bool = True
+    """gsplat's world normalisation (undone by ``langfield export``)."""
+    background: Background = "auto"
+    """``random`` (a random colour per step, rendered and composited into the RGBA target:
+    no colour can be learnt as background), ``white``, ``black``; ``auto`` = random for RGBA
+    images, black otherwise. Evaluation of RGBA data composites on white (random) or the
+    fixed colour."""
+    cache_images: bool = True
+    """Keep decoded images in memory."""
+
+    # --- model -----------------------------------------------------------------------
+    sh_degree: int = 3
+    sh_degree_interval: int = 1_000
+    init_opacity: float = 0.1
+    init_scale: float = 1.0
+    init_random: int = 100_000
+    """Random Gaussians in the cameras' common view when the dataset has no points."""
+
+    # --- optimisation ------------------------------------------------------------------
+    means_lr: float = 1.6e-4
+    """Multiplied by the scene scale; decays exponentially to ``means_lr_final`` times it."""
+    means_lr_final: float = 0.01
+    scales_lr: float = 5e-3
+    quats_lr: float = 1e-3
+    opacities_lr: float = 5e-2
+    sh0_lr: float = 2.5e-3
+    shN_lr: float = 2.5e-3 / 20
+    ssim_lambda: float = 0.2
+
+    # --- densification (gsplat DefaultStrategy) ---------------------------------------
+    densify: bool = True
+    refine_start_iter: Optional[int] = None
+    """Default min(500, steps // 4)."""
+    refine_stop_iter: Optional[int] = None
+    """Default min(15000, steps // 2)."""
+    refine_every: Optional[int] = None
+    """Default min(100, steps // 6)."""
+    reset_every: int = 3_000
+    grow_grad2d: Optional[float] = None
+    """Default 2e-4, or 8e-4 with ``absgrad`` (gsplat's advice)."""
+    grow_scale3d: float = 0.01
+    prune_opa: float = 0.005
+    prune_scale3d: float = 0.1
+    absgrad: bool = False
+    opacity_reset: bool = False
+    """Reset opacities every ``reset_every`` steps within the refinement window, as 3DGS does.
+    gsplat 1.5.3's DefaultStrategy never does (an operator-precedence slip), so the default
+    matches gsplat's actual behaviour."""
+
+    # --- output ------------------------------------------------------------------------
+    progress: Optional[bool] = None
+    """Progress bar; default: when stderr is a terminal."""
+    save_renders: bool = True
+    """Render the held-out views into RUN/renders/ at the end."""
+
+    # ------------------------------------------------------------------------------------
+    def resolved(self) -> "TrainConfig":
+        """A copy with the ``None`` defaults filled in from the run length."""
+        c = dataclasses.replace(self)
+        if c.refine_start_iter is None:
+            c.refine_start_iter = min(500, c.steps // 4)
+        if c.refine_every is None:
+            c.refine_every = min(100, max(1, c.steps // 6))
+        if c.refine_stop_iter is None:
+            c.refine_stop_iter = min(15_000, c.steps // 2)
+        if c.grow_grad2d is None:
+            c.grow_grad2d = 8e-4 if c.absgrad else 2e-4
+        return c
+
+    def validate(self) -> None:
+        """ValueError with a one-line message for impossible values."""
+        def bad(msg):
+            raise ValueError(msg)
+
+        if self.steps < 1:
+            bad(f"--steps must be >= 1, got {self.steps}")
+        if self.ckpt_every < 1:
+            bad(f"--ckpt-every must be >= 1, got {self.ckpt_every}")
+        if not 0 <= self.sh_degree <= 3:
+            bad(f"--sh-degree must be 0..3, got {self.sh_degree}")
+        if self.sh_degree_interval < 1:
+            bad(f"--sh-degree-interval must be >= 1, got {self.sh_degree_interval}")
+        if self.downscale < 1:
+            bad(f"--downscale must be >= 1, got {self.downscale}")
+        if not 0 <= self.ssim_lambda <= 1:
+            bad(f"--ssim-lambda must be in [0, 1], got {self.ssim_lambda}")
+        if not 0 < self.init_opacity < 1:
+            bad(f"--init-opacity must be in (0, 1), got {self.init_opacity}")
+        for k in ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr", "means_lr_final",
+                  "init_scale"):
+            if not getattr(self, k) > 0:
+                bad(f"--{k.replace('_', '-')} must be > 0, got {getattr(self, k)}")
+        if self.keep_checkpoints < 0:
+            bad(f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}")
+        for k in ("refine_start_iter", "refine_stop_iter", "refine_every"):
+            v = getattr(self, k)
+            if v is not None and v < (1 if k == "refine_every" else 0):
+                bad(f"--{k.replace('_', '-')} must be >= {1 if k == 'refine_every' else 0}, got {v}")
+        if self.reset_every < 1:
+            bad(f"--reset-every must be >= 1, got {self.reset_every}")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """From a stored dict; unknown keys (from a newer version) raise ValueError."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Options that may differ between the stored config and a ``--resume`` request: they do not
+# change the optimisation (``steps`` may change too, see ``config_diff``).
+RESUME_MAY_CHANGE = ("device", "ckpt_every", "keep_checkpoints", "progress", "save_renders", "cache_images",
+                     "steps")
+
+
+def config_diff(stored: TrainConfig, requested: TrainConfig) -> List[Tuple[str, Any, Any]]:
+    """(name, stored, requested) for every option that differs and matters for resuming."""
+    out = []
+    a, b = stored.to_dict(), requested.to_dict()
+    for k in a:
+        if k in RESUME_MAY_CHANGE:
+            continue
+        if a[k] != b.get(k):
+            out.append((k, a[k], b.get(k)))
+    return out

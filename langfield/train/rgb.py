@@ -1,0 +1,733 @@
+"""The RGB stage: posed images -> Gaussians, in a resumable run folder.
+
+One camera per step, in a random order (a fresh permutation of the training views per epoch,
+from a seeded generator); Adam per parameter with 3DGS' learning rates (see
+:mod:`langfield.train.config`); loss ``0.8 L1 + 0.2 (1 - SSIM)``; SH degree ramp;
+densification and pruning by gsplat's ``DefaultStrategy`` fed with the renderer's ``meta``.
+
+Run folder (``RUN/``)::
+
+    config.json                 {"format": "langfield-run", "data": ..., "train": {...resolved
+                                 TrainConfig...}, "dataset": {...transform, scene_scale...},
+                                 "backend": ..., "langfield_version": ...}
+    checkpoints/ckpt_XXXXXXX.safetensors + .json
+    renders/test/NNNN_<name>.png and NNNN_<name>_gt_pred.png
+    metrics.json                PSNR/SSIM on the held-out views, per view and mean
+
+A checkpoint holds everything an exact resume needs: the parameters, each Adam's state, the
+strategy's running statistics, the global torch RNG (densification splits draw from it), the
+sampling generator and the current permutation. Resuming from it on the CPU backend gives
+the same parameters, bit for bit, as a run that was never interrupted.
+
+Resume policy: ``resume=True`` continues from the newest checkpoint with the stored
+configuration. Options that do not change the optimisation (device, checkpoint cadence,
+progress bar, ...) may be changed; ``steps`` may be changed to a value not below the
+checkpoint's step (the means learning-rate decay is then recomputed for the new length,
+and the densification window stays as stored); any other difference, or a different
+dataset, is refused with a message naming it.
+
+Overwrite policy: an existing, non-empty ``RUN`` is refused unless ``resume`` or
+``overwrite``; ``overwrite`` moves langfield's own artefacts (config.json, checkpoints/,
+renders/, metrics.json, and later stages' features/, autoencoder.safetensors) into
+``RUN/replaced-<timestamp>/`` and leaves every other file alone: nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from langfield.io.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+from langfield.train.config import TrainConfig, config_diff
+
+__all__ = ["RGBTrainer", "train_rgb", "RunError", "NonFiniteError", "RunFolder", "evaluate_views",
+           "render_views", "load_run", "write_metrics", "RUN_ARTEFACTS"]
+
+PathLike = Union[str, os.PathLike]
+RUN_FORMAT = "langfield-run"
+# everything langfield writes into a run folder (later stages add theirs here)
+RUN_ARTEFACTS = ("config.json", "checkpoints", "renders", "metrics.json", "features", "autoencoder.safetensors",
+                 "autoencoder.json")
+PARAM_ORDER = ("means", "quats", "scales", "opacities", "sh0", "shN", "lang")
+
+
+class RunError(ValueError):
+    """A user error about a run folder or its options (one-line message)."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or parameters; nothing non-finite was written."""
+
+    def __init__(self, message: str, step: int, last_checkpoint_step: Optional[int]):
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint_step = last_checkpoint_step
+
+
+# ------------------------------------------------------------------------------------------
+# run folder
+
+class RunFolder:
+    """Paths and small helpers of a run folder."""
+
+    def __init__(self, root: PathLike):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def renders(self) -> Path:
+        return self.root / "renders"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    def read_config(self) -> Dict[str, Any]:
+        import json
+
+        if not self.config.is_file():
+            raise RunError(f"{self.root}: not a langfield run folder (no config.json)")
+        try:
+            doc = json.loads(self.config.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{self.config}: corrupt JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT:
+            raise RunError(f"{self.config}: not a langfield run config (no \"format\": \"{RUN_FORMAT}\")")
+        return doc
+
+    def latest_checkpoint(self) -> Optional[Path]:
+        return latest_checkpoint(self.checkpoints)
+
+    def checkpoint_steps(self) -> List[int]:
+        out = []
+        if self.checkpoints.is_dir():
+            for p in self.checkpoints.glob("ckpt_*.json"):
+                try:
+                    out.append(int(p.stem[5:]))
+                except ValueError:
+                    pass
+        return sorted(out)
+
+    def move_aside(self) -> Optional[Path]:
+        """Move langfield's artefacts into ``replaced-<timestamp>/``; returns that folder."""
+        present = [self.root / n for n in RUN_ARTEFACTS if (self.root / n).exists()]
+        if not present:
+            return None
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        dest = self.root / f"replaced-{stamp}"
+        k = 1
+        while dest.exists():
+            dest = self.root / f"replaced-{stamp}-{k}"
+            k += 1
+        dest.mkdir(parents=True)
+        for p in present:
+            os.replace(p, dest / p.name)
+        return dest
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    if device not in ("cpu", "cuda"):
+        raise RunError(f"--device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+def _load_dataset(data: PathLike, cfg: TrainConfig):
+    from langfield.data import DatasetError, load_dataset
+
+    try:
+        return load_dataset(data, downscale=cfg.downscale, normalize=cfg.normalize, test_every=cfg.test_every,
+                            background=(1.0, 1.0, 1.0), cache_images=cfg.cache_images)
+    except (DatasetError, FileNotFoundError) as e:
+        raise RunError(f"cannot load the dataset: {e}") from None
+
+
+def _frame_alpha(ds, i: int) -> bool:
+    return ds._cached_rgba(i)[1] is not None
+
+
+def _composite(image: Tensor, alpha: Optional[Tensor], bg: Tensor) -> Tensor:
+    """The dataset composites RGBA on white; recomposite on ``bg`` (exact: premultiplied)."""
+    if alpha is None:
+        return image
+    return image + (bg - 1.0) * (1.0 - alpha)
+
+
+def _eval_background(resolved_bg: str) -> Tuple[float, float, float]:
+    return (0.0, 0.0, 0.0) if resolved_bg == "black" else (1.0, 1.0, 1.0)
+
+
+def _lr_means(cfg: TrainConfig, scene_scale: float, step: int) -> float:
+    """gsplat's ExponentialLR(gamma = final ** (1 / steps)) in closed form."""
+    return cfg.means_lr * scene_scale * cfg.means_lr_final ** (step / cfg.steps)
+
+
+def _safe_name(name: str, index: int) -> str:
+    stem = Path(name).stem if name else "view"
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80] or "view"
+    return f"{index:04d}_{stem}"
+
+
+# ------------------------------------------------------------------------------------------
+# rendering and evaluation (shared with the render/eval CLI)
+
+def _render(gaussians, viewmat: Tensor, K: Tensor, width: int, height: int, sh_degree: int, bg: Tensor,
+            backend: str, absgrad: bool = False):
+    from langfield.render import rasterization
+
+    sp = gaussians.splats
+    colors = torch.cat([sp["sh0"], sp["shN"]], 1)
+    return rasterization(sp["means"], sp["quats"], torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]), colors,
+                         viewmat[None], K[None], width, height, sh_degree=sh_degree, backgrounds=bg[None],
+                         absgrad=absgrad, backend=backend)
+
+
+@torch.no_grad()
+def evaluate_views(gaussians, dataset, indices: Sequence[int], *, background=(1.0, 1.0, 1.0),
+                   sh_degree: Optional[int] = None, backend: str = "auto", out_dir: Optional[PathLike] = None,
+                   progress: bool = False) -> Dict[str, Any]:
+    """Render the frames ``indices`` of ``dataset``, compare with their images (RGBA composited
+    on ``background``): ``{"psnr", "ssim", "views": [{"index", "name", "psnr", "ssim"}]}``.
+    With ``out_dir``, writes ``<NNNN_name>.png`` (prediction) and ``<NNNN_name>_gt_pred.png``
+    (ground truth | prediction) there."""
+    from langfield.eval.metrics import psnr, ssim
+
+    dev = gaussians.device
+    bg = torch.tensor(background, dtype=torch.float32, device=dev)
+    deg = gaussians.sh_degree if sh_degree is None else sh_degree
+    views = []
+    it = indices
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(indices, desc="eval", unit="view", leave=False)
+    for i in it:
+        f = dataset.frames[i]
+        image, alpha = dataset._cached_rgba(i)
+        gt = _composite(image, alpha, bg.cpu()).to(dev)
+        pred = _render(gaussians, torch.from_numpy(f.viewmat).float().to(dev), torch.from_numpy(f.K).float().to(dev),
+                       f.width, f.height, deg, bg, backend)[0][0].clamp(0, 1)
+        views.append({"index": int(i), "name": f.name, "psnr": float(psnr(pred, gt)), "ssim": float(ssim(pred, gt))})
+        if out_dir is not None:
+            _save_pair(Path(out_dir), _safe_name(f.name, i), pred, gt)
+    out: Dict[str, Any] = {"views": views, "n_views": len(views)}
+    out["psnr"] = float(np.mean([v["psnr"] for v in views])) if views else None
+    out["ssim"] = float(np.mean([v["ssim"] for v in views])) if views else None
+    return out
+
+
+def _to_u8(x: Tensor) -> np.ndarray:
+    return (x.detach().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
+
+
+def _save_pair(folder: Path, stem: str, pred: Tensor, gt: Optional[Tensor]) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(_to_u8(pred)).save(folder / f"{stem}.png")
+    if gt is not None:
+        Image.fromarray(np.concatenate([_to_u8(gt), _to_u8(pred)], axis=1)).save(folder / f"{stem}_gt_pred.png")
+
+
+@torch.no_grad()
+def render_views(gaussians, dataset, indices: Sequence[int], out_dir: PathLike, *, background=(1.0, 1.0, 1.0),
+                 backend: str = "auto", progress: bool = False) -> List[Path]:
+    """Render frames to ``out_dir`` (prediction + side by side with the ground truth)."""
+    evaluate_views(gaussians, dataset, indices, background=background, backend=backend, out_dir=out_dir,
+                   progress=progress)
+    return [Path(out_dir) / f"{_safe_name(dataset.frames[i].name, i)}.png" for i in indices]
+
+
+# ------------------------------------------------------------------------------------------
+
+class RGBTrainer:
+    """Owns the Gaussians, optimisers, strategy and RNG state of one run.
+
+    Construct with :meth:`create` (fresh run) or :meth:`resume`; then :meth:`train` (optionally
+    up to ``stop_at``), :meth:`finish` (metrics + renders). ``hooks`` passed to :meth:`train`
+    are called as ``hook(trainer)`` after every completed step (``trainer.step`` = steps done).
+    """
+
+    def __init__(self, run: RunFolder, data: Path, cfg: TrainConfig, dataset, device: torch.device):
+        self.run = run
+        self.data = data
+        self.cfg = cfg
+        self.ds = dataset
+        self.device = device
+        self.train_idx = dataset.indices("train")
+        self.test_idx = dataset.indices("test") or dataset.indices("val")
+        if not self.train_idx:
+            raise RunError(f"{data}: the dataset has no training views")
+        self.has_alpha = _frame_alpha(dataset, self.train_idx[0])
+        bg = cfg.background
+        if bg == "auto":
+            bg = "random" if self.has_alpha else "black"
+        self.background = bg
+        from langfield.render import resolve_backend
+
+        try:
+            self.backend = resolve_backend(cfg.backend, device, torch.float32)
+        except Exception as e:
+            raise RunError(f"--backend {cfg.backend}: {str(e).splitlines()[0]}") from None
+        self.scene_scale = float(dataset.scene_scale) * 1.1  # as gsplat's simple_trainer
+        self.step = 0
+        self.train_time = 0.0
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.perm = torch.zeros(0, dtype=torch.long)
+        self.pos = 0
+        self.gaussians = None
+        self.optimizers: Dict[str, torch.optim.Optimizer] = {}
+        self.strategy = None
+        self.strategy_state: Dict[str, Any] = {}
+        self.last_ckpt_step: Optional[int] = None
+        self._cams = {i: (torch.from_numpy(dataset.frames[i].viewmat).float().to(device),
+                          torch.from_numpy(dataset.frames[i].K).float().to(device)) for i in self.train_idx}
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, data: PathLike, out: PathLike, cfg: TrainConfig, *, overwrite: bool = False,
+               dataset=None) -> "RGBTrainer":
+        """A fresh run in ``out`` (refused if ``out`` holds anything, unless ``overwrite``)."""
+        try:
+            cfg.validate()
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        run = RunFolder(out)
+        if run.root.exists() and not run.root.is_dir():
+            raise RunError(f"--out {run.root}: exists and is not a folder")
+        if run.root.is_dir() and any(run.root.iterdir()):
+            if not overwrite:
+                what = "a langfield run" if run.config.exists() else "files"
+                raise RunError(f"--out {run.root} already holds {what}; pass --resume to continue it or "
+                               f"--overwrite to start again (langfield's files are moved aside, not deleted)")
+        data = Path(data).expanduser().resolve()
+        device = _resolve_device(cfg.device)
+        cfg = cfg.resolved()
+        ds = dataset if dataset is not None else _load_dataset(data, cfg)  # bad data: nothing moved yet
+        if overwrite and run.root.is_dir():
+            moved = run.move_aside()
+            if moved is not None:
+                print(f"langfield: moved the previous run's files to {moved}", file=sys.stderr)
+        self = cls(run, data, cfg, ds, device)
+        torch.manual_seed(cfg.seed)
+        self._init_gaussians()
+        self._init_optim()
+        run.root.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        return self
+
+    @classmethod
+    def resume(cls, out: PathLike, data: Optional[PathLike] = None, overrides: Optional[Mapping[str, Any]] = None,
+               *, dataset=None) -> "RGBTrainer":
+        """Continue the run in ``out`` from its newest checkpoint (see the module docstring)."""
+        run = RunFolder(out)
+        if not run.root.is_dir():
+            raise RunError(f"--resume: {run.root} does not exist (nothing to resume)")
+        doc = run.read_config()
+        if doc.get("stage", "rgb") != "rgb" or "train" not in doc:
+            raise RunError(f"{run.config}: no RGB training configuration to resume")
+        try:
+            stored = TrainConfig.from_dict(doc["train"])
+        except (TypeError, ValueError) as e:
+            raise RunError(f"{run.config}: {e}") from None
+        stored_data = Path(doc["data"])
+        if data is not None:
+            d = Path(data).expanduser().resolve()
+            if d != stored_data:
+                raise RunError(f"--resume: {run.root} was trained on {stored_data}, not {d}; resume with the same data")
+        overrides = dict(overrides or {})
+        try:
+            new = replace(stored, **overrides)
+        except TypeError as e:
+            raise RunError(f"--resume: {e}") from None
+        diff = config_diff(stored, new)
+        if diff:
+            lst = ", ".join(f"{k} (run: {a!r}, requested: {b!r})" for k, a, b in diff)
+            raise RunError(f"--resume: options differ from the stored run: {lst}; start a new run (--out) or "
+                           f"--overwrite instead")
+        try:
+            new.validate()
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        ckpt_path = run.latest_checkpoint()
+        ckpt = None
+        if ckpt_path is not None:
+            ckpt = load_checkpoint(ckpt_path)
+            if new.steps < ckpt.step:
+                raise RunError(f"--steps {new.steps} is below the checkpoint's step {ckpt.step}")
+        device = _resolve_device(new.device)
+        ds = dataset if dataset is not None else _load_dataset(stored_data, new)
+        self = cls(run, stored_data, new, ds, device)
+        if ckpt is None:
+            print(f"langfield: {run.root} has no checkpoint yet; starting from step 0", file=sys.stderr)
+            torch.manual_seed(new.seed)
+            self._init_gaussians()
+            self._init_optim()
+        else:
+            self._load_state(ckpt)
+        self._write_config(resumed_from=None if ckpt is None else ckpt.step)
+        return self
+
+    def _init_gaussians(self) -> None:
+        from langfield.scene import Gaussians
+
+        cfg = self.cfg
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # random init is the norm for Blender data; reported in config
+            g = Gaussians.from_dataset(self.ds, sh_degree=cfg.sh_degree, n_random=cfg.init_random,
+                                       init_opacity=cfg.init_opacity, init_scale=cfg.init_scale, seed=cfg.seed)
+        self.gaussians = g.to(self.device)
+
+    def _lrs(self) -> Dict[str, float]:
+        c = self.cfg
+        return {"means": _lr_means(c, self.scene_scale, self.step), "quats": c.quats_lr, "scales": c.scales_lr,
+                "opacities": c.opacities_lr, "sh0": c.sh0_lr, "shN": c.shN_lr}
+
+    def _init_optim(self) -> None:
+        cfg = self.cfg
+        params = self.gaussians.splats
+        lrs = self._lrs()
+        # fused: one kernel per parameter instead of ~10 small ops (which cost milliseconds each
+        # on a busy CPU); deterministic on the CPU like the loop version
+        self.optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": lrs[k], "name": k}], eps=1e-15,
+                                               betas=(0.9, 0.999), fused=True)
+                           for k in params.keys() if k in lrs}
+        if cfg.densify:
+            from gsplat.strategy import DefaultStrategy
+
+            self.strategy = DefaultStrategy(prune_opa=cfg.prune_opa, grow_grad2d=cfg.grow_grad2d,
+                                            grow_scale3d=cfg.grow_scale3d, prune_scale3d=cfg.prune_scale3d,
+                                            refine_start_iter=cfg.refine_start_iter,
+                                            refine_stop_iter=cfg.refine_stop_iter, reset_every=cfg.reset_every,
+                                            refine_every=cfg.refine_every, absgrad=cfg.absgrad, verbose=False)
+            self.strategy.check_sanity(params, self.optimizers)
+            self.strategy_state = self.strategy.initialize_state(scene_scale=self.scene_scale)
+        else:
+            self.strategy = None
+            self.strategy_state = {}
+
+    # ---- config.json ---------------------------------------------------------------------
+    def _write_config(self, resumed_from: Optional[int] = None) -> None:
+        from langfield import __version__
+
+        old = {}
+        if self.run.config.is_file():
+            try:
+                old = self.run.read_config()
+            except RunError:
+                old = {}
+        history = list(old.get("history", []))
+        now = datetime.now().isoformat(timespec="seconds")
+        history.append({"time": now, "event": "created" if resumed_from is None and not old else "resumed",
+                        "step": self.step})
+        ds = self.ds
+        doc = {
+            "format": RUN_FORMAT,
+            "version": 1,
+            "stage": "rgb",
+            "langfield_version": __version__,
+            "data": str(self.data),
+            "backend": self.backend,
+            "device": str(self.device),
+            "train": self.cfg.to_dict(),
+            "dataset": {
+                "format": ds.format,
+                "num_frames": len(ds),
+                "num_train": len(self.train_idx),
+                "num_test": len(self.test_idx),
+                "scene_scale": float(ds.scene_scale),
+                "transform": np.asarray(ds.transform).tolist(),
+                "has_alpha": bool(self.has_alpha),
+                "background": self.background,
+                "init": "points" if ds.points is not None and len(ds.points) > 0 else "random",
+            },
+            "history": history,
+        }
+        atomic_write_json(self.run.config, doc)
+
+    # ---- sampling -------------------------------------------------------------------------
+    def _next_index(self) -> int:
+        if self.pos >= self.perm.numel():
+            self.perm = torch.randperm(len(self.train_idx), generator=self.gen)
+            self.pos = 0
+        i = self.train_idx[int(self.perm[self.pos])]
+        self.pos += 1
+        return i
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def state_tensors(self) -> Dict[str, Any]:
+        params = self.gaussians.splats
+        optim = {}
+        for k, opt in self.optimizers.items():
+            st = opt.state.get(params[k], {})
+            if st:
+                optim[k] = {n: v for n, v in st.items() if isinstance(v, Tensor)}
+        strat = {k: v for k, v in self.strategy_state.items() if isinstance(v, Tensor)}
+        rng = {"torch": torch.get_rng_state(), "sampler": self.gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        out = {"splats": {k: v.detach() for k, v in params.items()}, "rng": rng,
+               "sampler": {"perm": self.perm.clone()}}
+        if optim:
+            out["optim"] = optim
+        if strat:
+            out["strategy"] = strat
+        return out
+
+    def _params_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.gaussians.splats.values())
+
+    def save_checkpoint(self) -> Path:
+        if not self._params_finite():
+            raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), self.step,
+                                 self.last_ckpt_step)
+        cfg = {"stage": "rgb", "train": self.cfg.to_dict(), "sampler_pos": self.pos, "train_time_s": self.train_time,
+               "num_gaussians": self.gaussians.num, "sh_degree": self.gaussians.sh_degree, "lang_dim": 0,
+               "num": self.gaussians.num, "background": self.background}
+        p = save_checkpoint(self.run.checkpoints, self.state_tensors(), cfg, self.step)
+        self.last_ckpt_step = self.step
+        self._rotate_checkpoints()
+        return Path(p)
+
+    def _rotate_checkpoints(self) -> None:
+        keep = self.cfg.keep_checkpoints
+        if keep <= 0:
+            return
+        steps = self.run.checkpoint_steps()
+        for s in steps[:-keep]:
+            for ext in (".json", ".safetensors"):  # JSON first: a reader never finds a JSON without tensors
+                try:
+                    (self.run.checkpoints / f"ckpt_{s:07d}{ext}").unlink()
+                except FileNotFoundError:
+                    pass
+
+    def _load_state(self, ckpt) -> None:
+        from langfield.scene import Gaussians
+
+        t = ckpt.tensors
+        self.gaussians = Gaussians.from_dict(t["splats"], copy=False).to(self.device)
+        self.step = int(ckpt.step)
+        self._init_optim()
+        params = self.gaussians.splats
+        for k, st in t.get("optim", {}).items():
+            if k in self.optimizers:
+                self.optimizers[k].state[params[k]] = {n: v.to(self.device) for n, v in st.items()}
+        for k, v in t.get("strategy", {}).items():
+            self.strategy_state[k] = v.to(self.device)
+        rng = t.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "sampler" in rng:
+            self.gen.set_state(rng["sampler"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.perm = t.get("sampler", {}).get("perm", torch.zeros(0, dtype=torch.long)).long()
+        self.pos = int(ckpt.config.get("sampler_pos", 0))
+        self.train_time = float(ckpt.config.get("train_time_s", 0.0))
+        self.last_ckpt_step = self.step
+
+    def _nonfinite_message(self, what: str) -> str:
+        keep = (f"the last good checkpoint (step {self.last_ckpt_step}) is kept in {self.run.checkpoints}"
+                if self.last_ckpt_step is not None else "no checkpoint had been written yet")
+        return (f"training stopped at step {self.step + 1}: {what}; nothing was saved from this step and {keep} "
+                f"(try lower learning rates, or --resume to retry from it)")
+
+    # ---- training ---------------------------------------------------------------------------
+    def sh_degree_at(self, step: int) -> int:
+        return min(step // self.cfg.sh_degree_interval, self.cfg.sh_degree)
+
+    def _bg(self) -> Tensor:
+        if self.background == "random":
+            return torch.rand(3, generator=self.gen).to(self.device)
+        v = 1.0 if self.background == "white" else 0.0
+        return torch.full((3,), v, device=self.device)
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimisation step; returns {"loss", "psnr"} as floats (synchronises)."""
+        from langfield.train.losses import rgb_loss
+
+        cfg = self.cfg
+        step = self.step
+        params = self.gaussians.splats
+        i = self._next_index()
+        viewmat, K = self._cams[i]
+        f = self.ds.frames[i]
+        image, alpha = self.ds._cached_rgba(i)
+        bg = self._bg()
+        target = _composite(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+        lr_means = _lr_means(cfg, self.scene_scale, step)
+        for g in self.optimizers["means"].param_groups:
+            g["lr"] = lr_means
+        try:
+            renders, _alphas, info = _render(self.gaussians, viewmat, K, f.width, f.height, self.sh_degree_at(step),
+                                             bg, self.backend, absgrad=cfg.absgrad)
+        except ValueError as e:
+            if "non-finite" in str(e):
+                raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
+                                     self.last_ckpt_step) from None
+            raise
+        pred = renders[0]
+        if self.strategy is not None:
+            self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
+        loss, l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
+        loss.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.strategy is not None:  # after the optimiser step, as gsplat's simple_trainer
+            self.strategy.step_post_backward(params, self.optimizers, self.strategy_state, step, info)
+            if (cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0
+                    and step < cfg.refine_stop_iter):
+                from gsplat.strategy.ops import reset_opa
+
+                reset_opa(params, self.optimizers, self.strategy_state, value=cfg.prune_opa * 2.0)
+        with torch.no_grad():
+            mse = float(((pred.detach() - target) ** 2).mean())
+        self.step = step + 1
+        return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
+
+    def train(self, stop_at: Optional[int] = None, hooks: Sequence[Callable[["RGBTrainer"], None]] = ()) -> None:
+        """Train until ``stop_at`` (default: the configured steps), writing checkpoints on the way.
+        Raises :class:`NonFiniteError` (after writing nothing non-finite); KeyboardInterrupt
+        propagates (the newest checkpoint stays the resume point)."""
+        cfg = self.cfg
+        end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
+        if self.step >= end:
+            return
+        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True,
+                   desc="train", smoothing=0.05)
+        ema_loss = ema_psnr = None
+        try:
+            t0 = time.perf_counter()
+            while self.step < end:
+                out = self.train_step()
+                ema_loss = out["loss"] if ema_loss is None else 0.9 * ema_loss + 0.1 * out["loss"]
+                ema_psnr = out["psnr"] if ema_psnr is None else 0.9 * ema_psnr + 0.1 * out["psnr"]
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.train_time += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    self.save_checkpoint()
+                bar.update(1)
+                if show and (self.step % 10 == 0 or self.step == end):
+                    bar.set_postfix(loss=f"{ema_loss:.4f}", psnr=f"{ema_psnr:.2f}", n=self.gaussians.num,
+                                    sh=self.sh_degree_at(self.step - 1), refresh=False)
+                for h in hooks:
+                    h(self)
+            self.train_time += time.perf_counter() - t0
+        finally:
+            bar.close()
+
+    # ---- end of training -----------------------------------------------------------------
+    def evaluate(self, write_renders: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
+        """Metrics on the held-out views (renders into RUN/renders/test/ when asked)."""
+        write = self.cfg.save_renders if write_renders is None else write_renders
+        self.gaussians.eval()
+        res = evaluate_views(self.gaussians, self.ds, self.test_idx, background=_eval_background(self.background),
+                             sh_degree=self.sh_degree_at(max(self.step - 1, 0)), backend=self.backend,
+                             out_dir=(self.run.renders / "test") if write else None, progress=progress)
+        return res
+
+    def finish(self, progress: bool = False) -> Dict[str, Any]:
+        """Evaluate on the held-out views, write metrics.json (and renders); return the metrics."""
+        res = self.evaluate(progress=progress)
+        return write_metrics(self.run, res, step=self.step, train_time_s=self.train_time,
+                             num_gaussians=self.gaussians.num, background=_eval_background(self.background),
+                             split="test")
+
+
+def write_metrics(run: RunFolder, res: Dict[str, Any], *, step: int, train_time_s: Optional[float],
+                  num_gaussians: int, background, split: str) -> Dict[str, Any]:
+    metrics = {"split": split, "step": int(step), "psnr": res["psnr"], "ssim": res["ssim"], "n_views": res["n_views"],
+               "num_gaussians": int(num_gaussians), "train_time_s": train_time_s,
+               "s_per_step": (train_time_s / step) if train_time_s and step else None,
+               "background": list(background), "views": res["views"],
+               "time": datetime.now().isoformat(timespec="seconds")}
+    atomic_write_json(run.metrics, metrics)
+    return metrics
+
+
+def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = None, *, resume: bool = False,
+              overwrite: bool = False, hooks: Sequence[Callable[[RGBTrainer], None]] = (), evaluate: bool = True,
+              **options) -> Dict[str, Any]:
+    """Train (or resume) a run and, at the end, write metrics.json and renders.
+
+    Fresh run: ``config`` (default ``TrainConfig()``) with ``options`` applied. Resume:
+    ``options`` are the changes requested against the stored configuration. Returns the
+    metrics (or ``{}`` with ``evaluate=False``)."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    if resume:
+        if config is not None:
+            options = {**{k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)}, **options}
+        trainer = RGBTrainer.resume(out, data, options)
+    else:
+        cfg = replace(config or TrainConfig(), **options)
+        trainer = RGBTrainer.create(data, out, cfg, overwrite=overwrite)
+    already = trainer.step >= trainer.cfg.steps
+    trainer.train(hooks=hooks)
+    if trainer.last_ckpt_step != trainer.step:
+        trainer.save_checkpoint()
+    if not evaluate:
+        return {}
+    if already and trainer.run.metrics.is_file():
+        import json
+
+        print(f"langfield: {trainer.run.root} is already trained to step {trainer.step} (raise --steps to continue)",
+              file=sys.stderr)
+        return json.loads(trainer.run.metrics.read_text("utf-8"))
+    show = trainer.cfg.progress if trainer.cfg.progress is not None else sys.stderr.isatty()
+    return trainer.finish(progress=show)
+
+
+# ------------------------------------------------------------------------------------------
+# loading a finished run (render / eval / export)
+
+def load_run(run: PathLike, device: str = "auto", need_data: bool = True):
+    """``(doc, gaussians, dataset or None, checkpoint)`` of a run folder's newest checkpoint."""
+    from langfield.scene import Gaussians
+
+    rf = RunFolder(run)
+    if not rf.root.is_dir():
+        raise RunError(f"{rf.root}: run folder not found")
+    doc = rf.read_config()
+    ck = rf.latest_checkpoint()
+    if ck is None:
+        raise RunError(f"{rf.root}: no checkpoint in {rf.checkpoints} (train first)")
+    ckpt = load_checkpoint(ck)
+    dev = _resolve_device(device)
+    g = Gaussians.from_dict(ckpt.tensors["splats"], requires_grad=False, copy=False).to(dev)
+    ds = None
+    if need_data:
+        cfg = TrainConfig.from_dict(doc["train"])
+        data = Path(doc["data"])
+        if not data.exists():
+            raise RunError(f"the run's dataset {data} is missing (moved or deleted)")
+        ds = _load_dataset(data, replace(cfg, cache_images=False))
+    return doc, g, ds, ckpt
