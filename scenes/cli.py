@@ -34,6 +34,7 @@ def scenes_make(
     test_every: int = 8,
     formats: Optional[Tuple[Literal["tum", "replica", "dnerf"], ...]] = None,
     workers: Optional[int] = None,
+    points: int = 20_000,
 ) -> None:
     """Render a built-in scene with exact ground truth into OUT.
 
@@ -57,15 +58,20 @@ def scenes_make(
         test_every: every N-th view is held out (split 'test', with queries); 0 = none.
         formats: extra writers (default: tum replica for rgbd, dnerf for dynamic).
         workers: render processes (default 2 for 16+ views); output is identical.
+        points: size of points3d.ply (surface samples from the training views' depth, like an
+            SfM point cloud, used to initialise Gaussians).
     """
     from langfield.scenes.builtin import SCENES
     from langfield.scenes.make import make_scene
 
     if name not in SCENES:
         raise SystemExit(f"langfield scenes make: unknown scene {name!r}; known scenes: {', '.join(SCENES)}")
+    if points < 1:
+        raise SystemExit("langfield scenes make: --points must be >= 1")
     try:
         res = make_scene(name, out, kind=kind, views=views, frames=frames, size=size, seed=seed, fov=fov, aa=aa,
-                         camera=camera, test_every=test_every, formats=formats, workers=workers, progress=True)
+                         camera=camera, test_every=test_every, formats=formats, workers=workers, progress=True,
+                         max_points=points)
     except ValueError as e:
         raise SystemExit(f"langfield scenes make: {e}")
     t = res["timings"]

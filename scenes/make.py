@@ -212,7 +212,7 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
                views: Optional[int] = None, frames: Optional[int] = None,
                size: Union[str, Sequence[int]] = (256, 256), seed: int = 0, fov: Optional[float] = None,
                aa: int = 2, camera: str = "orbit", test_every: int = 8, formats: Optional[Sequence[str]] = None,
-               workers: Optional[int] = None, max_points: int = 100_000, progress: bool = False) -> dict:
+               workers: Optional[int] = None, max_points: int = 20_000, progress: bool = False) -> dict:
     """Render ``scene`` (a built-in name or a :class:`Scene`) and write it under ``out``.
 
     ``kind``: multiview (hemisphere of ``views`` cameras, default 64), rgbd (hand-held walk
