@@ -23,7 +23,6 @@ Also reads the compressed PLY of SuperSplat / PlayCanvas / gsplat's ``ply_compre
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple, Union
@@ -264,20 +263,9 @@ def write_ply(path: PathLike, gaussians, *, layout: Union[None, str, PlyLayout] 
 
 
 def _atomic_write(path: Path, write_fn) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from langfield.io.checkpoint import _atomic  # one atomic writer for all of langfield.io
+
+    _atomic(Path(path), write_fn)
 
 
 # ------------------------------------------------------------------------------------------
