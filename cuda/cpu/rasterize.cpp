@@ -49,6 +49,45 @@ inline TileGeom tile_geom(int64_t t, int tile_size, int tile_width, int tile_hei
 // Forward scratch of one thread. Rows are processed 8 pixels at a time, so
 // every array has 8 floats of padding past the tile; acc is channel-major
 // [D][PP] with PP = P + 8.
+// One Gaussian clipped to one tile: what forward and backward both need, computed by
+// the same code so that their skip decisions agree exactly.
+struct TileGauss {
+    const float *m, *con, *col;
+    float op, L;
+    bool pd;  // positive-definite conic: per-row chords are valid
+    int lx0, lx1, ly0, ly1;  // tile-local pixel rectangle
+};
+
+inline bool tile_gauss(const TileGeom &tg, int64_t gid, const float *means2d, const float *conics,
+                       const float *colors, const float *opacities, int D, TileGauss &g) {
+    g.m = means2d + gid * 2;
+    g.con = conics + gid * 3;
+    g.op = opacities[gid];
+    int bx0, bx1, by0, by1;
+    if (!lfcpu::alpha_bbox(g.m, g.con, g.op, bx0, bx1, by0, by1)) return false;
+    g.lx0 = std::max(bx0 - tg.px0, 0);
+    g.lx1 = std::min(bx1 - tg.px0, tg.pw);
+    g.ly0 = std::max(by0 - tg.py0, 0);
+    g.ly1 = std::min(by1 - tg.py0, tg.ph);
+    if (g.lx0 >= g.lx1 || g.ly0 >= g.ly1) return false;
+    g.col = colors + gid * (int64_t)D;
+    g.L = logf(g.op * 255.f);
+    g.pd = g.con[0] * g.con[2] - g.con[1] * g.con[1] > 0.f;
+    return true;
+}
+
+// Tile-local pixel columns [rx0, rx1) of row ly that can have alpha >= 1/255.
+inline bool row_range(const TileGeom &tg, const TileGauss &g, int ly, int &rx0, int &rx1) {
+    rx0 = g.lx0;
+    rx1 = g.lx1;
+    if (!g.pd) return true;
+    int sx0, sx1;
+    if (!lfcpu::alpha_row_span(g.m, g.con, g.L, (float)(tg.py0 + ly) + 0.5f, sx0, sx1)) return false;
+    rx0 = std::max(g.lx0, sx0 - tg.px0);
+    rx1 = std::min(g.lx1, sx1 - tg.px0);
+    return rx0 < rx1;
+}
+
 struct FwdScratch {
     std::vector<float> T, acc;
     std::vector<int32_t> last, done;
@@ -122,30 +161,16 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                 float sig[32], vis[32];
                 int n_done = 0;
                 for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
-                    const int64_t gid = flatten_ids[i];
-                    const float *m = means2d + gid * 2;
-                    const float *con = conics + gid * 3;
-                    const float op = opacities[gid];
-                    int bx0, bx1, by0, by1;
-                    if (!lfcpu::alpha_bbox(m, con, op, bx0, bx1, by0, by1)) continue;
-                    const int lx0 = std::max(bx0 - tg.px0, 0), lx1 = std::min(bx1 - tg.px0, tg.pw);
-                    const int ly0 = std::max(by0 - tg.py0, 0), ly1 = std::min(by1 - tg.py0, tg.ph);
-                    if (lx0 >= lx1 || ly0 >= ly1) continue;
-                    const float *col = colors + gid * (int64_t)D;
-                    const float L = logf(op * 255.f);
-                    const bool pd = con[0] * con[2] - con[1] * con[1] > 0.f;
+                    TileGauss g;
+                    if (!tile_gauss(tg, flatten_ids[i], means2d, conics, colors, opacities, D, g)) continue;
+                    const float *m = g.m, *con = g.con, *col = g.col;
+                    const float op = g.op;
                     const int32_t cur = (int32_t)i;
-                    for (int ly = ly0; ly < ly1; ++ly) {
+                    for (int ly = g.ly0; ly < g.ly1; ++ly) {
                         if (row_done[ly] == tg.pw) continue;
                         const float dy = m[1] - ((float)(tg.py0 + ly) + 0.5f);
-                        int rx0 = lx0, rx1 = lx1;
-                        if (pd) {
-                            int sx0, sx1;
-                            if (!lfcpu::alpha_row_span(m, con, L, (float)(tg.py0 + ly) + 0.5f, sx0, sx1)) continue;
-                            rx0 = std::max(lx0, sx0 - tg.px0);
-                            rx1 = std::min(lx1, sx1 - tg.px0);
-                            if (rx0 >= rx1) continue;
-                        }
+                        int rx0, rx1;
+                        if (!row_range(tg, g, ly, rx0, rx1)) continue;
                         const int n = rx1 - rx0;
                         // pass 1 (vectorised): sigma and exp(-sigma) along the row
                         lfcpu::row_eval(n, m[0], dy, (float)(tg.px0 + rx0), con, sig, vis);
@@ -271,16 +296,10 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                         }
                     }
                 for (int64_t i = std::min<int64_t>(max_last, tg.end - 1); i >= tg.start; --i) {
-                    const int64_t gid = flatten_ids[i];
-                    const float *m = means2d + gid * 2;
-                    const float *con = conics + gid * 3;
-                    const float op = opacities[gid];
-                    int bx0, bx1, by0, by1;
-                    if (!lfcpu::alpha_bbox(m, con, op, bx0, bx1, by0, by1)) continue;
-                    const int lx0 = std::max(bx0 - tg.px0, 0), lx1 = std::min(bx1 - tg.px0, tg.pw);
-                    const int ly0 = std::max(by0 - tg.py0, 0), ly1 = std::min(by1 - tg.py0, tg.ph);
-                    if (lx0 >= lx1 || ly0 >= ly1) continue;
-                    const float *col = colors + gid * (int64_t)D;
+                    TileGauss tgs;
+                    if (!tile_gauss(tg, flatten_ids[i], means2d, conics, colors, opacities, D, tgs)) continue;
+                    const float *m = tgs.m, *con = tgs.con, *col = tgs.col;
+                    const float op = tgs.op;
                     const float ca = con[0], cb = con[1], cc = con[2];
                     const lf_vf8 zero = {};
                     lf_vf8 g_x = zero, g_y = zero, g_ax = zero, g_ay = zero, g_c0 = zero, g_c1 = zero,
@@ -288,21 +307,11 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                     lf_vf8 *g_col = sc.gcol.data();
                     for (int k = 0; k < D; ++k) g_col[k] = zero;
                     lf_vi8 any_v = {};
-                    // the same row spans and row evaluation as the forward pass
-                    const float L = logf(op * 255.f);
-                    const bool pd = ca * cc - cb * cb > 0.f;
                     const int32_t cur = (int32_t)i;
-                    for (int ly = ly0; ly < ly1; ++ly) {
-                        const float py = (float)(tg.py0 + ly) + 0.5f;
-                        const float dy = m[1] - py;
-                        int rx0 = lx0, rx1 = lx1;
-                        if (pd) {
-                            int sx0, sx1;
-                            if (!lfcpu::alpha_row_span(m, con, L, py, sx0, sx1)) continue;
-                            rx0 = std::max(lx0, sx0 - tg.px0);
-                            rx1 = std::min(lx1, sx1 - tg.px0);
-                            if (rx0 >= rx1) continue;
-                        }
+                    for (int ly = tgs.ly0; ly < tgs.ly1; ++ly) {
+                        const float dy = m[1] - ((float)(tg.py0 + ly) + 0.5f);
+                        int rx0, rx1;
+                        if (!row_range(tg, tgs, ly, rx0, rx1)) continue;
                         const int n = rx1 - rx0;
                         lfcpu::row_eval(n, m[0], dy, (float)(tg.px0 + rx0), con, sig, vis_row);
                         const int p0 = ly * tile_size + rx0;
