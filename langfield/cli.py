@@ -20,6 +20,7 @@ COMMANDS: Dict[str, Union[Target, Dict[str, Target]]] = {
     "render": ("langfield.train.cli", "cli_render"),
     "eval": ("langfield.train.cli", "cli_eval"),
     "export": ("langfield.train.cli", "cli_export"),
+    "extract": ("langfield.features.cli", "cli_extract"),
     "scenes": {
         "list": ("langfield.scenes.cli", "scenes_list"),
         "make": ("langfield.scenes.cli", "scenes_make"),
@@ -33,6 +34,7 @@ HELP = {
     "render": "render a trained run's views (held-out by default)",
     "eval": "PSNR/SSIM of a trained run on its held-out views -> metrics.json",
     "export": "export a trained run as a standard 3DGS PLY (with lang_* properties when present)",
+    "extract": "2D language features per image (sam-clip | dense-clip | labels) into a resumable cache",
     "scenes": "procedural scenes with exact ground truth: list, make",
 }
 

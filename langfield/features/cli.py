@@ -1,0 +1,144 @@
+"""``langfield extract``: build an extractor from names and fill a run's feature cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from .base import WeightsError, WeightsUnavailableError, resolve_device
+from .models import (DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, check_sam_checkpoint, clip_weights_cached, load_clip,
+                     load_sam)
+from .text import OFFLINE_NOTE, ClipTextEncoder, OfflineTextEncoder
+
+__all__ = ["make_extractor", "make_text_encoder", "cli_extract", "EXTRACTORS"]
+
+EXTRACTORS = ("sam-clip", "dense-clip", "labels")
+
+
+def make_text_encoder(kind: str = "auto", clip_model: str = DEFAULT_CLIP_MODEL,
+                      clip_pretrained: Optional[str] = DEFAULT_CLIP_PRETRAINED, clip_checkpoint=None,
+                      device="auto", offline_dim: int = 512, log=print):
+    """``clip`` (raise when the weights are missing), ``offline`` (hashed, not semantic) or
+    ``auto``: CLIP when its weights are here (a checkpoint file, or the tag in the local
+    Hugging Face cache), else the offline encoder, announced through ``log``."""
+    if kind not in ("auto", "clip", "offline"):
+        raise ValueError(f"text encoder must be auto, clip or offline, got {kind!r}")
+    if kind == "offline":
+        return OfflineTextEncoder(offline_dim)
+    if kind == "auto" and clip_checkpoint is None:
+        cached = clip_weights_cached(clip_model, clip_pretrained) if clip_pretrained else False
+        if cached is False:
+            log(f"CLIP weights {clip_model}/{clip_pretrained} are not available here: using the {OFFLINE_NOTE}")
+            return OfflineTextEncoder(offline_dim)
+    try:
+        return ClipTextEncoder(load_clip(clip_model, clip_pretrained, clip_checkpoint, device=device))
+    except WeightsUnavailableError:
+        if kind == "clip":
+            raise
+        log(f"CLIP weights {clip_model}/{clip_pretrained} are not available here: using the {OFFLINE_NOTE}")
+        return OfflineTextEncoder(offline_dim)
+
+
+def make_extractor(name: str, *, clip_model: str = DEFAULT_CLIP_MODEL,
+                   clip_pretrained: Optional[str] = DEFAULT_CLIP_PRETRAINED, clip_checkpoint=None,
+                   sam_model: str = "vit_h", sam_checkpoint=None, text_encoder: str = "auto", device="auto",
+                   sam_params=None, dense_params=None, labels_params=None, random_init: bool = False, log=print):
+    """An extractor by name with its models loaded (see the package docstring)."""
+    from .dense_clip import DenseClipExtractor
+    from .labels import LabelsExtractor
+    from .sam_clip import SamClipExtractor
+
+    dev = resolve_device(device)
+    if name == "labels":
+        if random_init:
+            raise ValueError("the labels extractor has no random-init mode; use text_encoder='offline'")
+        return LabelsExtractor(make_text_encoder(text_encoder, clip_model, clip_pretrained, clip_checkpoint, dev,
+                                                 log=log), labels_params)
+    if name not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {name!r}; use one of {EXTRACTORS}")
+    if name == "sam-clip" and not random_init:
+        check_sam_checkpoint(sam_model, sam_checkpoint)  # fail before loading CLIP
+    clip = load_clip(clip_model, clip_pretrained, clip_checkpoint, device=dev, random_init=random_init)
+    if name == "dense-clip":
+        return DenseClipExtractor(clip, dense_params)
+    sam = load_sam(sam_model, sam_checkpoint, device=dev, random_init=random_init)
+    return SamClipExtractor(sam, clip, sam_params)
+
+
+def cli_extract(
+    data: Path,
+    run: Path,
+    extractor: Literal["sam-clip", "dense-clip", "labels"] = "sam-clip",
+    clip_model: str = DEFAULT_CLIP_MODEL,
+    clip_pretrained: str = DEFAULT_CLIP_PRETRAINED,
+    clip_checkpoint: Optional[Path] = None,
+    sam_model: Literal["vit_h", "vit_l", "vit_b"] = "vit_h",
+    sam_checkpoint: Optional[Path] = None,
+    text_encoder: Literal["auto", "clip", "offline"] = "auto",
+    split: Literal["all", "train", "test"] = "all",
+    downscale: int = 1,
+    batch_size: int = 1,
+    points_per_side: int = 32,
+    short_side: int = 448,
+    label_noise: float = 0.0,
+    label_drop: float = 0.0,
+    label_merge: float = 0.0,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> int:
+    """Extract 2D language features of a dataset into RUN/features (resumable).
+
+    Args:
+        data: dataset folder (COLMAP, nerfstudio, Blender).
+        run: run directory; features go to RUN/features.
+        extractor: sam-clip (LangSplat: SAM masks x 3 levels + CLIP), dense-clip (MaskCLIP per patch, fast),
+            labels (ground-truth label maps + text embeddings of their names).
+        clip_model: open_clip model name.
+        clip_pretrained: open_clip pretrained tag.
+        clip_checkpoint: local open_clip checkpoint file (instead of the tag's download).
+        sam_model: SAM architecture of --sam-checkpoint.
+        sam_checkpoint: SAM checkpoint file (sam_vit_h_4b8939.pth, ...).
+        text_encoder: labels only: clip, offline (hashed names, not semantic) or auto (CLIP if its weights are here).
+        split: which images.
+        downscale: image downscale factor of the dataset.
+        batch_size: images per extractor call.
+        points_per_side: sam-clip point grid.
+        short_side: dense-clip working resolution (short side, pixels).
+        label_noise: labels: per-view embedding noise (norm).
+        label_drop: labels: per-view probability of dropping a region.
+        label_merge: labels: per-view probability of merging a region into a neighbour.
+        seed: labels perturbation seed.
+        device: auto, cpu or cuda.
+        overwrite: replace a cache made with another configuration.
+    """
+    from ..data import load_dataset
+    from .cache import extract_dataset
+    from .dense_clip import DenseClipParams
+    from .labels import LabelsParams
+    from .sam_clip import SamClipParams
+
+    import sys
+
+    ds = load_dataset(data, downscale=downscale)
+    if split != "all":
+        ds = ds.split(split) if split == "train" else ds.test
+    try:
+        ex = make_extractor(extractor, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                            clip_checkpoint=clip_checkpoint, sam_model=sam_model, sam_checkpoint=sam_checkpoint,
+                            text_encoder=text_encoder, device=device,
+                            sam_params=SamClipParams(points_per_side=points_per_side),
+                            dense_params=DenseClipParams(short_side=short_side),
+                            labels_params=LabelsParams(label_noise, label_drop, label_merge, seed))
+    except WeightsError as e:
+        print(f"langfield extract: {e}", file=sys.stderr)
+        return 2
+    cache = extract_dataset(ds, ex, Path(run) / "features", batch_size=batch_size, overwrite=overwrite)
+    text = cache.text_config
+    if text["type"] == "offline":
+        text_name = "offline (hashed names, not CLIP)"
+    else:
+        text_name = f"{text.get('model')}/{text.get('checkpoint') or text.get('pretrained')}"
+    print(f"features: {len(cache)} images in {cache.folder} ({cache.extractor}, {cache.dim}-d, levels "
+          f"{', '.join(cache.levels)}); text encoder: {text_name}")
+    return 0
