@@ -28,7 +28,7 @@ COMMANDS: Dict[str, Union[Target, Dict[str, Target]]] = {
 }
 
 HELP = {
-    "build": "build the native renderer (CPU, and CUDA when nvcc and a GPU are present) ahead of time",
+    "build": "build the native renderer ahead of time (CPU; CUDA too when nvcc is found)",
     "process": "structure from motion (pycolmap) on a folder of images without poses -> a COLMAP dataset",
     "train": "train a Gaussian scene on a dataset (COLMAP, nerfstudio, Blender)",
     "render": "render a trained run's views (held-out by default)",
