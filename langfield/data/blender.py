@@ -18,7 +18,7 @@ import numpy as np
 
 from .base import (GL_TO_CV, DatasetError, Frame, MissingFileError, check_matrix, finalize, fov_to_focal, image_size,
                    scale_K, scaled_size)
-from .nerfstudio import _num, read_transforms_json
+from .nerfstudio import _num, frame_file_path, read_transforms_json
 
 __all__ = ["load_blender"]
 
@@ -58,11 +58,7 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
             raise DatasetError("missing (horizontal field of view in radians)", jpath, "camera_angle_x")
         for i, fr in enumerate(fl):
             where = f"frames[{i}]"
-            if not isinstance(fr, dict):
-                raise DatasetError("must be an object", jpath, where)
-            fp = fr.get("file_path")
-            if not isinstance(fp, str) or not fp:
-                raise DatasetError("missing or not a string", jpath, f"{where}.file_path")
+            fp = frame_file_path(fr, i, jpath)
             img = _image_file(root, fp)
             if not img.is_file():
                 raise MissingFileError(f"image of {where} not found (file_path {fp!r} in {jpath})", img)

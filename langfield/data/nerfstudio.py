@@ -58,6 +58,17 @@ def _num(v, path, field_name) -> float:
     return float(v)
 
 
+def frame_file_path(fr, i: int, jpath) -> str:
+    """``frames[i].file_path`` of a transforms.json, validated (errors name the file and field)."""
+    where = f"frames[{i}]"
+    if not isinstance(fr, dict):
+        raise DatasetError("must be an object", jpath, where)
+    fp = fr.get("file_path")
+    if not isinstance(fp, str) or not fp:
+        raise DatasetError("missing or not a string", jpath, f"{where}.file_path")
+    return fp
+
+
 def _norm_rel(p: str) -> str:
     return os.path.normpath(str(p)).replace("\\", "/")
 
@@ -98,11 +109,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
     fallback_splits = every_nth_split(len(frames_meta), test_every)
     for i, fr in enumerate(frames_meta):
         where = f"frames[{i}]"
-        if not isinstance(fr, dict):
-            raise DatasetError("must be an object", jpath, where)
-        fp = fr.get("file_path")
-        if not isinstance(fp, str) or not fp:
-            raise DatasetError("missing or not a string", jpath, f"{where}.file_path")
+        fp = frame_file_path(fr, i, jpath)
 
         def get(key, default=None):
             return fr[key] if key in fr else meta.get(key, default)
