@@ -289,3 +289,29 @@ def test_per_camera_colors_and_backgrounds():
     one = rasterization(s.means, s.quats, s.scales, s.opacities, cols[1], s.viewmats[1:2], s.Ks[1:2],
                         s.width, s.height, backgrounds=bg[1:2], backend="cpu")
     assert torch.allclose(one[0][0], out[0][1], atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_features_one_pass_equals_separate_passes(backend):
+    """The ``features`` extension renders SH colours + extra channels in one pass, equal to two
+    separate renders (colours with SH; features as plain colours on a zero background)."""
+    from langfield.render import rasterization
+    from langfield.render.synthetic import random_scene
+
+    s = random_scene(300, C=2, D=3, sh_degree=2, seed=3)
+    feats = torch.randn(300, 9, generator=torch.Generator().manual_seed(0))
+    bg = torch.tensor([[0.2, 0.3, 0.4], [1.0, 1.0, 1.0]])
+    args = (s.means, s.quats, s.scales, s.opacities)
+    one, a1, _ = rasterization(*args, s.colors, s.viewmats, s.Ks, s.width, s.height, sh_degree=2, backgrounds=bg,
+                               features=feats, render_mode="RGB+ED", backend=backend)
+    rgb, a2, _ = rasterization(*args, s.colors, s.viewmats, s.Ks, s.width, s.height, sh_degree=2, backgrounds=bg,
+                               render_mode="RGB+ED", backend=backend)
+    lat, _, _ = rasterization(*args, feats, s.viewmats, s.Ks, s.width, s.height, backend=backend)
+    assert one.shape[-1] == 3 + 9 + 1
+    assert torch.allclose(one[..., :3], rgb[..., :3], atol=1e-5)
+    assert torch.allclose(one[..., 3:12], lat, atol=1e-5)
+    assert torch.allclose(one[..., 12], rgb[..., 3], atol=1e-4)
+    assert torch.equal(a1, a2)
+    with pytest.raises(ValueError, match="features must be"):
+        rasterization(*args, s.colors, s.viewmats, s.Ks, s.width, s.height, sh_degree=2, features=feats[:10],
+                      backend=backend)

@@ -156,6 +156,7 @@ def rasterization(
     absgrad: bool = False,
     backend: str = "auto",
     camera_model: str = "pinhole",
+    features: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
     """Render C views of N Gaussians; gsplat 1.5.3's arguments and conventions.
 
@@ -170,6 +171,10 @@ def rasterization(
         absgrad: after backward, ``meta["means2d"].absgrad`` holds the absolute screen gradient.
         backend: "auto", "cpu", "cuda", "torch" or "gsplat".
         packed: accepted for compatibility; langfield always renders unpacked.
+        features: langfield extension: extra per-Gaussian channels [N,F] or [C,N,F] (language
+            latents, ...) rendered in the same pass, appended after the colours (after the
+            SH-evaluated RGB with ``sh_degree``) and before a depth channel; their background
+            is 0. Sorting and tile work are shared with the colours.
 
     Returns:
         renders [C,H,W,D'], alphas [C,H,W,1], meta (radii [C,N,2], means2d [C,N,2] whose .grad is
@@ -196,7 +201,17 @@ def rasterization(
                              f"got {list(backgrounds.shape)}")
         if render_mode in ("D", "ED"):
             backgrounds = None
+    if features is not None:
+        ok = (features.dim() == 2 and features.shape[0] == N) or (features.dim() == 3 and features.shape[:2] == (C, N))
+        if not ok or features.shape[-1] < 1:
+            raise ValueError(f"rasterization: features must be [N, F] or [C, N, F] with N={N}, C={C}, F >= 1, "
+                             f"got {list(features.shape)}")
+        if features.device != means.device:
+            raise ValueError(f"rasterization: features are on {features.device}, means on {means.device}")
     be = resolve_backend(backend, means.device, means.dtype)
+    if be == "gsplat" and features is not None:
+        raise ValueError("rasterization: the gsplat backend cannot render extra features in the colour pass; "
+                         "use backend='auto' (langfield's renderer) or render them separately")
     if be == "gsplat":
         return _gsplat(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane,
                        far_plane, radius_clip, eps2d, sh_degree, tile_size, backgrounds, render_mode,
@@ -227,6 +242,16 @@ def rasterization(
         feats = torch.clamp_min(feats + 0.5, 0.0)
     else:
         feats = colors if colors.dim() == 3 else colors.unsqueeze(0).expand(C, *colors.shape)
+
+    if features is not None:
+        if render_mode in ("D", "ED"):
+            raise ValueError("rasterization: features need a render_mode with colours (RGB, RGB+D, RGB+ED)")
+        extra = cast(features)
+        if extra.dim() == 2:
+            extra = extra.unsqueeze(0).expand(C, *extra.shape)
+        feats = torch.cat([feats, extra.to(feats.dtype)], dim=-1)
+        if backgrounds is not None:
+            backgrounds = torch.cat([backgrounds, backgrounds.new_zeros(C, extra.shape[-1])], dim=-1)
 
     if render_mode in ("RGB+D", "RGB+ED"):
         feats = torch.cat([feats, depths.unsqueeze(-1)], dim=-1)

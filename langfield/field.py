@@ -1,0 +1,449 @@
+"""A trained scene ready to look at and query: :class:`LanguageField`.
+
+One object for everything that *uses* a trained scene (``langfield query``, ``langfield eval``,
+the viewer): the Gaussians (with their language latents when the run has a language stage),
+the scene autoencoder's decoder, the text encoder the features were made with, the level
+names and the dataset's cameras.
+
+``LanguageField.load(path)`` opens
+
+* a **run folder**: the newest language checkpoint (``RUN/language/checkpoints/``) when there
+  is one, else the newest RGB checkpoint (``RUN/checkpoints/``); ``RUN/autoencoder.*`` and the
+  text encoder recorded in ``RUN/config.json`` (``language.text``); the dataset's cameras when
+  the dataset is still where the run says (cameras only: no image is read);
+* a **3DGS PLY** (plain: RGB only; with ``lang_*`` properties and an autoencoder next to it
+  (``<stem>.autoencoder.safetensors`` or ``autoencoder.safetensors`` in the same folder) and a
+  ``<stem>.json`` / run config naming the text encoder: queries too).
+
+:meth:`render` draws colour, expected depth, alpha and every level's latents in **one** pass
+of the rasterizer (SH colours evaluated per Gaussian, latents as extra channels);
+:meth:`query` turns a render into relevancy / heatmap / mask for a text (LERF relevancy,
+level choice, smoothing; :mod:`langfield.query`); :meth:`select` scores the Gaussians
+themselves (3D selection); :meth:`reload` picks up a newer checkpoint of a run that is still
+training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["LanguageField", "FieldCamera", "FieldRender", "FieldError", "NoLanguageError", "latest_language_checkpoint",
+           "LANGUAGE_DIR"]
+
+PathLike = Union[str, os.PathLike]
+LANGUAGE_DIR = "language"  # RUN/language/checkpoints/
+
+
+class FieldError(ValueError):
+    """The path is not a run folder or a Gaussian PLY, or its parts do not fit together."""
+
+
+class NoLanguageError(FieldError):
+    """A text query on a scene without language latents."""
+
+
+@dataclass
+class FieldCamera:
+    name: str
+    viewmat: np.ndarray  # [4, 4] OpenCV world-to-camera (the run's normalised world)
+    K: np.ndarray  # [3, 3]
+    width: int
+    height: int
+    split: str = "train"
+    index: int = 0
+
+
+@dataclass
+class FieldRender:
+    rgb: Tensor  # [H, W, 3] in [0, 1]
+    depth: Tensor  # [H, W] expected depth (0 where nothing is drawn)
+    alpha: Tensor  # [H, W]
+    latents: Optional[Dict[str, Tensor]] = None  # {level: [H, W, L]}
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return int(self.rgb.shape[0]), int(self.rgb.shape[1])
+
+
+def latest_language_checkpoint(run: PathLike) -> Optional[Path]:
+    from langfield.io.checkpoint import latest_checkpoint
+
+    return latest_checkpoint(Path(run) / LANGUAGE_DIR / "checkpoints")
+
+
+def _resolve_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise FieldError("device cuda: no CUDA device is available")
+    return d
+
+
+class LanguageField:
+    """See the module docstring. Thread-safe for concurrent :meth:`render` / :meth:`query`
+    calls (they read the tensors; :meth:`reload` swaps them under a lock)."""
+
+    def __init__(self, gaussians, *, decoder=None, text_encoder=None, levels: Sequence[str] = (),
+                 latent_dim: int = 0, cameras: Sequence[FieldCamera] = (), sh_degree: Optional[int] = None,
+                 source: Optional[PathLike] = None, kind: str = "memory", step: Optional[int] = None,
+                 stage: str = "rgb", backend: str = "auto", info: Optional[Dict[str, Any]] = None):
+        self.gaussians = gaussians
+        self.decoder = decoder
+        self.text_encoder = text_encoder
+        self.levels = list(levels)
+        self.latent_dim = int(latent_dim)
+        self.cameras = list(cameras)
+        self.sh_degree = gaussians.sh_degree if sh_degree is None else int(sh_degree)
+        self.source = Path(source) if source is not None else None
+        self.kind = kind
+        self.step = step
+        self.stage = stage
+        self.backend = backend
+        self.info = dict(info or {})
+        self._lock = threading.RLock()
+        self._tq = None
+        self._ckpt_path: Optional[Path] = None
+        if self.has_language:
+            n = len(self.levels) * self.latent_dim
+            if gaussians.lang_dim != n:
+                raise FieldError(f"the Gaussians carry {gaussians.lang_dim} language channels, but "
+                                 f"{len(self.levels)} levels x {self.latent_dim} latents = {n} were expected")
+
+    # ------------------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, path: PathLike, device="auto", *, text_encoder=None, need_cameras: bool = True,
+             backend: str = "auto") -> "LanguageField":
+        p = Path(path).expanduser()
+        if p.is_dir():
+            return cls._load_run(p, device, text_encoder, need_cameras, backend)
+        if p.is_file() and p.suffix.lower() == ".ply":
+            return cls._load_ply(p, device, text_encoder, backend)
+        if not p.exists():
+            raise FieldError(f"{p}: not found (expected a run folder or a .ply file)")
+        raise FieldError(f"{p}: expected a run folder or a .ply file")
+
+    @classmethod
+    def _load_run(cls, run: Path, device, text_encoder, need_cameras: bool, backend: str) -> "LanguageField":
+        from langfield.io.checkpoint import load_checkpoint
+        from langfield.scene import Gaussians
+        from langfield.train.rgb import RunError, RunFolder
+
+        rf = RunFolder(run)
+        try:
+            doc = rf.read_config()
+        except RunError as e:
+            raise FieldError(str(e)) from None
+        dev = _resolve_device(device)
+        lang_ck = latest_language_checkpoint(run)
+        ck_path = lang_ck or rf.latest_checkpoint()
+        if ck_path is None:
+            raise FieldError(f"{run}: no checkpoint in {rf.checkpoints} (train first)")
+        ck = load_checkpoint(ck_path)
+        g = Gaussians.from_dict(ck.tensors["splats"], requires_grad=False, copy=False).to(dev)
+        lang_doc = doc.get("language") or {}
+        levels: List[str] = []
+        L = 0
+        decoder = None
+        te = text_encoder
+        if g.lang is not None and lang_ck is not None:
+            levels = list(lang_doc.get("levels") or [])
+            L = int(lang_doc.get("latent_dim") or 0)
+            ae = run / "autoencoder.safetensors"
+            if not levels or not L:
+                raise FieldError(f"{rf.config}: the run has language checkpoints but no 'language' section "
+                                 f"(levels, latent_dim)")
+            if not ae.is_file():
+                raise FieldError(f"{ae}: missing; the run's language latents cannot be decoded without it")
+            from langfield.autoencoder import SceneAutoencoder
+
+            decoder = SceneAutoencoder.load(ae, device=dev)
+            if te is None and lang_doc.get("text"):
+                from langfield.features.text import load_text_encoder
+
+                te = load_text_encoder(lang_doc["text"], device=dev)
+        elif g.lang is not None:
+            g.set_lang(None)
+        train = doc.get("train", {})
+        interval = int(train.get("sh_degree_interval", 1000)) or 1000
+        rgb_step = int(ck.config.get("rgb_step", ck.step))
+        sh = min(max(rgb_step - 1, 0) // interval, int(train.get("sh_degree", g.sh_degree)), g.sh_degree)
+        cams = _run_cameras(doc) if need_cameras else []
+        self = cls(g, decoder=decoder, text_encoder=te, levels=levels, latent_dim=L, cameras=cams, sh_degree=sh,
+                   source=run, kind="run", step=int(ck.step), stage="language" if decoder is not None else "rgb",
+                   backend=backend,
+                   info={"background": doc.get("dataset", {}).get("background"), "text": lang_doc.get("text"),
+                         "features": lang_doc.get("features")})
+        self._ckpt_path = Path(ck_path)
+        return self
+
+    @classmethod
+    def _load_ply(cls, path: Path, device, text_encoder, backend: str) -> "LanguageField":
+        from langfield.io.ply import PlyError, read_ply
+
+        dev = _resolve_device(device)
+        try:
+            g = read_ply(path, requires_grad=False).to(dev)
+        except PlyError as e:
+            raise FieldError(str(e)) from None
+        decoder, levels, L, te = None, [], 0, text_encoder
+        if g.lang is not None:
+            meta_path = path.with_suffix(".json")
+            ae = next((q for q in (path.with_name(path.stem + ".autoencoder.safetensors"),
+                                   path.with_name("autoencoder.safetensors")) if q.is_file()), None)
+            meta: Dict[str, Any] = {}
+            if meta_path.is_file():
+                try:
+                    meta = json.loads(meta_path.read_text("utf-8")).get("language") or {}
+                except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+                    raise FieldError(f"{meta_path}: corrupt JSON ({e})") from None
+            if ae is not None and meta.get("levels"):
+                from langfield.autoencoder import SceneAutoencoder
+
+                decoder = SceneAutoencoder.load(ae, device=dev)
+                levels = list(meta["levels"])
+                L = int(meta.get("latent_dim") or decoder.latent_dim)
+                if te is None and meta.get("text"):
+                    from langfield.features.text import load_text_encoder
+
+                    te = load_text_encoder(meta["text"], device=dev)
+            else:
+                g.set_lang(None)  # latents we cannot decode: RGB only
+        return cls(g, decoder=decoder, text_encoder=te, levels=levels, latent_dim=L, source=path, kind="ply",
+                   stage="language" if decoder is not None else "rgb", backend=backend)
+
+    def reload(self) -> bool:
+        """For a run folder: load a newer checkpoint if one appeared (a run still training).
+        Returns True when something new was loaded."""
+        if self.kind != "run" or self.source is None:
+            return False
+        from langfield.train.rgb import RunFolder
+
+        newest = latest_language_checkpoint(self.source) or RunFolder(self.source).latest_checkpoint()
+        if newest is None or (self._ckpt_path is not None and Path(newest) == self._ckpt_path):
+            return False
+        try:
+            fresh = LanguageField._load_run(self.source, self.device, self.text_encoder if self.has_language else None,
+                                            need_cameras=False, backend=self.backend)
+        except Exception:  # a checkpoint being rotated away mid-read: try again next time
+            return False
+        with self._lock:
+            self.gaussians, self.decoder, self.levels = fresh.gaussians, fresh.decoder, fresh.levels
+            self.latent_dim, self.sh_degree, self.step, self.stage = (fresh.latent_dim, fresh.sh_degree, fresh.step,
+                                                                      fresh.stage)
+            if fresh.text_encoder is not None:
+                self.text_encoder = fresh.text_encoder
+                self._tq = None
+            self._ckpt_path = fresh._ckpt_path
+        return True
+
+    # ------------------------------------------------------------------------------ facts
+    @property
+    def has_language(self) -> bool:
+        return self.decoder is not None and self.gaussians.lang is not None and bool(self.levels)
+
+    @property
+    def can_query(self) -> bool:
+        return self.has_language and self.text_encoder is not None
+
+    @property
+    def num(self) -> int:
+        return self.gaussians.num
+
+    @property
+    def device(self) -> torch.device:
+        return self.gaussians.device
+
+    @property
+    def text_query(self):
+        from langfield.query import TextQuery
+
+        if self.text_encoder is None:
+            raise NoLanguageError("no text encoder for this scene")
+        if self._tq is None:
+            self._tq = TextQuery(self.text_encoder)
+        return self._tq
+
+    def level_index(self, level: Union[str, int, None]) -> Optional[int]:
+        """None/"auto" -> None; a level name or index -> its index (ValueError otherwise)."""
+        if level is None or level == "auto":
+            return None
+        if isinstance(level, int) or (isinstance(level, str) and level.lstrip("-").isdigit()):
+            i = int(level)
+            if not -len(self.levels) <= i < len(self.levels):
+                raise ValueError(f"level {level} out of range: the scene has levels {self.levels}")
+            return i % len(self.levels)
+        if level not in self.levels:
+            raise ValueError(f"unknown level {level!r}: the scene has levels {self.levels} (or auto)")
+        return self.levels.index(level)
+
+    def _require_language(self) -> None:
+        if not self.has_language:
+            raise NoLanguageError(f"{self.source or 'this scene'} has no language field "
+                                  f"(train one with `langfield train DATA --out RUN --features labels|sam-clip|dense-clip`)")
+        if self.text_encoder is None:
+            raise NoLanguageError(f"{self.source or 'this scene'}: the text encoder the features were made with is "
+                                  f"not recorded; queries need it")
+
+    # ------------------------------------------------------------------------------ render
+    @torch.no_grad()
+    def render(self, viewmat, K, width: int, height: int, *, language: bool = True, background=(0.0, 0.0, 0.0),
+               sh_degree: Optional[int] = None) -> FieldRender:
+        """Colour, expected depth, alpha and (``language`` and the scene has them) every level's
+        latents of one view, in one rasterizer pass."""
+        from langfield.render import rasterization
+
+        with self._lock:
+            g = self.gaussians
+            levels, L = list(self.levels), self.latent_dim
+            deg = self.sh_degree if sh_degree is None else min(int(sh_degree), g.sh_degree)
+        dev = g.device
+        vm = torch.as_tensor(np.asarray(viewmat), dtype=torch.float32, device=dev).reshape(1, 4, 4)
+        Kt = torch.as_tensor(np.asarray(K), dtype=torch.float32, device=dev).reshape(1, 3, 3)
+        bg = torch.as_tensor(background, dtype=torch.float32, device=dev).reshape(1, 3)
+        sp = g.splats
+        feats = sp["lang"] if (language and self.has_language) else None
+        colors = torch.cat([sp["sh0"], sp["shN"][:, :max((deg + 1) ** 2 - 1, 0)]], 1)
+        out, alpha, _ = rasterization(sp["means"], torch.nn.functional.normalize(sp["quats"], dim=-1),
+                                      torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]), colors, vm, Kt,
+                                      int(width), int(height), sh_degree=deg, backgrounds=bg, features=feats,
+                                      render_mode="RGB+ED", backend=self.backend)
+        out = out[0]
+        a = alpha[0, ..., 0]
+        depth = torch.where(a > 1e-4, out[..., -1], torch.zeros_like(a))
+        lat = None
+        if feats is not None:
+            lat = {lv: out[..., 3 + i * L: 3 + (i + 1) * L] for i, lv in enumerate(levels)}
+        return FieldRender(rgb=out[..., :3].clamp(0, 1), depth=depth, alpha=a, latents=lat)
+
+    def render_camera(self, cam: Union[int, FieldCamera], **kw) -> FieldRender:
+        c = self.cameras[cam] if isinstance(cam, int) else cam
+        return self.render(c.viewmat, c.K, c.width, c.height, **kw)
+
+    # ------------------------------------------------------------------------------ queries
+    @torch.no_grad()
+    def query(self, render: FieldRender, text: Union[str, Sequence[str]], *, level: Union[str, int, None] = "auto",
+              threshold: float = 0.4, smooth: int = 29, stride: int = 1, min_alpha: float = 0.5,
+              chunk: int = 65536):
+        """Relevancy, level choice, localisation point, heatmap and mask of ``text`` (one string
+        -> a :class:`~langfield.query.QueryResult`; a list -> a list, one decode pass) on a
+        :meth:`render`. ``level``: auto (highest smoothed relevancy) or a level name/index.
+        Pixels with alpha below ``min_alpha`` (empty space) get relevancy 0."""
+        from langfield.query import query_maps
+
+        self._require_language()
+        if render.latents is None:
+            raise ValueError("the render has no latents (render with language=True)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            return []
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError("an empty query: type some text")
+        li = self.level_index(level)
+        with self._lock:
+            decoder = self.decoder
+        tq = self.text_query
+        emb, canon = tq.embed(texts), tq.canon
+        maps = render.latents if li is None else {self.levels[li]: render.latents[self.levels[li]]}
+        valid = render.alpha > min_alpha if min_alpha > 0 else None
+        res = query_maps(maps, decoder, emb, canon, smooth=smooth, threshold=threshold, stride=stride, valid=valid,
+                         chunk=chunk, texts=texts)
+        return res[0] if isinstance(text, str) else res
+
+    @torch.no_grad()
+    def select(self, text: str, *, level: Union[str, int, None] = "auto", threshold: float = 0.5,
+               normalize: bool = False):
+        """3D selection: a :class:`~langfield.query.Selection` of the Gaussians matching ``text``."""
+        from langfield.query import select_gaussians
+
+        self._require_language()
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("an empty query: type some text")
+        li = self.level_index(level)
+        with self._lock:
+            g, decoder, nl = self.gaussians, self.decoder, len(self.levels)
+        tq = self.text_query
+        return select_gaussians(g.lang, decoder, tq.embed(text), tq.canon, level=li, threshold=threshold,
+                                normalize=normalize, n_levels=nl)
+
+    @torch.no_grad()
+    def render_selection(self, mask: Tensor, viewmat, K, width: int, height: int) -> Tensor:
+        """Alpha ``[H, W]`` of only the ``mask``-ed Gaussians, occluded by the others (the 3D
+        query's footprint in a view): the selected Gaussians carry 1, the rest 0."""
+        from langfield.render import rasterization
+
+        g = self.gaussians
+        sp = g.splats
+        dev = g.device
+        vm = torch.as_tensor(np.asarray(viewmat), dtype=torch.float32, device=dev).reshape(1, 4, 4)
+        Kt = torch.as_tensor(np.asarray(K), dtype=torch.float32, device=dev).reshape(1, 3, 3)
+        col = mask.to(dev, torch.float32).reshape(-1, 1)
+        out, _, _ = rasterization(sp["means"], torch.nn.functional.normalize(sp["quats"], dim=-1),
+                                  torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]), col, vm, Kt, int(width),
+                                  int(height), backend=self.backend)
+        return out[0, ..., 0]
+
+    @torch.no_grad()
+    def pca(self, render: FieldRender, level: Union[str, int, None] = None) -> Tensor:
+        """False-colour ``[H, W, 3]`` of the decoded features of one level (default: the
+        middle one): the first three principal components of the decoded CLIP features over
+        the drawn pixels, mapped to [0, 1]."""
+        self._require_language()
+        li = self.level_index(level)
+        li = len(self.levels) // 2 if li is None else li
+        z = render.latents[self.levels[li]]
+        H, W, L = z.shape
+        with self._lock:
+            decoder = self.decoder
+        pts = z.reshape(-1, L)
+        ok = (render.alpha.reshape(-1) > 0.5)
+        if int(ok.sum()) < 3:
+            return torch.zeros(H, W, 3, device=z.device)
+        sample = pts[ok]
+        if len(sample) > 20000:
+            sample = sample[torch.randperm(len(sample), generator=torch.Generator().manual_seed(0))[:20000].to(
+                sample.device)]
+        f = decoder.decode(sample)
+        mu = f.mean(0)
+        _, _, V = torch.pca_lowrank(f - mu, q=3, center=False)
+        proj_s = (f - mu) @ V
+        lo, hi = proj_s.quantile(0.01, dim=0), proj_s.quantile(0.99, dim=0)
+        out = torch.zeros(H * W, 3, device=z.device)
+        for i in range(0, H * W, 65536):
+            part = decoder.decode(pts[i:i + 65536])
+            out[i:i + 65536] = ((part - mu) @ V - lo) / (hi - lo + 1e-9)
+        out = out.clamp(0, 1) * ok[:, None]
+        return out.reshape(H, W, 3)
+
+
+def _run_cameras(doc: Dict[str, Any]) -> List[FieldCamera]:
+    """The run's dataset cameras (no images read); [] when the dataset is gone."""
+    from langfield.train.config import TrainConfig
+
+    data = doc.get("data")
+    if not data or not Path(data).exists():
+        return []
+    try:
+        cfg = TrainConfig.from_dict(doc["train"])
+        from langfield.data import load_dataset
+
+        ds = load_dataset(data, downscale=cfg.downscale, normalize=cfg.normalize, test_every=cfg.test_every,
+                          background=(1.0, 1.0, 1.0), cache_images=False)
+    except Exception:
+        return []
+    split_of = {}
+    for sp in ("train", "test", "val"):
+        for i in ds.indices(sp):
+            split_of.setdefault(i, sp)
+    return [FieldCamera(f.name, np.asarray(f.viewmat, dtype=np.float64), np.asarray(f.K, dtype=np.float64),
+                        int(f.width), int(f.height), split_of.get(i, "train"), i) for i, f in enumerate(ds.frames)]
