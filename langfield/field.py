@@ -332,7 +332,7 @@ class LanguageField:
     # ------------------------------------------------------------------------------ queries
     @torch.no_grad()
     def query(self, render: FieldRender, text: Union[str, Sequence[str]], *, level: Union[str, int, None] = "auto",
-              threshold: float = 0.4, smooth: int = 29, stride: int = 1, min_alpha: float = 0.5,
+              threshold: float = 0.4, smooth: Optional[int] = None, stride: int = 1, min_alpha: float = 0.5,
               chunk: int = 65536):
         """Relevancy, level choice, localisation point, heatmap and mask of ``text`` (one string
         -> a :class:`~langfield.query.QueryResult`; a list -> a list, one decode pass) on a

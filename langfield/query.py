@@ -14,14 +14,18 @@ chunks (the ``[H, W, 512]`` features never exist: at 640x480 they would be 630 M
 each chunk turned into relevancy on the fly, for any number of queries in one decode pass.
 Then, per query (defaults mirror LangSplat's LERF-ovs evaluation):
 
-* ``smoothed`` = mean filter of ``smooth`` x ``smooth`` pixels (29; reflected borders) of each
+* ``smoothed`` = mean filter of ``smooth`` x ``smooth`` pixels (reflected borders) of each
   level's relevancy;
 * the **level** is the one whose ``smoothed`` map has the highest maximum; the **point**
   (localisation) is that map's argmax, as ``(x, y)`` = (column, row) pixel indices;
 * the **mask** of a level: ``m = mask_blend * smoothed + (1 - mask_blend) * relevancy``
   (0.5), normalised as ``clip(2 (m - min m) / (max m - min m) - 1, 0, 1)`` (the top half of
-  the map's range stretched to [0, 1]), thresholded at ``threshold`` (0.4), then a majority
-  filter over ``majority`` x ``majority`` pixels (7; 0 turns it off) removes speckle.
+  the map's range stretched to [0, 1]), thresholded at ``threshold`` (0.4); optionally a
+  majority filter over ``majority`` x ``majority`` pixels removes speckle (0, the default:
+  off, as in LangSplat; it erases thin parts such as a lamp's arm at low resolution).
+* ``smooth`` (None = auto) is LangSplat's 29 pixels at LERF-ovs' image size (728 pixels on the
+  short side) scaled to the image: ``max(3, odd(29 * min(H, W) / 728))``, so that the filter
+  covers the same part of the view at any resolution (at 256x256: 11).
   ``heatmap`` is the normalised map of the chosen level.
 
 :func:`relevancy_maps` (the decode pass) and :func:`result_from_maps` (the post-processing)
@@ -51,7 +55,7 @@ from torch import Tensor
 
 __all__ = ["CANONICAL_PHRASES", "TEMPERATURE", "TextEncoderLike", "TextQuery", "relevancy", "relevancy_from_scores",
            "decode_scores", "relevancy_maps", "query_maps", "result_from_maps", "QueryResult", "Selection",
-           "select_gaussians", "recolor", "box_filter", "majority_filter", "normalize_map", "split_levels",
+           "select_gaussians", "recolor", "box_filter", "majority_filter", "auto_smooth", "normalize_map", "split_levels",
            "heatmap_overlay", "colormap", "save_png"]
 
 CANONICAL_PHRASES: Tuple[str, ...] = ("object", "things", "stuff", "texture")
@@ -337,8 +341,15 @@ class QueryResult:
         return self.relevancy[self.level_index]
 
 
-def result_from_maps(rel: Tensor, levels: Optional[Sequence[Hashable]] = None, *, smooth: int = 29,
-                     mask_blend: float = 0.5, threshold: float = 0.4, majority: int = 7,
+def auto_smooth(height: int, width: int) -> int:
+    """LangSplat's 29-pixel mean filter scaled to the image (see the module docstring)."""
+    k = int(round(29 * min(height, width) / 728.0))
+    k = k if k % 2 else k + 1
+    return max(3, min(29, k)) if min(height, width) < 728 else 29
+
+
+def result_from_maps(rel: Tensor, levels: Optional[Sequence[Hashable]] = None, *, smooth: Optional[int] = None,
+                     mask_blend: float = 0.5, threshold: float = 0.4, majority: int = 0,
                      text: Optional[str] = None) -> QueryResult:
     """Post-processing of one query's relevancy ``[levels, H, W]`` (see the module docstring)."""
     if rel.ndim == 2:
@@ -349,6 +360,8 @@ def result_from_maps(rel: Tensor, levels: Optional[Sequence[Hashable]] = None, *
     if len(levels) != rel.shape[0]:
         raise ValueError(f"{len(levels)} level keys for {rel.shape[0]} maps")
     rel = rel.float()
+    if smooth is None:
+        smooth = auto_smooth(rel.shape[-2], rel.shape[-1])
     smoothed = box_filter(rel, smooth)
     scores = smoothed.flatten(1).amax(1)
     li = int(torch.argmax(scores))
@@ -364,8 +377,9 @@ def result_from_maps(rel: Tensor, levels: Optional[Sequence[Hashable]] = None, *
 
 @torch.no_grad()
 def query_maps(latent_maps: Union[Mapping[Hashable, Tensor], Sequence[Tensor], Tensor], decoder: Decoder,
-               text_emb: Tensor, canon_emb: Tensor, *, temperature: float = TEMPERATURE, smooth: int = 29,
-               mask_blend: float = 0.5, threshold: float = 0.4, majority: int = 7, chunk: int = 65536,
+               text_emb: Tensor, canon_emb: Tensor, *, temperature: float = TEMPERATURE,
+               smooth: Optional[int] = None, mask_blend: float = 0.5, threshold: float = 0.4, majority: int = 0,
+               chunk: int = 65536,
                valid: Optional[Tensor] = None, stride: int = 1, texts: Optional[Sequence[str]] = None,
                ) -> Union[QueryResult, List[QueryResult]]:
     """Text -> relevancy maps, level, localisation point and mask on one rendered view.

@@ -358,7 +358,11 @@ def test_offline_text_encoder():
     e = enc.encode(["red mug", "Red  mug", "blue mug", "banana", "red mug"])
     assert e.shape == (5, 128) and torch.allclose(e.norm(dim=-1), torch.ones(5), atol=1e-5)
     assert torch.equal(e[0], e[4]) and torch.allclose(e[0], e[1])  # case and spacing do not matter
-    assert float(e[0] @ e[2]) > float(e[0] @ e[3]) + 0.2  # shared words correlate
+    assert float(e[0] @ e[2]) > float(e[0] @ e[3]) + 0.03  # shared words correlate
+    assert 0.6 < float(e[2] @ e[3]) < 0.8  # CLIP-like: all texts in a cone (cosine ~0.7)
+    f = enc.encode(["handle of the red mug", "handle of the blue mug", "handle of red mug"])
+    assert torch.allclose(f[0] @ f[2], torch.tensor(0.7 + 0.3 * 3 / 7), atol=0.06)  # stop words do not count
+    assert float(f[0] @ f[1]) < float(f[0] @ f[2])
     assert not torch.equal(OfflineTextEncoder(dim=128, seed=1).encode(["red mug"])[0], e[0])
 
 

@@ -58,7 +58,7 @@ PathLike = Union[str, os.PathLike]
 RUN_FORMAT = "langfield-run"
 # everything langfield writes into a run folder (later stages add theirs here)
 RUN_ARTEFACTS = ("config.json", "checkpoints", "renders", "metrics.json", "features", "autoencoder.safetensors",
-                 "autoencoder.json")
+                 "autoencoder.json", "language")
 PARAM_ORDER = ("means", "quats", "scales", "opacities", "sh0", "shN", "lang")
 
 
@@ -464,6 +464,8 @@ class RGBTrainer:
             },
             "history": history,
         }
+        if "language" in old:  # a language stage added to this run stays recorded
+            doc["language"] = old["language"]
         atomic_write_json(self.run.config, doc)
 
     # ---- sampling -------------------------------------------------------------------------
@@ -669,6 +671,15 @@ def write_metrics(run: RunFolder, res: Dict[str, Any], *, step: int, train_time_
                "s_per_step": (train_time_s / step) if train_time_s and step else None,
                "background": list(background), "views": res["views"],
                "time": datetime.now().isoformat(timespec="seconds")}
+    if run.metrics.is_file():  # keep the language evaluation next to the RGB metrics
+        import json
+
+        try:
+            old = json.loads(run.metrics.read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+        if isinstance(old, dict) and "language" in old:
+            metrics["language"] = old["language"]
     atomic_write_json(run.metrics, metrics)
     return metrics
 
