@@ -1,0 +1,459 @@
+"""``langfield view RUN_OR_PLY``: a viser app that renders a language field in the browser.
+
+The server renders every frame itself with langfield's rasterizer (CPU, or CUDA when present)
+and sends it to the browser as the scene's background image; the browser only draws the GUI
+and the dataset's cameras. Each connected client gets its own controls and its own render
+thread (:class:`~langfield.viewer.render.RenderWorker`): the newest camera wins, the camera
+renders at a lower resolution while it moves and at full resolution once it rests, and stale
+renders are abandoned.
+
+Modes: RGB, depth, PCA of the language features, relevancy heatmap over RGB for the typed
+query, query mask. Controls: query, level (auto or one of the scene's), threshold, select in
+3D (highlights the Gaussians matching the query), the dataset's cameras (click a frustum, or
+pick one from the list), render resolution; frames per second and the Gaussian count are
+shown. A plain 3DGS PLY (no language) opens for RGB viewing; a run that is still training is
+polled every ``reload_every`` seconds for newer checkpoints.
+
+    from langfield.viewer import ViewerApp
+    app = ViewerApp("runs/tabletop")          # or a LanguageField, or a .ply
+    print(app.url); app.wait()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Literal, Optional
+
+import numpy as np
+import tyro
+from typing_extensions import Annotated
+
+from .render import (MODE_LABELS, MODES, CameraState, Frame, FrameRenderer, Job, RenderWorker, Settings,
+                     camera_target, fov_of, scene_extent, viser_pose_of)
+
+__all__ = ["ViewerApp", "ClientSession", "serve", "cli_view"]
+
+FREE_VIEW = "(free)"
+PathArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="RUN_OR_PLY")]]
+
+
+def _label_to_mode(label: str) -> str:
+    for k, v in MODE_LABELS.items():
+        if v == label:
+            return k
+    return "rgb"
+
+
+class ClientSession:
+    """One connected browser: its controls, its render thread, its last frame."""
+
+    def __init__(self, app: "ViewerApp", client):
+        self.app = app
+        self.client = client
+        self.closed = False
+        self.last_frame: Optional[Frame] = None
+        self.last_job: Optional[Job] = None
+        self.frames = 0
+        self._message = None
+        self._stats_t = 0.0
+        self._updating = False
+        field = app.field
+        gui = client.gui
+        self.stats = gui.add_markdown(self._stats_text(None))
+        self.mode = gui.add_dropdown("Mode", [MODE_LABELS[m] for m in MODES], initial_value=MODE_LABELS["rgb"],
+                                     hint="what to draw; the language modes need a scene with language")
+        self.query = gui.add_text("Query", "", hint="text to look for, e.g. 'red mug' (Enter or click away)")
+        self.level = gui.add_dropdown("Level", ["auto", *field.levels], initial_value="auto",
+                                      hint="auto: the level with the strongest response")
+        self.threshold = gui.add_slider("Threshold", 0.0, 1.0, 0.01, 0.4,
+                                        hint="on the normalised relevancy (mask and 3D selection)")
+        self.select = gui.add_checkbox("Select in 3D", False,
+                                       hint="highlight the Gaussians whose relevancy to the query is above threshold")
+        names = [FREE_VIEW] + [self.app.camera_label(i) for i in range(len(field.cameras))]
+        self.view = gui.add_dropdown("Go to camera", names, initial_value=FREE_VIEW,
+                                     hint="jump to one of the dataset's cameras (or click a frustum)",
+                                     visible=len(names) > 1)
+        self.resolution = gui.add_slider("Resolution", 64, max(2048, int(app.max_res)), 32, int(app.max_res),
+                                         hint="longest side of a frame at rest, pixels")
+        self.message = gui.add_markdown("")
+        for h in (self.mode, self.query, self.level, self.threshold, self.select, self.resolution):
+            h.on_update(self._on_control)
+        self.view.on_update(self._on_view)
+        self.worker = RenderWorker(self._render, self._deliver, on_error=self._on_error,
+                                   rest_delay=app.rest_delay, motion_seconds=app.motion_seconds,
+                                   name=f"langfield-render-{client.client_id}")
+        self.worker.update_settings(self._settings())
+        client.camera.on_update(self._on_camera)
+        try:
+            self._on_camera(client.camera)
+        except AssertionError:  # no camera message yet: the first on_update brings it
+            pass
+
+    # -- controls -----------------------------------------------------------------------------
+    def _settings(self) -> Settings:
+        return Settings(mode=_label_to_mode(self.mode.value), query=str(self.query.value), level=str(self.level.value),
+                        threshold=float(self.threshold.value), select=bool(self.select.value),
+                        max_res=int(self.resolution.value), jpeg_quality=self.app.jpeg_quality)
+
+    def _on_control(self, event=None) -> None:
+        if self._updating:
+            return
+        s = self._settings()
+        if event is not None and event.target is self.query and s.query.strip() and s.mode in ("rgb", "depth"):
+            # typing a query means "show me where it is"
+            self._updating = True
+            try:
+                self.mode.value = MODE_LABELS["relevancy"]
+            finally:
+                self._updating = False
+            s = self._settings()
+        self.worker.update_settings(s)
+
+    def _on_camera(self, cam) -> None:
+        st = CameraState.from_handle(cam)
+        if st.width > 0 and st.height > 0:
+            self.worker.update_camera(st)
+
+    def _on_view(self, event=None) -> None:
+        v = self.view.value
+        if v == FREE_VIEW:
+            return
+        try:
+            i = [self.app.camera_label(k) for k in range(len(self.app.field.cameras))].index(v)
+        except ValueError:
+            return
+        self.app.goto_camera(self.client, i)
+        self.view.value = FREE_VIEW  # a menu of jumps: the same camera can be picked again
+
+    def set_settings(self, **changes) -> None:
+        """Change controls from the server (tests, scripts): same effect as the GUI."""
+        self._updating = True
+        try:
+            for k, v in changes.items():
+                if k == "mode":
+                    self.mode.value = MODE_LABELS[v]
+                elif k == "query":
+                    self.query.value = v
+                elif k == "level":
+                    self.level.value = v
+                elif k == "threshold":
+                    self.threshold.value = float(v)
+                elif k == "select":
+                    self.select.value = bool(v)
+                elif k == "max_res":
+                    self.resolution.value = int(v)
+                else:
+                    raise KeyError(k)
+        finally:
+            self._updating = False
+        self.worker.update_settings(self._settings())
+
+    # -- frames -------------------------------------------------------------------------------
+    def _render(self, job: Job, cancelled) -> Frame:
+        return self.app.renderer.render(job.camera, job.settings, job.width, job.height, quality=job.quality,
+                                        cancelled=cancelled)
+
+    def _deliver(self, job: Job, frame: Frame) -> None:
+        if self.closed:
+            return
+        q = job.settings.jpeg_quality if job.quality == "rest" else min(job.settings.jpeg_quality, 70)
+        self.client.scene.set_background_image(frame.image, format="jpeg", jpeg_quality=int(q))
+        self.last_frame, self.last_job = frame, job
+        self.frames += 1
+        self._show_message(frame.message)
+        now = time.perf_counter()
+        if now - self._stats_t > 0.5 or job.quality == "rest":
+            self._stats_t = now
+            self.stats.content = self._stats_text(frame)
+        self.client.flush()
+
+    def _on_error(self, job: Job, exc: BaseException) -> None:
+        if self.closed:
+            return
+        msg = str(exc) or type(exc).__name__
+        if not isinstance(exc, ValueError):
+            import traceback
+
+            traceback.print_exception(type(exc), exc, exc.__traceback__)
+            msg = f"{type(exc).__name__}: {msg}"
+        self._show_message(msg)
+
+    def _show_message(self, msg: str) -> None:
+        if msg == self._message:
+            return
+        self._message = msg
+        self.message.content = f"⚠ {msg}" if msg else ""
+
+    def _stats_text(self, frame: Optional[Frame]) -> str:
+        f = self.app.field
+        what = f"{f.num:,} Gaussians"
+        if f.step is not None:
+            what += f" · step {f.step:,}"
+        if not f.has_language:
+            what += " · RGB only"
+        if frame is None:
+            return f"**— fps** · {what}"
+        fps = self.worker.fps.fps(frame.seconds)
+        line = f"**{fps:.1f} fps** · {frame.width}×{frame.height} ({frame.quality}, {frame.seconds * 1e3:.0f} ms)"
+        extra = []
+        if frame.path:
+            extra.append(f"{frame.path} relevancy")
+        if frame.level:
+            extra.append(f"level {frame.level}")
+        if frame.selected is not None:
+            extra.append(f"{frame.selected:,} selected")
+        return f"{line}  \n{what}" + (f"  \n{' · '.join(extra)}" if extra else "")
+
+    def on_reload(self) -> None:
+        f = self.app.field
+        opts = ("auto", *f.levels)
+        if tuple(self.level.options) != opts:
+            if self.level.value not in opts:
+                self._updating = True
+                try:
+                    self.level.value = "auto"
+                finally:
+                    self._updating = False
+            self.level.options = opts
+        self.stats.content = self._stats_text(self.last_frame)
+        self.worker.invalidate()
+
+    def close(self) -> None:
+        self.closed = True
+        self.worker.stop(join=False)
+
+
+class ViewerApp:
+    """The viewer server. ``field``: a :class:`~langfield.field.LanguageField`, or a path to a
+    run folder or a .ply (loaded with ``device``). Binds ``host`` (127.0.0.1: this machine
+    only; 0.0.0.0 to share it on the network) and ``port`` (0: any free port).
+
+    ``max_res``: the initial longest side of a frame at rest (default 640 on CPU, 1280 on
+    CUDA); ``exact_budget``: see :class:`~langfield.viewer.render.FrameRenderer`;
+    ``reload_every``: seconds between checks for a newer checkpoint (runs only; 0: never)."""
+
+    def __init__(self, field, host: str = "127.0.0.1", port: int = 8080, *, device: str = "auto",
+                 max_res: Optional[int] = None, exact_budget: Optional[int] = None, reload_every: float = 2.0,
+                 rest_delay: float = 0.2, motion_seconds: float = 1 / 15, jpeg_quality: int = 85,
+                 frustums: bool = True, max_frustums: int = 300, verbose: bool = True, label: str = "langfield"):
+        from langfield.field import LanguageField
+
+        if not isinstance(field, LanguageField):
+            field = LanguageField.load(field, device=device)
+        self.field = field
+        self.renderer = FrameRenderer(field, exact_budget=exact_budget)
+        self.max_res = int(max_res or (1280 if field.device.type == "cuda" else 640))
+        self.rest_delay = float(rest_delay)
+        self.motion_seconds = float(motion_seconds)
+        self.jpeg_quality = int(jpeg_quality)
+        self.verbose = verbose
+        self.sessions: Dict[int, ClientSession] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+        import viser
+
+        self.server = viser.ViserServer(host=host, port=int(port), label=label, verbose=verbose)
+        self._frustums: List = []
+        self._setup_scene(frustums, max_frustums)
+        self.server.on_client_connect(self._on_connect)
+        self.server.on_client_disconnect(self._on_disconnect)
+        self._reloader = None
+        if field.kind == "run" and reload_every and reload_every > 0:
+            self._reloader = threading.Thread(target=self._reload_loop, args=(float(reload_every),),
+                                              name="langfield-reload", daemon=True)
+            self._reloader.start()
+
+    # -- facts --------------------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        return self.server.get_host()
+
+    @property
+    def port(self) -> int:
+        return self.server.get_port()
+
+    @property
+    def url(self) -> str:
+        h = self.host
+        return f"http://{'localhost' if h in ('0.0.0.0', '::') else h}:{self.port}"
+
+    def camera_label(self, i: int) -> str:
+        c = self.field.cameras[i]
+        return f"{i}: {c.name} ({c.split})"
+
+    # -- scene --------------------------------------------------------------------------------
+    def _setup_scene(self, frustums: bool, max_frustums: int) -> None:
+        f = self.field
+        center, radius = scene_extent(f.gaussians.means)
+        self.center, self.radius = center, radius
+        cams = f.cameras
+        if cams:
+            ups = [-np.linalg.inv(np.asarray(c.viewmat, dtype=np.float64))[:3, 1] for c in cams]
+            up = np.mean(ups, axis=0)
+            up = up / np.linalg.norm(up) if np.linalg.norm(up) > 1e-6 else ups[0]
+        else:
+            up = np.array([0.0, -1.0, 0.0])  # OpenCV / COLMAP worlds
+        self.up = up
+        self.server.scene.set_up_direction(tuple(float(v) for v in up))
+        ic = self.server.initial_camera
+        if cams:
+            first = next((c for c in cams if c.split == "train"), cams[0])
+            wxyz, pos = viser_pose_of(first.viewmat)
+            R = np.linalg.inv(np.asarray(first.viewmat, dtype=np.float64))[:3, :3]
+            fwd = R[:, 2]
+            d = float(np.dot(center - pos, fwd))
+            ic.fov = fov_of(first.K, first.height)
+            ic.position = tuple(float(v) for v in pos)
+            ic.look_at = tuple(float(v) for v in pos + fwd * (d if d > 1e-3 else radius))
+            ic.up = tuple(float(v) for v in -R[:, 1])
+        else:
+            pos = center + np.array([0.0, 0.0, -2.5 * radius])
+            ic.position = tuple(float(v) for v in pos)
+            ic.look_at = tuple(float(v) for v in center)
+            ic.up = tuple(float(v) for v in up)
+        if frustums and cams:
+            step = max(1, int(np.ceil(len(cams) / max(1, max_frustums))))
+            for i in range(0, len(cams), step):
+                c = cams[i]
+                wxyz, pos = viser_pose_of(c.viewmat)
+                kw = dict(fov=fov_of(c.K, c.height), aspect=c.width / max(c.height, 1), scale=0.1 * radius,
+                          wxyz=wxyz, position=pos, color=(60, 120, 220) if c.split == "train" else (230, 140, 40))
+                try:  # thin lines in screen pixels: a frustum seen from its own apex must not fill the view
+                    h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", thickness=1.5,
+                                                             thickness_units="screen", **kw)
+                except TypeError:  # viser before `thickness`
+                    h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", line_width=1.5, **kw)
+                h.on_click(self._frustum_clicked(i))
+                self._frustums.append(h)
+
+    def _frustum_clicked(self, i: int):
+        def cb(event) -> None:
+            self.goto_camera(event.client, i)
+        return cb
+
+    def goto_camera(self, client, i: int) -> None:
+        """Move ``client``'s camera to dataset camera ``i`` (pose and vertical field of view)."""
+        c = self.field.cameras[i]
+        fov, pos, look_at, up = camera_target(c.viewmat, c.K, c.height, self.center, self.radius)
+        with client.atomic():
+            client.camera.fov = fov
+            client.camera.position = pos
+            client.camera.look_at = look_at
+            client.camera.up_direction = up
+        client.flush()
+
+    # -- clients ------------------------------------------------------------------------------
+    def _on_connect(self, client) -> None:
+        s = ClientSession(self, client)
+        with self._lock:
+            self.sessions[client.client_id] = s
+        if self.verbose:
+            print(f"langfield view: client {client.client_id} connected ({len(self.sessions)} now)", flush=True)
+
+    def _on_disconnect(self, client) -> None:
+        with self._lock:
+            s = self.sessions.pop(client.client_id, None)
+        if s is not None:
+            s.close()
+
+    def wait_for_clients(self, n: int = 1, timeout: float = 30.0) -> List[ClientSession]:
+        end = time.perf_counter() + timeout
+        while time.perf_counter() < end:
+            with self._lock:
+                if len(self.sessions) >= n:
+                    return list(self.sessions.values())
+            time.sleep(0.02)
+        raise TimeoutError(f"{len(self.sessions)} of {n} clients connected within {timeout} s")
+
+    # -- running runs -------------------------------------------------------------------------
+    def _reload_loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            try:
+                fresh = self.field.reload()
+            except Exception as e:  # noqa: BLE001 - keep serving the scene we have
+                if self.verbose:
+                    print(f"langfield view: reload failed: {e}", flush=True)
+                continue
+            if fresh:
+                self.notify_reload()
+
+    def notify_reload(self) -> None:
+        """The field changed (a newer checkpoint): re-render every client."""
+        if self.verbose:
+            print(f"langfield view: loaded step {self.field.step} ({self.field.num:,} Gaussians, "
+                  f"{self.field.stage})", flush=True)
+        self.renderer.clear()
+        with self._lock:
+            sessions = list(self.sessions.values())
+        for s in sessions:
+            s.on_reload()
+
+    # -- life ---------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            sessions = list(self.sessions.values())
+            self.sessions.clear()
+        for s in sessions:
+            s.close()
+        self.server.stop()
+
+    def wait(self) -> None:
+        """Serve until Ctrl+C."""
+        try:
+            while not self._stop.wait(3600):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop()
+
+    def __enter__(self) -> "ViewerApp":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(field, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
+    """Start a :class:`ViewerApp` and serve until Ctrl+C."""
+    app = ViewerApp(field, host=host, port=port, **kw)
+    print(f"langfield view: {app.url}  (Ctrl+C to stop)", flush=True)
+    app.wait()
+
+
+def cli_view(
+    path: PathArg,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    device: Literal["auto", "cpu", "cuda"] = "auto",
+    max_res: Optional[int] = None,
+    exact_budget: Optional[int] = None,
+    reload_every: float = 2.0,
+) -> int:
+    """Look at a run or a 3DGS PLY in the browser: RGB, depth, language PCA, query heatmaps and masks.
+
+    Args:
+        path: a run folder (a run still training is followed: newer checkpoints are picked up) or a .ply.
+        host: address to bind; 127.0.0.1 serves this machine only, 0.0.0.0 shares it on the network.
+        port: port to bind (0: any free port).
+        device: auto, cpu or cuda.
+        max_res: longest side of a frame at rest, pixels (default 640 on CPU, 1280 on CUDA).
+        exact_budget: decoded pixels per exact relevancy frame at rest (0: always the fast per-Gaussian relevancy).
+        reload_every: seconds between checks for a newer checkpoint of a run (0: never).
+    """
+    from langfield.field import FieldError
+
+    try:
+        app = ViewerApp(Path(path), host=host, port=port, device=device, max_res=max_res, exact_budget=exact_budget,
+                        reload_every=reload_every)
+    except (FieldError, FileNotFoundError) as e:
+        raise SystemExit(f"langfield: {e}") from None
+    f = app.field
+    what = f"{f.num:,} Gaussians, {'language levels ' + ', '.join(f.levels) if f.has_language else 'RGB only'}"
+    print(f"langfield view: {f.source} ({what}) on {f.device}\n  open {app.url}  (Ctrl+C to stop)", flush=True)
+    app.wait()
+    return 0
