@@ -181,11 +181,6 @@ class Cancelled(Exception):
     """A render abandoned because a newer request made it stale."""
 
 
-def _odd(n: float) -> int:
-    k = max(1, int(round(n)))
-    return k if k % 2 else k + 1
-
-
 class FrameRenderer:
     """Frames of a :class:`~langfield.field.LanguageField` (see the module docstring).
 
@@ -420,7 +415,6 @@ class FrameRenderer:
             pc = ex[..., col:col + 3]
             out = (pc / alpha.clamp_min(1e-6)[..., None]).clamp(0, 1) * (alpha > 0.5)[..., None]
         elif mode in ("relevancy", "mask"):
-            smooth = _odd(29 * min(height, width) / 480.0)
             valid = alpha > 0.5
             maps = ex[..., col:]
             keys = levels if li is None else [levels[li]]
@@ -435,7 +429,8 @@ class FrameRenderer:
                 path = "fast"
             if cancelled():
                 raise Cancelled()
-            res = result_from_maps(rel, keys, smooth=smooth, threshold=float(settings.threshold), text=text)
+            # smoothing as LanguageField.query does it (auto: scaled with the image size)
+            res = result_from_maps(rel, keys, threshold=float(settings.threshold), text=text)
             used_level = res.level
             if exact and li is None:
                 with self._lock:
