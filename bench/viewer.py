@@ -89,11 +89,17 @@ def run_mode(field, mode: str, seconds: float, rest_n: int, W: int, H: int, fov:
     # one frame alone (the first call also fills the per-query caches)
     renderer.render(cam0, settings, W, H)
     frame_ms = []
-    for _ in range(rest_n):
-        t0 = time.perf_counter()
-        fr = renderer.render(cam0, settings, W, H)
-        enc(fr.image, settings.jpeg_quality)
-        frame_ms.append((time.perf_counter() - t0) * 1e3)
+
+    def alone():  # in a thread of its own, as the viewer renders (torch threads differ from the main thread's)
+        for _ in range(rest_n):
+            t0 = time.perf_counter()
+            fr = renderer.render(cam0, settings, W, H)
+            enc(fr.image, settings.jpeg_quality)
+            frame_ms.append((time.perf_counter() - t0) * 1e3)
+
+    th = threading.Thread(target=alone)
+    th.start()
+    th.join()
     renderer.render(cam0, settings, W // 2, H // 2, quality="motion")  # warm the fast path
 
     sent = []
