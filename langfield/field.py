@@ -322,7 +322,8 @@ class LanguageField:
         depth = torch.where(a > 1e-4, out[..., -1], torch.zeros_like(a))
         lat = None
         if feats is not None:
-            lat = {lv: out[..., 3 + i * L: 3 + (i + 1) * L] for i, lv in enumerate(levels)}
+            z = out[..., 3:3 + len(levels) * L]
+            lat = {lv: z[..., i * L:(i + 1) * L] for i, lv in enumerate(levels)}
         return FieldRender(rgb=out[..., :3].clamp(0, 1), depth=depth, alpha=a, latents=lat)
 
     def render_camera(self, cam: Union[int, FieldCamera], **kw) -> FieldRender:
@@ -361,37 +362,48 @@ class LanguageField:
         return res[0] if isinstance(text, str) else res
 
     @torch.no_grad()
-    def select(self, text: str, *, level: Union[str, int, None] = "auto", threshold: float = 0.5,
-               normalize: bool = False):
-        """3D selection: a :class:`~langfield.query.Selection` of the Gaussians matching ``text``."""
+    def select(self, text: Union[str, Sequence[str]], *, level: Union[str, int, None] = "auto",
+               threshold: float = 0.4, normalize: bool = True):
+        """3D selection: a :class:`~langfield.query.Selection` of the Gaussians matching ``text``
+        (a list of texts -> a list, one decode pass); see :func:`langfield.query.select_gaussians`
+        (default: scores normalised over the Gaussians like the 2D maps, threshold 0.4)."""
         from langfield.query import select_gaussians
 
         self._require_language()
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("an empty query: type some text")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            return []
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise ValueError("an empty query: type some text")
         li = self.level_index(level)
         with self._lock:
             g, decoder, nl = self.gaussians, self.decoder, len(self.levels)
         tq = self.text_query
-        return select_gaussians(g.lang, decoder, tq.embed(text), tq.canon, level=li, threshold=threshold,
-                                normalize=normalize, n_levels=nl)
+        res = select_gaussians(g.lang, decoder, tq.embed(texts), tq.canon, level=li, threshold=threshold,
+                               normalize=normalize, n_levels=nl)
+        return res[0] if isinstance(text, str) else res
 
     @torch.no_grad()
     def render_selection(self, mask: Tensor, viewmat, K, width: int, height: int) -> Tensor:
-        """Alpha ``[H, W]`` of only the ``mask``-ed Gaussians, occluded by the others (the 3D
-        query's footprint in a view): the selected Gaussians carry 1, the rest 0."""
+        """Alpha of only the ``mask``-ed Gaussians, occluded by the others (a 3D selection's
+        footprint in a view): ``mask [N]`` -> ``[H, W]``; ``[N, Q]`` (several selections, one
+        pass) -> ``[H, W, Q]``."""
         from langfield.render import rasterization
 
-        g = self.gaussians
+        with self._lock:
+            g = self.gaussians
         sp = g.splats
         dev = g.device
         vm = torch.as_tensor(np.asarray(viewmat), dtype=torch.float32, device=dev).reshape(1, 4, 4)
         Kt = torch.as_tensor(np.asarray(K), dtype=torch.float32, device=dev).reshape(1, 3, 3)
-        col = mask.to(dev, torch.float32).reshape(-1, 1)
+        col = mask.to(dev, torch.float32)
+        one = col.ndim == 1
+        col = col.reshape(col.shape[0], -1)
         out, _, _ = rasterization(sp["means"], torch.nn.functional.normalize(sp["quats"], dim=-1),
                                   torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]), col, vm, Kt, int(width),
                                   int(height), backend=self.backend)
-        return out[0, ..., 0]
+        return out[0, ..., 0] if one else out[0]
 
     @torch.no_grad()
     def pca(self, render: FieldRender, level: Union[str, int, None] = None) -> Tensor:

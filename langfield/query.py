@@ -436,43 +436,49 @@ def _lang_levels(lang: Tensor, decoder: Decoder, n_levels: Optional[int]) -> Ten
 
 @torch.no_grad()
 def select_gaussians(lang: Tensor, decoder: Decoder, text_emb: Tensor, canon_emb: Tensor, *,
-                     level: Union[int, str, None] = None, threshold: float = 0.5, normalize: bool = False,
+                     level: Union[int, str, None] = None, threshold: float = 0.4, normalize: bool = True,
                      temperature: float = TEMPERATURE, n_levels: Optional[int] = None, topk: int = 32,
-                     chunk: int = 65536) -> Selection:
-    """Score every Gaussian's decoded latent for one query and select those above ``threshold``.
+                     chunk: int = 65536) -> Union[Selection, List[Selection]]:
+    """Score every Gaussian's decoded latent for a query and select those above ``threshold``.
 
     ``lang``: ``[N, levels, L]``, ``[N, levels * L]`` (split by the decoder's ``latent_dim`` or
-    ``n_levels``) or ``[N, L]`` (one level). ``level``: an index; None picks the level whose
-    ``topk`` best Gaussians have the highest mean relevancy (the 3D analogue of the 2D
-    choice, robust to a single stray Gaussian); ``"max"`` takes each Gaussian's best level.
-    ``threshold`` applies to the raw relevancy (0.5: closer to the query than to every
-    canonical phrase), or with ``normalize=True`` to the scores normalised like the 2D maps
-    (``clip(2 (s - min) / (max - min) - 1, 0, 1)``; use e.g. 0.4 then). Returns a
-    :class:`Selection` (``mask, scores = select_gaussians(...)`` unpacks)."""
+    ``n_levels``) or ``[N, L]`` (one level). ``text_emb``: ``[D]`` -> one :class:`Selection`;
+    ``[Q, D]`` -> a list of Q (one decode pass for all). ``level``: an index; None picks the
+    level whose ``topk`` best Gaussians have the highest mean relevancy (the 3D analogue of the
+    2D choice, robust to a single stray Gaussian); ``"max"`` takes each Gaussian's best level.
+    ``normalize=True`` (default): the scores are normalised like the 2D maps
+    (``clip(2 (s - min) / (max - min) - 1, 0, 1)`` over the Gaussians) and ``threshold`` (0.4,
+    the 2D mask threshold) applies to that, which does not depend on how close the text
+    encoder's embeddings sit to each other; ``normalize=False``: ``threshold`` applies to the
+    raw relevancy (0.5 = as close to the query as to the nearest canonical phrase, which with
+    CLIP-like embeddings selects far too much; use e.g. 0.8). ``mask, scores = selection``
+    unpacks."""
     lv = _lang_levels(torch.as_tensor(lang), decoder, n_levels)
     N, nl, L = lv.shape
     E, Q, single = _embeddings(text_emb, canon_emb)
-    if Q != 1:
-        raise ValueError("select_gaussians takes one query ([D] or [1, D])")
-    names = range(nl) if level is None or level == "max" else [int(level)]
     if level not in (None, "max") and not -nl <= int(level) < nl:
         raise ValueError(f"level {level} out of range for {nl} levels")
-    per = torch.zeros(nl, N, dtype=torch.float32, device=lv.device)
+    names = range(nl) if level is None or level == "max" else [int(level) % nl]
+    per = torch.zeros(Q, nl, N, dtype=torch.float32, device=lv.device)
     for li in names:
-        r = torch.empty(N, 1, dtype=torch.float32, device=lv.device)
-        _score_rows(lv[:, li], decoder, E, 1, temperature, int(chunk), r)
-        per[li] = r[:, 0]
-    if level == "max":
-        chosen, scores = None, per.amax(0)
-    elif level is None:
-        k = max(1, min(int(topk), N))
-        chosen = int(torch.argmax(per.topk(k, dim=1).values.mean(1))) if N else 0
-        scores = per[chosen]
-    else:
-        chosen = int(level) % nl
-        scores = per[chosen]
-    s = normalize_map(scores[None, None, :])[0, 0] if normalize and N else scores
-    return Selection(mask=s > threshold, scores=scores, level=chosen, level_scores=per)
+        r = torch.empty(N, Q, dtype=torch.float32, device=lv.device)
+        _score_rows(lv[:, li], decoder, E, Q, temperature, int(chunk), r)
+        per[:, li] = r.t()
+    out = []
+    for q in range(Q):
+        pq = per[q]
+        if level == "max":
+            chosen, scores = None, pq.amax(0)
+        elif level is None:
+            k = max(1, min(int(topk), N))
+            chosen = int(torch.argmax(pq.topk(k, dim=1).values.mean(1))) if N else 0
+            scores = pq[chosen]
+        else:
+            chosen = int(level) % nl
+            scores = pq[chosen]
+        sc = normalize_map(scores[None, None, :])[0, 0] if normalize and N else scores
+        out.append(Selection(mask=sc > threshold, scores=scores, level=chosen, level_scores=pq))
+    return out[0] if single else out
 
 
 def recolor(colors: Tensor, mask: Tensor, color: Sequence[float] = (1.0, 0.0, 0.0), *, blend: float = 1.0,

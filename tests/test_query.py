@@ -199,7 +199,12 @@ def test_select_gaussians_picks_exactly_the_planted_ones():
     assert torch.equal(flat.mask, planted) and torch.allclose(flat.scores, sel.scores)
     assert torch.equal(select_gaussians(lang, dec, q, canon, level="max").mask, planted)
     assert torch.equal(select_gaussians(lang, dec, q, canon, normalize=True, threshold=0.4).mask, planted)
-    assert not select_gaussians(lang, dec, q, canon, level=0).mask.any()
+    assert not select_gaussians(lang, dec, q, canon, level=0, normalize=False, threshold=0.5).mask.any()
+    # several queries in one decode pass == one at a time
+    q2 = unit(D, seed=24)
+    many = select_gaussians(lang, dec, torch.stack([q, q2]), canon)
+    assert len(many) == 2 and torch.equal(many[0].mask, sel.mask)
+    assert torch.equal(many[1].scores, select_gaussians(lang, dec, q2, canon).scores)
 
 
 def test_select_gaussians_with_autoencoder_chunks_agree():

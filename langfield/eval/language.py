@@ -9,7 +9,8 @@ Per held-out view and per query (ground truth: a mask of the pixels the query na
   LERF's annotations are boxes) and, stricter, inside the mask itself (``loc_mask``); **IoU**
   is that of the thresholded mask (0.4 after LangSplat's normalisation).
 * **3D**: the Gaussians are selected from their own decoded latents
-  (:meth:`LanguageField.select`: relevancy > 0.5 at the level chosen in 3D), rendered alone
+  (:meth:`LanguageField.select`: at the level chosen in 3D, relevancy normalised over the
+  Gaussians like the 2D maps and thresholded at 0.4), rendered alone
   (occluded by the others), and the footprint (alpha > 0.5) is compared with the mask:
   ``iou_3d``. This measures what a user gets from "select in 3D", which a 2D metric cannot.
 
@@ -228,10 +229,12 @@ def _summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 @torch.no_grad()
 def evaluate_field(field, queries: QuerySet, *, threshold: float = 0.4, three_d: bool = True,
-                   select_threshold: float = 0.5, min_pixels: int = 0, out_dir: Optional[PathLike] = None,
-                   progress: bool = False, log=print) -> Dict[str, Any]:
+                   select_threshold: float = 0.4, min_pixels: int = 0, tiny: float = 0.001,
+                   out_dir: Optional[PathLike] = None, progress: bool = False, log=print) -> Dict[str, Any]:
     """Evaluate a :class:`~langfield.field.LanguageField` on ``queries`` (see the module
-    docstring). Ground-truth masks smaller than ``min_pixels`` are skipped (counted).
+    docstring). Ground-truth masks smaller than ``min_pixels`` are skipped (counted); masks
+    smaller than ``tiny`` of the image (0.1 %: 65 pixels at 256x256, a stem or a bulb) are
+    evaluated but summarised apart (``tiny``), not in the headline subsets.
     ``out_dir``: heatmap overlays, predicted masks and 3D footprints per view and query."""
     from langfield.query import heatmap_overlay, save_png
 
@@ -243,6 +246,10 @@ def evaluate_field(field, queries: QuerySet, *, threshold: float = 0.4, three_d:
     skipped_small = 0
     missing_views = []
     sel_cache: Dict[str, Any] = {}
+    if three_d:  # one decode pass for every distinct text
+        texts = list(dict.fromkeys(q.text for v in queries.views for q in v.queries))
+        sels = field.select(texts, threshold=select_threshold) if texts else []
+        sel_cache = dict(zip(texts, sels))
     t0 = time.perf_counter()
     t_query = 0.0
     it = queries.views
@@ -274,18 +281,21 @@ def evaluate_field(field, queries: QuerySet, *, threshold: float = 0.4, three_d:
         tq = time.perf_counter()
         results = field.query(r, [q.text for q, _ in qs], threshold=threshold)
         t_query += time.perf_counter() - tq
-        for (q, gt), res in zip(qs, results):
+        feet = None
+        if three_d:  # every query's 3D footprint in one render pass
+            masks = torch.stack([sel_cache[q.text].mask for q, _ in qs], 1)
+            feet = field.render_selection(masks, cam.viewmat, cam.K, W, H).cpu().numpy() > 0.5
+        for k, ((q, gt), res) in enumerate(zip(qs, results)):
             pred = res.mask.cpu().numpy()
             x, y = res.point
             row = {"view": v.name, "text": q.text, "gt_level": q.level, "level": str(res.level),
-                   "name_query": q.name, "pixels": int(gt.sum()), "iou": _iou(pred, gt),
+                   "name_query": q.name, "pixels": int(gt.sum()), "tiny": bool(gt.sum() < tiny * H * W),
+                   "iou": _iou(pred, gt),
                    "loc": _box_contains(gt, x, y), "loc_mask": bool(gt[y, x]), "point": [int(x), int(y)],
                    "score": float(res.scores[res.level_index])}
             if three_d:
-                if q.text not in sel_cache:
-                    sel_cache[q.text] = field.select(q.text, threshold=select_threshold)
                 sel = sel_cache[q.text]
-                foot = field.render_selection(sel.mask, cam.viewmat, cam.K, W, H).cpu().numpy() > 0.5
+                foot = feet[..., k]
                 row["iou_3d"] = _iou(foot, gt)
                 row["selected_gaussians"] = int(sel.mask.sum())
                 row["level_3d"] = field.levels[sel.level] if sel.level is not None else None
@@ -310,14 +320,19 @@ def evaluate_field(field, queries: QuerySet, *, threshold: float = 0.4, three_d:
     if not rows:
         raise QueriesError(f"{queries.source}: no query could be evaluated (views matched: "
                            f"{len(queries.views) - len(missing_views)} of {len(queries.views)})")
-    names = [r for r in rows if r["name_query"]]
-    syn = [r for r in rows if r["name_query"] is False]
-    levels = sorted({str(r["gt_level"]) for r in rows if r["gt_level"]})
+    main = [r for r in rows if not r["tiny"]] or rows
+    tiny_rows = [r for r in rows if r["tiny"]]
+    names = [r for r in main if r["name_query"]]
+    syn = [r for r in main if r["name_query"] is False]
+    levels = sorted({str(r["gt_level"]) for r in main if r["gt_level"]})
     out: Dict[str, Any] = {
-        "all": _summary(rows),
+        "all": _summary(main),
         "names": _summary(names) if names else None,
         "synonyms": _summary(syn) if syn else None,
-        "per_level": {lv: _summary([r for r in rows if r["gt_level"] == lv]) for lv in levels},
+        "tiny": _summary(tiny_rows) if tiny_rows else None,
+        "with_tiny": _summary(rows),
+        "tiny_fraction": tiny,
+        "per_level": {lv: _summary([r for r in main if r["gt_level"] == lv]) for lv in levels},
         "level_accuracy": _mean(float(r["level"] == r["gt_level"]) for r in rows if r["gt_level"]),
         "text_encoder": "offline" if offline else "clip",
         "primary": "names" if (offline and names) else "all",
@@ -337,7 +352,7 @@ def format_summary(m: Dict[str, Any]) -> str:
         return "  -  " if x is None else f"{x:.3f}"
 
     lines = [f"{'queries':<22} {'n':>4} {'mIoU':>6} {'loc':>6} {'loc(mask)':>9} {'mIoU 3D':>8}"]
-    for key in ("all", "names", "synonyms"):
+    for key in ("all", "names", "synonyms", "tiny", "with_tiny"):
         s = m.get(key)
         if s:
             star = " *" if m.get("primary") == key else ""
@@ -348,6 +363,9 @@ def format_summary(m: Dict[str, Any]) -> str:
                      f"{f(s['miou_3d']):>8}")
     if m.get("note"):
         lines.append(f"* {m['note']}")
+    if m.get("tiny"):
+        lines.append(f"tiny: ground-truth masks under {100 * m['tiny_fraction']:.1f} % of the image (not in all / names "
+                     f"/ synonyms); with_tiny: every query")
     return "\n".join(lines)
 
 

@@ -46,8 +46,29 @@ def cli_train(
     init_random: Optional[int] = None,
     quiet: bool = False,
     no_renders: bool = False,
+    features: Optional[Literal["labels", "sam-clip", "dense-clip"]] = None,
+    lang_steps: int = 3000,
+    lang_lr: float = 0.01,
+    latent_dim: int = 3,
+    joint: bool = False,
+    ae_steps: int = 3000,
+    text_encoder: Literal["auto", "clip", "offline"] = "auto",
+    clip_model: str = "ViT-B-16",
+    clip_pretrained: str = "laion2b_s34b_b88k",
+    clip_checkpoint: Optional[Path] = None,
+    sam_model: Literal["vit_h", "vit_l", "vit_b"] = "vit_h",
+    sam_checkpoint: Optional[Path] = None,
+    points_per_side: int = 32,
+    short_side: int = 448,
+    label_noise: float = 0.0,
+    label_drop: float = 0.0,
+    label_merge: float = 0.0,
+    overwrite_language: bool = False,
 ) -> int:
-    """Train Gaussians on a dataset (COLMAP, nerfstudio, Blender) into the run folder OUT.
+    """Train Gaussians on a dataset (COLMAP, nerfstudio, Blender) into the run folder OUT; with
+    --features, then the language stage (2D features -> autoencoder -> per-Gaussian latents of
+    every level). On a run whose RGB stage is finished, --features adds (or continues) the
+    language stage only.
 
     Args:
         data: the dataset folder (or transforms*.json).
@@ -71,6 +92,25 @@ def cli_train(
         init_random: random Gaussians when the dataset has no points (default 100000).
         quiet: no progress bar (it is shown when stderr is a terminal).
         no_renders: do not write held-out renders to OUT/renders/ at the end.
+        features: language stage after RGB: labels (ground-truth label maps of `langfield scenes` data),
+            sam-clip (LangSplat: SAM masks x 3 levels + CLIP; needs --sam-checkpoint) or dense-clip (MaskCLIP, fast).
+        lang_steps: language stage steps (default 3000).
+        lang_lr: learning rate of the latents (default 0.01).
+        latent_dim: latent size per level (default 3, LangSplat's).
+        joint: fine-tune geometry and colour with the latents (default: frozen).
+        ae_steps: scene autoencoder steps (default 3000).
+        text_encoder: labels only: clip, offline (hashed names, not CLIP) or auto (CLIP if its weights are here).
+        clip_model: open_clip model name.
+        clip_pretrained: open_clip pretrained tag.
+        clip_checkpoint: local open_clip checkpoint file.
+        sam_model: SAM architecture of --sam-checkpoint.
+        sam_checkpoint: SAM checkpoint file (sam-clip).
+        points_per_side: sam-clip point grid.
+        short_side: dense-clip working resolution.
+        label_noise: labels: per-view embedding noise (imitates inconsistent 2D features).
+        label_drop: labels: per-view probability of dropping a region.
+        label_merge: labels: per-view probability of merging a region into a neighbour.
+        overwrite_language: train the language stage again (its files are moved aside).
     """
     from langfield.train.rgb import NonFiniteError, RunError, train_rgb
 
@@ -80,8 +120,15 @@ def cli_train(
         absgrad=absgrad or None, opacity_reset=opacity_reset or None, densify=False if no_densify else None,
         refine_stop_iter=refine_stop_iter, init_random=init_random, progress=False if quiet else None,
         save_renders=False if no_renders else None).items() if v is not None}
+    rgb_done = False
+    if features is not None and not overwrite and (Path(out) / "config.json").is_file():
+        rgb_done = _rgb_finished(Path(out), data, steps)
     try:
-        metrics = train_rgb(data, out, resume=resume, overwrite=overwrite, **given)
+        if rgb_done:
+            metrics = {}
+            print(f"langfield: {out} holds a finished RGB run; adding the language stage", file=sys.stderr)
+        else:
+            metrics = train_rgb(data, out, resume=resume, overwrite=overwrite, **given)
     except RunError as e:
         raise _fail(str(e)) from None
     except NonFiniteError as e:
@@ -99,9 +146,46 @@ def cli_train(
               f"{metrics['num_gaussians']} Gaussians; {metrics['step']} steps"
               + (f" at {metrics['s_per_step']:.3f} s/step" if metrics.get("s_per_step") else "")
               + f" -> {Path(out) / 'metrics.json'}")
-    else:
+    elif not rgb_done:
         print(f"trained {metrics.get('step')} steps; the dataset has no held-out views, no metrics")
+    if features is None:
+        return 0
+    from langfield.features import WeightsError
+    from langfield.train.language import LanguageError, train_language
+
+    lang = dict(features=features, steps=lang_steps, lr=lang_lr, latent_dim=latent_dim, joint=joint,
+                ae_steps=ae_steps, text_encoder=text_encoder, clip_model=clip_model, clip_pretrained=clip_pretrained,
+                clip_checkpoint=None if clip_checkpoint is None else str(clip_checkpoint), sam_model=sam_model,
+                sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
+                points_per_side=points_per_side, short_side=short_side, label_noise=label_noise,
+                label_drop=label_drop, label_merge=label_merge, device=device or "auto",
+                backend=backend or "auto", progress=False if quiet else None, seed=seed or 0)
+    try:
+        train_language(out, resume=resume, overwrite=overwrite_language or overwrite, **lang)
+    except (LanguageError, WeightsError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        print(f"\nlangfield: interrupted; continue the language stage with: langfield train {data} --out {out} "
+              f"--features {features} --resume", file=sys.stderr)
+        return 130
+    print(f"language field ready: langfield query {out} \"the red mug\"  |  langfield view {out}")
     return 0
+
+
+def _rgb_finished(out: Path, data: Path, steps: Optional[int]) -> bool:
+    """True when ``out`` holds an RGB run on ``data`` trained to its (or the requested) length."""
+    from langfield.train.rgb import RunError, RunFolder
+
+    rf = RunFolder(out)
+    try:
+        doc = rf.read_config()
+    except RunError:
+        return False
+    if Path(doc.get("data", "")) != Path(data).expanduser().resolve():
+        raise _fail(f"{out} was trained on {doc.get('data')}, not {Path(data).resolve()}")
+    done = rf.checkpoint_steps()
+    want = int(steps if steps is not None else doc.get("train", {}).get("steps", 0))
+    return bool(done) and done[-1] >= want
 
 
 def _parse_views(views: str, ds) -> List[int]:
@@ -158,34 +242,64 @@ def cli_render(
 
 def cli_eval(
     run: RunArg,
+    queries: Optional[Path] = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     renders: bool = False,
+    min_pixels: int = 0,
+    no_3d: bool = False,
+    threshold: float = 0.4,
 ) -> int:
-    """PSNR/SSIM of a trained run's newest checkpoint on its held-out views -> RUN/metrics.json.
+    """Evaluate a trained run -> RUN/metrics.json: PSNR/SSIM on its held-out views and, for a run
+    with a language field, text queries (LERF-ovs protocol: localization, mIoU; and 3D selection).
 
     Args:
         run: the run folder.
+        queries: evaluate text queries from this file only (langfield scenes' queries.json, or a LERF-ovs
+            label folder); default: RGB metrics, plus the dataset's queries.json when the run has a language field.
         device: auto, cpu or cuda.
-        renders: also write the renders to RUN/renders/test/.
+        renders: also write the RGB renders to RUN/renders/test/.
+        min_pixels: skip ground-truth masks smaller than this (default 0: none).
+        no_3d: skip the 3D protocol (selection of Gaussians, rendered footprint).
+        threshold: mask threshold on the normalised relevancy (LangSplat: 0.4).
     """
-    from langfield.train.rgb import RunError, RunFolder, _eval_background, evaluate_views, load_run, write_metrics
+    from langfield.train.rgb import RunError, RunFolder, _eval_background, evaluate_views, load_run
+
+    if queries is None:
+        try:
+            doc, g, ds, ckpt = load_run(run, device=device)
+        except (RunError, FileNotFoundError, ValueError) as e:
+            raise _fail(str(e)) from None
+        idx = ds.indices("test") or ds.indices("val")
+        if not idx:
+            raise _fail(f"{run}: the dataset has no held-out views to evaluate")
+        rf = RunFolder(run)
+        bg = _eval_background(doc.get("dataset", {}).get("background", "white"))
+        res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt.step, g),
+                             backend=doc["train"].get("backend", "auto"),
+                             out_dir=(rf.renders / "test") if renders else None, progress=sys.stderr.isatty())
+        from langfield.train.rgb import write_metrics
+
+        m = write_metrics(rf, res, step=ckpt.step, train_time_s=ckpt.config.get("train_time_s"), num_gaussians=g.num,
+                          background=bg, split="test")
+        print(f"step {ckpt.step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} on {m['n_views']} held-out views "
+              f"-> {rf.metrics}")
+        from langfield.field import latest_language_checkpoint
+        from langfield.train.language import find_queries
+
+        if latest_language_checkpoint(run) is None:
+            return 0
+        queries = find_queries(Path(doc["data"]))
+        if queries is None:
+            print("the run has a language field but its dataset has no queries.json; pass --queries FILE")
+            return 0
+    from langfield.eval.language import QueriesError, evaluate_run
+    from langfield.field import FieldError
 
     try:
-        doc, g, ds, ckpt = load_run(run, device=device)
-    except (RunError, FileNotFoundError, ValueError) as e:
+        evaluate_run(run, queries, device=device, min_pixels=min_pixels, three_d=not no_3d, threshold=threshold,
+                     progress=sys.stderr.isatty())
+    except (QueriesError, FieldError) as e:
         raise _fail(str(e)) from None
-    idx = ds.indices("test") or ds.indices("val")
-    if not idx:
-        raise _fail(f"{run}: the dataset has no held-out views to evaluate")
-    rf = RunFolder(run)
-    bg = _eval_background(doc.get("dataset", {}).get("background", "white"))
-    res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt.step, g),
-                         backend=doc["train"].get("backend", "auto"),
-                         out_dir=(rf.renders / "test") if renders else None, progress=sys.stderr.isatty())
-    m = write_metrics(rf, res, step=ckpt.step, train_time_s=ckpt.config.get("train_time_s"), num_gaussians=g.num,
-                      background=bg, split="test")
-    print(f"step {ckpt.step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} on {m['n_views']} held-out views "
-          f"-> {rf.metrics}")
     return 0
 
 
@@ -194,19 +308,26 @@ def cli_export(
     ply: Path,
     overwrite: bool = False,
     normalized: bool = False,
+    no_language: bool = False,
 ) -> int:
-    """Export a trained run as a standard 3DGS PLY in the dataset's original world frame.
+    """Export a trained run as a standard 3DGS PLY in the dataset's original world frame. A run
+    with a language field adds lang_* properties, and writes PLY.json (levels, latent size, text
+    encoder) and PLY's autoencoder next to it, so `langfield query|view PLY` work on the file.
 
     Args:
         run: the run folder.
         ply: the output .ply file.
         overwrite: replace an existing file.
         normalized: keep langfield's normalised world (skip the inverse of the dataset transform).
+        no_language: leave the language latents out (a plain RGB 3DGS file).
     """
+    import shutil
+
     import numpy as np
 
+    from langfield.field import FieldError, LanguageField
     from langfield.io import write_ply
-    from langfield.train.rgb import RunError, load_run
+    from langfield.train.rgb import RunError, RunFolder
 
     ply = Path(ply)
     if ply.exists() and not overwrite:
@@ -214,13 +335,30 @@ def cli_export(
     if ply.is_dir():
         raise _fail(f"--ply {ply} is a folder")
     try:
-        doc, g, _ds, ckpt = load_run(run, device="cpu", need_data=False)
-    except (RunError, FileNotFoundError, ValueError) as e:
+        doc = RunFolder(run).read_config()
+        field = LanguageField.load(run, device="cpu", need_cameras=False)
+    except (RunError, FieldError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
+    g = field.gaussians
+    lang = field.has_language and not no_language
+    if not lang and g.lang is not None:
+        g = g.clone().set_lang(None)
     T = np.asarray(doc.get("dataset", {}).get("transform", np.eye(4).tolist()), dtype=np.float64)
     if not normalized and not np.allclose(T, np.eye(4)):
         g = g.transformed(np.linalg.inv(T))
     ply.parent.mkdir(parents=True, exist_ok=True)
     write_ply(ply, g)
-    print(f"exported {g.num} Gaussians (step {ckpt.step}) -> {ply}")
+    extra = ""
+    if lang:
+        from langfield.io.checkpoint import atomic_write_json
+
+        atomic_write_json(ply.with_suffix(".json"), {"format": "langfield-ply", "run": str(Path(run).resolve()),
+                                                     "step": field.step, "language": {
+                                                         "levels": field.levels, "latent_dim": field.latent_dim,
+                                                         "text": (doc.get("language") or {}).get("text")}})
+        for ext in (".safetensors", ".json"):
+            shutil.copyfile(Path(run) / f"autoencoder{ext}", ply.with_name(ply.stem + f".autoencoder{ext}"))
+        extra = (f" with {g.lang.shape[1]} language channels (+ {ply.with_suffix('.json').name}, "
+                 f"{ply.stem}.autoencoder.*)")
+    print(f"exported {g.num} Gaussians (step {field.step}){extra} -> {ply}")
     return 0
