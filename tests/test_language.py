@@ -53,7 +53,7 @@ def test_run_layout_and_config(demo):
     assert lang["levels"] == ["subpart", "part", "whole"] and lang["latent_dim"] == 3
     assert lang["text"]["type"] == "offline" and lang["features"] == "labels"
     assert (run / "autoencoder.safetensors").is_file() and (run / "features" / "manifest.json").is_file()
-    assert lang["autoencoder_report"]["heldout_cos"] > 0.97
+    assert lang["autoencoder_report"]["heldout_cos"] > 0.95
     from langfield.field import LanguageField
 
     f = LanguageField.load(run, device="cpu")
@@ -140,8 +140,8 @@ def test_cli_train_features_adds_language_to_rgb_run(demo, tmp_path):
     assert f.has_language and f.step == 40
     # other options on the same run: refused with a message naming them; --overwrite-language retrains
     with pytest.raises(SystemExit, match="latent_dim"):
-        main(args[:-4] + ["--latent-dim", "4", "--quiet", "--device", "cpu"])
-    assert main(args[:-4] + ["--latent-dim", "4", "--quiet", "--device", "cpu", "--overwrite-language"]) == 0
+        main(args[:-3] + ["--latent-dim", "4", "--quiet", "--device", "cpu"])
+    assert main(args[:-3] + ["--latent-dim", "4", "--quiet", "--device", "cpu", "--overwrite-language"]) == 0
     f = LanguageField.load(run2, device="cpu")
     assert f.latent_dim == 4 and f.gaussians.lang.shape[1] == 12
     assert any(p.name.startswith("replaced-language-") for p in run2.iterdir())
@@ -215,7 +215,7 @@ def test_export_with_language_opens_as_field(demo, tmp_path):
 
     out, _, _ = demo
     ply = tmp_path / "scene.ply"
-    assert main(["export", str(out / "run"), str(ply)]) == 0
+    assert main(["export", str(out / "run"), "--ply", str(ply)]) == 0
     assert ply.with_suffix(".json").is_file() and (tmp_path / "scene.autoencoder.safetensors").is_file()
     f = LanguageField.load(ply, device="cpu")
     run = LanguageField.load(out / "run", device="cpu")
@@ -223,6 +223,6 @@ def test_export_with_language_opens_as_field(demo, tmp_path):
     # same latents -> same 3D selection (decoding is per Gaussian: the world frame does not matter)
     assert torch.equal(f.select("red mug").mask, run.select("red mug").mask)
     plain = tmp_path / "plain.ply"
-    assert main(["export", str(out / "run"), str(plain), "--no-language"]) == 0
+    assert main(["export", str(out / "run"), "--ply", str(plain), "--no-language"]) == 0
     p = LanguageField.load(plain, device="cpu")
     assert not p.has_language and p.gaussians.lang is None

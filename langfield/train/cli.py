@@ -321,8 +321,6 @@ def cli_export(
         normalized: keep langfield's normalised world (skip the inverse of the dataset transform).
         no_language: leave the language latents out (a plain RGB 3DGS file).
     """
-    import shutil
-
     import numpy as np
 
     from langfield.field import FieldError, LanguageField
@@ -356,8 +354,7 @@ def cli_export(
                                                      "step": field.step, "language": {
                                                          "levels": field.levels, "latent_dim": field.latent_dim,
                                                          "text": (doc.get("language") or {}).get("text")}})
-        for ext in (".safetensors", ".json"):
-            shutil.copyfile(Path(run) / f"autoencoder{ext}", ply.with_name(ply.stem + f".autoencoder{ext}"))
+        field.decoder.save(ply.with_name(ply.stem + ".autoencoder.safetensors"))
         extra = (f" with {g.lang.shape[1]} language channels (+ {ply.with_suffix('.json').name}, "
                  f"{ply.stem}.autoencoder.*)")
     print(f"exported {g.num} Gaussians (step {field.step}){extra} -> {ply}")
