@@ -38,16 +38,9 @@ from _util import machine, print_table, write_json  # noqa: E402
 
 
 def _viewer():
-    try:
-        import langfield.viewer as v
-        return v
-    except ModuleNotFoundError:  # an editable install made before viewer/ was mapped
-        spec = importlib.util.spec_from_file_location("langfield.viewer", ROOT / "viewer" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "viewer")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["langfield.viewer"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    import langfield.viewer as v
+
+    return v
 
 
 def _encoder():

@@ -344,12 +344,9 @@ class LanguageField:
         self._require_language()
         if render.latents is None:
             raise ValueError("the render has no latents (render with language=True)")
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = _texts(text)
         if not texts:
             return []
-        for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError("an empty query: type some text")
         li = self.level_index(level)
         with self._lock:
             decoder = self.decoder
@@ -370,12 +367,9 @@ class LanguageField:
         from langfield.query import select_gaussians
 
         self._require_language()
-        texts = [text] if isinstance(text, str) else list(text)
+        texts = _texts(text)
         if not texts:
             return []
-        for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise ValueError("an empty query: type some text")
         li = self.level_index(level)
         with self._lock:
             g, decoder, nl = self.gaussians, self.decoder, len(self.levels)
@@ -436,6 +430,15 @@ class LanguageField:
             out[i:i + 65536] = ((part - mu) @ V - lo) / (hi - lo + 1e-9)
         out = out.clamp(0, 1) * ok[:, None]
         return out.reshape(H, W, 3)
+
+
+def _texts(text: Union[str, Sequence[str]]) -> List[str]:
+    """One query or a list of them; an empty or blank one raises ValueError."""
+    texts = [text] if isinstance(text, str) else list(text)
+    for t in texts:
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError("an empty query: type some text")
+    return texts
 
 
 def _run_cameras(doc: Dict[str, Any]) -> List[FieldCamera]:

@@ -28,17 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _viewer():
-    """``langfield.viewer``, also before an editable install has learnt the package mapping."""
-    try:
-        import langfield.viewer as v
-        return v
-    except ModuleNotFoundError:
-        spec = importlib.util.spec_from_file_location("langfield.viewer", ROOT / "viewer" / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT / "viewer")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["langfield.viewer"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+    import langfield.viewer as v
+
+    return v
 
 
 viewer = _viewer()

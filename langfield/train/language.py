@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from langfield.io.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
+from langfield.train.rgb import EpochSampler
 
 __all__ = ["LangConfig", "LanguageTrainer", "train_language", "LANG_RESUME_MAY_CHANGE"]
 
@@ -217,7 +218,7 @@ def masked_l1(pred: Tensor, target: Tensor, valid: Tensor, n_levels: int) -> Ten
 
 # ------------------------------------------------------------------------------------------
 
-class LanguageTrainer:
+class LanguageTrainer(EpochSampler):
     """Runs the language stage of one run folder (see the module docstring)."""
 
     def __init__(self, run: Path, cfg: LangConfig, *, log=print):
@@ -428,14 +429,6 @@ class LanguageTrainer:
         self.doc = doc
 
     # ---- training ----------------------------------------------------------------------------
-    def _next_index(self) -> int:
-        if self.pos >= self.perm.numel():
-            self.perm = torch.randperm(len(self.train_idx), generator=self.gen)
-            self.pos = 0
-        i = self.train_idx[int(self.perm[self.pos])]
-        self.pos += 1
-        return i
-
     def train_step(self) -> Dict[str, float]:
         from langfield.render import rasterization
 

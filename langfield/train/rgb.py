@@ -261,7 +261,25 @@ def render_views(gaussians, dataset, indices: Sequence[int], out_dir: PathLike, 
 
 # ------------------------------------------------------------------------------------------
 
-class RGBTrainer:
+class EpochSampler:
+    """One training view per step: a fresh seeded permutation of ``train_idx`` per epoch
+    (``gen``, ``perm`` and ``pos`` are checkpointed for an exact resume)."""
+
+    train_idx: List[int]
+    gen: torch.Generator
+    perm: Tensor
+    pos: int
+
+    def _next_index(self) -> int:
+        if self.pos >= self.perm.numel():
+            self.perm = torch.randperm(len(self.train_idx), generator=self.gen)
+            self.pos = 0
+        i = self.train_idx[int(self.perm[self.pos])]
+        self.pos += 1
+        return i
+
+
+class RGBTrainer(EpochSampler):
     """Owns the Gaussians, optimisers, strategy and RNG state of one run.
 
     Construct with :meth:`create` (fresh run) or :meth:`resume`; then :meth:`train` (optionally
@@ -467,15 +485,6 @@ class RGBTrainer:
         if "language" in old:  # a language stage added to this run stays recorded
             doc["language"] = old["language"]
         atomic_write_json(self.run.config, doc)
-
-    # ---- sampling -------------------------------------------------------------------------
-    def _next_index(self) -> int:
-        if self.pos >= self.perm.numel():
-            self.perm = torch.randperm(len(self.train_idx), generator=self.gen)
-            self.pos = 0
-        i = self.train_idx[int(self.perm[self.pos])]
-        self.pos += 1
-        return i
 
     # ---- checkpoints -----------------------------------------------------------------------
     def state_tensors(self) -> Dict[str, Any]:
