@@ -226,3 +226,31 @@ def test_export_with_language_opens_as_field(demo, tmp_path):
     assert main(["export", str(out / "run"), "--ply", str(plain), "--no-language"]) == 0
     p = LanguageField.load(plain, device="cpu")
     assert not p.has_language and p.gaussians.lang is None
+
+
+def test_joint_fine_tuning_moves_geometry_and_latents(demo, tmp_path):
+    """--joint: colour and geometry are optimised with the latents (one render pass, RGB loss +
+    language L1); the default keeps them frozen."""
+    from langfield.io.checkpoint import load_checkpoint
+    from langfield.train.language import train_language
+    from langfield.train.rgb import RunFolder
+
+    out, _, _ = demo
+    base = tmp_path / "joint"
+    shutil.copytree(out / "run", base, ignore=shutil.ignore_patterns("language", "renders"))
+    rgb = load_checkpoint(RunFolder(base).latest_checkpoint()).tensors["splats"]
+    opts = dict(features="labels", ae_steps=200, text_encoder="offline", device="cpu", progress=False,
+                evaluate=False, log=lambda *_: None, steps=20)
+    train_language(base, joint=True, **opts)
+    from langfield.field import LanguageField
+
+    g = LanguageField.load(base, device="cpu").gaussians
+    for k in ("means", "sh0", "opacities"):
+        assert not torch.equal(g.splats[k], rgb[k]), k
+    assert float(g.lang.abs().sum()) > 0
+    frozen = tmp_path / "frozen"
+    shutil.copytree(out / "run", frozen, ignore=shutil.ignore_patterns("language", "renders"))
+    train_language(frozen, **opts)
+    g2 = LanguageField.load(frozen, device="cpu").gaussians
+    for k in ("means", "sh0", "opacities", "scales", "quats"):
+        assert torch.equal(g2.splats[k], rgb[k]), k
