@@ -254,3 +254,69 @@ def test_joint_fine_tuning_moves_geometry_and_latents(demo, tmp_path):
     g2 = LanguageField.load(frozen, device="cpu").gaussians
     for k in ("means", "sh0", "opacities", "scales", "quats"):
         assert torch.equal(g2.splats[k], rgb[k]), k
+
+
+def test_dense_clip_language_stage_with_a_tiny_random_clip(demo, tmp_path):
+    """The dense path (patch features upsampled to the image, one 'dense' level) end to end with
+    a tiny randomly initialised open_clip ViT: the masked L1 falls, the field loads and queries."""
+    import open_clip
+
+    from langfield.features import ClipTextEncoder
+    from langfield.features.dense_clip import DenseClipExtractor, DenseClipParams
+    from langfield.features.models import load_clip
+    from langfield.field import LanguageField
+    from langfield.train.language import LangConfig, LanguageTrainer
+
+    name = "langfield-test-tiny-vit-lang"
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    d = tmp_path / "clipcfg"
+    d.mkdir()
+    (d / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d)
+    torch.manual_seed(0)
+    clip = load_clip(name, device="cpu", random_init=True)
+    out, _, _ = demo
+    run = tmp_path / "dense"
+    shutil.copytree(out / "run", run, ignore=shutil.ignore_patterns("language", "renders", "features", "autoencoder.*"))
+    doc = json.loads((run / "config.json").read_text())
+    doc.pop("language")
+    (run / "config.json").write_text(json.dumps(doc))
+    ex = DenseClipExtractor(clip, DenseClipParams(short_side=64))
+    tr = LanguageTrainer(run, LangConfig(features="dense-clip", steps=120, ae_steps=150, device="cpu", progress=False),
+                         log=lambda *_: None, extractor=ex)
+    tr.prepare(resume=False)
+    assert tr.levels == ["dense"] and tr.targets.kind == "dense"
+    from langfield.render import rasterization
+    from langfield.train.language import masked_l1
+
+    @torch.no_grad()
+    def mean_l1():  # over every training view
+        sp = tr.gaussians.splats
+        out = []
+        for i in tr.train_idx:
+            vm, K = tr._cams[i]
+            f = tr.ds.frames[i]
+            r, _, _ = rasterization(sp["means"], sp["quats"], torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]),
+                                    sp["lang"], vm[None], K[None], f.width, f.height)
+            t, v = tr.targets.get(i)
+            out.append(float(masked_l1(r[0], t, v, 1)))
+        return float(np.mean(out))
+
+    before = mean_l1()
+    for _ in range(120):
+        tr.train_step()
+    after = mean_l1()
+    # random-CLIP patch features are not consistent across views (nothing to agree on), so only a
+    # partial fit is possible (measured 0.658 -> 0.601); the labels tests above measure fit quality
+    assert after < 0.95 * before, (before, after)
+    t, v = tr.targets.get(tr.train_idx[0])
+    f0 = tr.ds.frames[tr.train_idx[0]]
+    assert t.shape == (f0.height, f0.width, 3) and bool(v.all())
+    tr.save_checkpoint()
+    f = LanguageField.load(run, device="cpu", text_encoder=ClipTextEncoder(clip))
+    assert f.has_language and f.levels == ["dense"] and f.gaussians.lang.shape[1] == 3
+    r = f.render_camera(0)
+    res = f.query(r, "a red mug")
+    assert res.heatmap.shape == r.alpha.shape and str(res.level) == "dense"

@@ -221,13 +221,14 @@ def masked_l1(pred: Tensor, target: Tensor, valid: Tensor, n_levels: int) -> Ten
 class LanguageTrainer(EpochSampler):
     """Runs the language stage of one run folder (see the module docstring)."""
 
-    def __init__(self, run: Path, cfg: LangConfig, *, log=print):
+    def __init__(self, run: Path, cfg: LangConfig, *, log=print, extractor=None):
         from langfield.train.rgb import RunError, RunFolder
 
         self.rf = RunFolder(run)
         self.root = self.rf.root
         self.cfg = cfg
         self.log = log
+        self.extractor = extractor
         try:
             self.doc = self.rf.read_config()
         except RunError as e:
@@ -310,13 +311,15 @@ class LanguageTrainer(EpochSampler):
         from langfield.features.sam_clip import SamClipParams
 
         c = self.cfg
-        ex = make_extractor(c.features, clip_model=c.clip_model, clip_pretrained=c.clip_pretrained,
-                            clip_checkpoint=c.clip_checkpoint, sam_model=c.sam_model, sam_checkpoint=c.sam_checkpoint,
-                            text_encoder=c.text_encoder, device=self.device,
-                            sam_params=SamClipParams(points_per_side=c.points_per_side),
-                            dense_params=DenseClipParams(short_side=c.short_side),
-                            labels_params=LabelsParams(c.label_noise, c.label_drop, c.label_merge, c.seed),
-                            log=lambda m: self.log(f"[language] {m}"))
+        ex = self.extractor
+        if ex is None:
+            ex = make_extractor(c.features, clip_model=c.clip_model, clip_pretrained=c.clip_pretrained,
+                                clip_checkpoint=c.clip_checkpoint, sam_model=c.sam_model,
+                                sam_checkpoint=c.sam_checkpoint, text_encoder=c.text_encoder, device=self.device,
+                                sam_params=SamClipParams(points_per_side=c.points_per_side),
+                                dense_params=DenseClipParams(short_side=c.short_side),
+                                labels_params=LabelsParams(c.label_noise, c.label_drop, c.label_merge, c.seed),
+                                log=lambda m: self.log(f"[language] {m}"))
         idx = self.train_idx if c.feature_split == "train" else list(range(len(self.ds)))
         try:
             return extract_dataset(self.ds, ex, self.root / "features", batch_size=c.extract_batch,
@@ -528,10 +531,13 @@ class LanguageTrainer(EpochSampler):
 
 
 def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *, resume: bool = False,
-                   overwrite: bool = False, evaluate: bool = True, log=print, **options) -> Dict[str, Any]:
+                   overwrite: bool = False, evaluate: bool = True, log=print, extractor=None,
+                   **options) -> Dict[str, Any]:
     """Add (or continue, ``resume=True``) the language stage of an RGB run. Returns
     ``{"step", "train_time_s", "metrics": ...}`` (``metrics``: the query evaluation when the
-    dataset has a ``queries.json``, else None)."""
+    dataset has a ``queries.json``, else None). ``extractor``: an already built feature
+    extractor (any :class:`~langfield.features.FeatureExtractor`, e.g. with models loaded by
+    the caller) instead of building ``features`` by name."""
     run = Path(run)
     cfg = replace(config or LangConfig(), **options)
     try:
@@ -574,7 +580,7 @@ def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *
             if (run / name).exists():
                 os.replace(run / name, dest / name)
         log(f"[language] moved the previous language stage to {dest}")
-    tr = LanguageTrainer(run, cfg, log=log)
+    tr = LanguageTrainer(run, cfg, log=log, extractor=extractor)
     tr.prepare(resume=resume, overwrite_features=overwrite)
     already = tr.step >= cfg.steps
     tr.train()
