@@ -22,7 +22,6 @@ out. Per mode:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import threading

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 __all__ = ["cli_demo", "run_demo"]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -51,9 +50,6 @@ def cli_query(
         ply: with one query: write the scene as a 3DGS PLY with the selected Gaussians painted red.
         device: auto, cpu or cuda.
     """
-    import numpy as np
-    import torch
-
     from langfield.field import FieldError, LanguageField, NoLanguageError
     from langfield.query import heatmap_overlay, recolor, save_png
 

@@ -28,17 +28,14 @@ with it the headline numbers are the name queries'; with CLIP, all queries'.
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
-from torch import Tensor
 
 __all__ = ["QuerySet", "QueryView", "GroundTruthQuery", "load_queries", "evaluate_field", "evaluate_run",
            "QueriesError", "format_summary"]
@@ -301,7 +298,6 @@ def evaluate_field(field, queries: QuerySet, *, threshold: float = 0.4, three_d:
                 row["level_3d"] = field.levels[sel.level] if sel.level is not None else None
             rows.append(row)
             if out_dir is not None:
-                from langfield.train.rgb import _safe_name
                 from langfield.scenes.writers import slug
 
                 d = Path(out_dir) / Path(v.name).stem

@@ -33,9 +33,8 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -608,7 +607,5 @@ def _lang_diff(a: LangConfig, b: LangConfig) -> List[Tuple[str, Any, Any]]:
 def find_queries(data: Path) -> Optional[Path]:
     """``queries.json`` of a dataset folder (or next to its transforms file), if any."""
     data = Path(data)
-    for p in ((data / "queries.json") if data.is_dir() else data.parent / "queries.json",):
-        if p.is_file():
-            return p
-    return None
+    p = (data if data.is_dir() else data.parent) / "queries.json"
+    return p if p.is_file() else None
