@@ -88,3 +88,39 @@ def test_cli_build_reports(tmp_path):
     res2 = _run("import sys; from langfield.cli import main; sys.exit(main(['build', '--cuda', 'False']))",
                 {"LANGFIELD_CACHE_DIR": str(tmp_path)})
     assert "[cpu] up to date (cached)" in res2.stdout
+
+
+def test_openmp_and_own_pool_builds_render_the_same(tmp_path):
+    """Both threading builds (OpenMP shared with torch, our own pool) give bit-identical renders and
+    gradients, with several threads, and the OpenMP build binds to torch's own libgomp."""
+    code = """
+        import os, sys, torch
+        from langfield.render import rasterization
+        from langfield.render._build import build_library, load_library
+        from langfield.render.synthetic import random_scene
+        res = build_library("cpu")
+        load_library("cpu")
+        assert ("-fopenmp" in res.command) == (os.environ["LANGFIELD_OPENMP"] == "1"), res.command
+        gomp = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l})
+        assert len(gomp) <= 1, gomp  # never a second OpenMP runtime
+        s = random_scene(3000, C=2, width=67, height=45, D=5, seed=3)
+        p = {k: (v.requires_grad_(True) if k in ("means", "colors", "opacities") else v)
+             for k, v in s.params().items()}
+        out, alpha, meta = rasterization(**p, backend="cpu", render_mode="RGB+ED")
+        (out.square().sum() + alpha.sum()).backward()
+        torch.save({"out": out.detach(), "alpha": alpha.detach(), "gm": p["means"].grad,
+                    "gc": p["colors"].grad, "go": p["opacities"].grad}, sys.argv[1])
+    """
+    outs = {}
+    for omp in ("1", "0"):
+        f = tmp_path / f"omp{omp}.pt"
+        env = dict(os.environ, LANGFIELD_CACHE_DIR=str(tmp_path / "cache"), LANGFIELD_OPENMP=omp,
+                   LANGFIELD_NUM_THREADS="3")
+        res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(f)], capture_output=True,
+                             text=True, env=env, timeout=300, cwd=str(ROOT))
+        assert res.returncode == 0, res.stderr[-3000:]
+        import torch
+
+        outs[omp] = torch.load(f, weights_only=True)
+    for k in outs["1"]:
+        assert torch.equal(outs["1"][k], outs["0"][k]), k

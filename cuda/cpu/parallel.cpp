@@ -1,4 +1,5 @@
-// Persistent thread pool (see parallel.h).
+// Threads for the CPU driver (see parallel.h): the process's OpenMP runtime when
+// built with -fopenmp, else a persistent pool of our own.
 #include "parallel.h"
 
 #include <atomic>
@@ -11,8 +12,13 @@
 #ifdef __linux__
 #include <sched.h>
 #endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace lfcpu {
+
+#ifndef _OPENMP
 namespace {
 
 thread_local bool t_in_pool = false;
@@ -115,7 +121,51 @@ Pool &pool() {
 }
 
 }  // namespace
+#endif
 
+#ifdef _OPENMP
+// OpenMP build: the team is the host process's OpenMP runtime. Inside torch this is
+// torch's own libgomp (same soname, loaded once), so our parallel regions and
+// torch's ops share one set of threads instead of spinning against each other.
+int num_threads() {
+    if (const char *env = std::getenv("LANGFIELD_NUM_THREADS")) {
+        int n = std::atoi(env);
+        if (n > 0) return n;
+    }
+    int n = omp_get_max_threads();
+    return n > 0 ? n : 1;
+}
+
+void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t, int)> &fn) {
+    if (n <= 0) return;
+    if (grain < 1) grain = 1;
+    const int nt = num_threads();
+    if (omp_in_parallel() || n <= grain || nt == 1) {
+        fn(0, n, 0);
+        return;
+    }
+    std::atomic<int64_t> next{0};
+    std::exception_ptr error;
+    std::mutex m;
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num();
+        for (;;) {
+            int64_t b = next.fetch_add(grain);
+            if (b >= n) break;
+            int64_t e = b + grain < n ? b + grain : n;
+            try {
+                fn(b, e, tid);
+            } catch (...) {
+                std::lock_guard<std::mutex> lk(m);
+                if (!error) error = std::current_exception();
+                next.store(n);
+            }
+        }
+    }
+    if (error) std::rethrow_exception(error);
+}
+#else
 int num_threads() { return pool().size(); }
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t, int)> &fn) {
@@ -127,5 +177,6 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     }
     pool().run(n, grain, fn);
 }
+#endif
 
 }  // namespace lfcpu

@@ -1,13 +1,21 @@
-// A small persistent thread pool for the CPU driver.
+// Threads for the CPU driver.
 //
-// Not OpenMP on purpose: torch ships its own OpenMP runtime, and two OpenMP
-// runtimes in one process spin-wait against each other after every parallel
-// region (a 50x slowdown of small torch ops on a 2-core machine was measured).
-// Idle workers here sleep on a condition variable.
+// Built with -fopenmp (the default when the process's OpenMP runtime is GNU
+// libgomp, as in pip's torch), parallel_for runs on that runtime's team: torch
+// loads libgomp.so.1 first and our library binds to the same copy, so our
+// regions and torch's ops share one set of threads. Two separate thread sets
+// would spin-wait against each other after every parallel region (measured on
+// 2 cores: 17 ms instead of 13 ms for one backward pass with our own pool
+// competing with torch's spinning OpenMP workers, and a 50x slowdown of small
+// torch ops with a second OpenMP runtime).
 //
-// LANGFIELD_NUM_THREADS sets the number of threads (default: the CPUs this
-// process may run on). Calls from several host threads at once are
-// serialised; a call from inside a parallel region runs inline.
+// Without -fopenmp (another runtime is loaded, LANGFIELD_OPENMP=0, or the
+// compiler lacks OpenMP) a small persistent pool of our own is used; its idle
+// workers sleep on a condition variable. Calls from several host threads at once
+// are serialised there; a call from inside a parallel region runs inline.
+//
+// LANGFIELD_NUM_THREADS sets the number of threads (default: OpenMP's maximum,
+// which torch.set_num_threads sets, or the CPUs this process may run on).
 #pragma once
 #include <stdint.h>
 #include <functional>

@@ -121,6 +121,35 @@ def cuda_arch_flags() -> List[str]:
     return flags
 
 
+def _loaded_openmp_runtimes() -> List[str]:
+    """File names of the OpenMP runtimes mapped into this process (Linux; [] elsewhere)."""
+    names = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = os.path.basename(line.split()[-1]) if "/" in line else ""
+                if name.startswith(("libgomp", "libiomp", "libomp")):
+                    names.add(name)
+    except OSError:
+        pass
+    return sorted(names)
+
+
+def _use_openmp() -> bool:
+    """Build the CPU library with -fopenmp? Only when it would join the runtime already here.
+
+    g++'s -fopenmp links GNU libgomp. With torch's libgomp loaded (pip's Linux torch) our library
+    binds to that same copy and shares its threads; with another runtime loaded (Intel's or LLVM's)
+    a second one would spin against it, so our own pool is used instead. LANGFIELD_OPENMP=0 or 1
+    overrides.
+    """
+    env = os.environ.get("LANGFIELD_OPENMP", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    loaded = _loaded_openmp_runtimes()
+    return not loaded or all(n.startswith("libgomp") for n in loaded)
+
+
 def _commands(kind: str, out: Path) -> List[List[str]]:
     """Candidate compile commands, best first (fallbacks drop optional flags)."""
     inc = str(source_dir() / "include")
@@ -131,8 +160,11 @@ def _commands(kind: str, out: Path) -> List[List[str]]:
             raise NativeBuildError("no C++ compiler found (set $CXX or install g++)")
         base = [cxx, "-O3", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden", "-Wno-psabi", "-I", inc]
         tail = srcs + ["-o", str(out)]
-        # threads come from our own pool (cuda/cpu/parallel.h), not OpenMP
+        # threads: the process's OpenMP runtime when it is libgomp (shared with torch, see
+        # cuda/cpu/parallel.h), else our own pool; each fallback drops an optional flag
+        omp = ["-fopenmp"] if _use_openmp() else []
         return [
+            base + ["-march=native", "-fno-math-errno"] + omp + ["-pthread"] + tail,
             base + ["-march=native", "-fno-math-errno", "-pthread"] + tail,
             base + ["-pthread"] + tail,
         ]
@@ -303,6 +335,7 @@ def cli_build(cuda: Optional[bool] = None, force: bool = False, verbose: bool = 
         print(f"[{kind}] {what}: {res.path}")
         if kind == "cpu":
             lib = ctypes.CDLL(str(res.path))
-            print(f"[{kind}] threads: {lib.lf_num_threads()} (set LANGFIELD_NUM_THREADS to change)")
+            how = "OpenMP (shared with torch)" if "-fopenmp" in res.command else "own thread pool"
+            print(f"[{kind}] threads: {lib.lf_num_threads()}, {how} (set LANGFIELD_NUM_THREADS to change)")
     print(f"cache: {cache_dir()}")
     return status
