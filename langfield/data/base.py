@@ -13,6 +13,7 @@ present). ``dataset.split("train")`` / ``("test")`` are views sharing its points
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -27,11 +28,13 @@ import torch
 from torch import Tensor
 
 __all__ = ["Frame", "PointCloud", "Dataset", "Distortion", "DatasetError", "ImageReadError", "MissingFileError",
-           "read_image", "GL_TO_CV", "normalize_world", "similarity_scale"]
+           "read_image", "find_image_file", "pose_matrix", "GL_TO_CV", "normalize_world", "similarity_scale"]
 
 PathLike = Union[str, os.PathLike]
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # camera axes OpenGL <-> OpenCV (right-multiply c2w)
 SPLITS = ("train", "val", "test")
+#: image extensions tried, in this order, for a listed image whose extension is missing or differs
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".exr", ".tif", ".tiff", ".bmp", ".webp")
 
 
 class DatasetError(ValueError):
@@ -148,6 +151,44 @@ def read_image(path: PathLike, what: str = "image") -> np.ndarray:
     if arr.size == 0:
         raise ImageReadError(f"{what} is empty", path)
     return arr
+
+
+@functools.lru_cache(maxsize=32)
+def _dir_index(folder: str, mtime_ns: int) -> Dict[str, List[str]]:
+    """Lower-case file name -> the file names in ``folder`` (keyed by mtime, so never stale)."""
+    out: Dict[str, List[str]] = {}
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.is_file():
+                out.setdefault(e.name.lower(), []).append(e.name)
+    for v in out.values():
+        v.sort()
+    return out
+
+
+def find_image_file(path: PathLike) -> Optional[Path]:
+    """``path`` if it is a file; else the one file that differs from it only in letter case
+    (``x.jpg`` stored as ``x.JPG``), by an added image extension (``file_path`` ``r_0`` ->
+    ``r_0.png``, tried in :data:`IMAGE_SUFFIXES` order) or by another image extension
+    (``x.jpg`` converted to ``x.png``); None if there is none."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if "\\" in p.name:  # a name written on Windows
+        return find_image_file(p.parent.joinpath(*p.name.split("\\")))
+    folder = p.parent
+    try:
+        index = _dir_index(str(folder), folder.stat().st_mtime_ns)
+    except OSError:
+        return None
+    name = p.name.lower()
+    cands = [name] + [name + e for e in IMAGE_SUFFIXES]
+    if Path(name).suffix in IMAGE_SUFFIXES:
+        cands += [Path(name).stem + e for e in IMAGE_SUFFIXES]
+    for c in cands:
+        if c in index:
+            return folder / index[c][0]
+    return None
 
 
 def image_size(path: PathLike, what: str = "image") -> Tuple[int, int]:
@@ -606,14 +647,14 @@ def scale_K(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
 
 
 def downscaled_folder(root: Path, rel: str, factor: int) -> Optional[Path]:
-    """``images/x.png`` -> ``images_<f>/x.png`` when that file exists (nerfstudio/gsplat)."""
+    """``images/x.png`` -> ``images_<f>/x.png`` (or ``x.jpg`` ...) when that file exists
+    (nerfstudio/gsplat)."""
     if factor <= 1:
         return None
     parts = Path(rel).parts
     if not parts:
         return None
-    cand = root.joinpath(f"{parts[0]}_{factor}", *parts[1:])
-    return cand if cand.is_file() else None
+    return find_image_file(root.joinpath(f"{parts[0]}_{factor}", *parts[1:]))
 
 
 def warn_once(msg: str) -> None:
@@ -630,6 +671,48 @@ def check_matrix(m, shape: Tuple[int, ...], path: PathLike, field_name: str) -> 
     if not np.isfinite(a).all():
         raise DatasetError("has non-finite values", path, field_name)
     return a
+
+
+def pose_matrix(m, path: PathLike, field_name: str) -> Tuple[np.ndarray, float]:
+    """A camera-to-world pose from a JSON ``transform_matrix``: 4x4 or 3x4 (the bottom row is
+    ignored, as nerfstudio does). A rotation part that is not orthonormal (a scale, or rounding)
+    is replaced by the nearest rotation (the nearest mirror, for a left-handed one) when it is
+    off by more than 1e-5; returns ``(c2w [4, 4], how far the rotation part was from that)`` so
+    the caller can warn (:func:`warn_poses`). A singular rotation part raises
+    :class:`DatasetError`."""
+    try:
+        a = np.asarray(m, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise DatasetError("must be a numeric 4x4 (or 3x4) matrix", path, field_name) from None
+    if a.shape not in ((4, 4), (3, 4)):
+        raise DatasetError(f"must be 4x4 (or 3x4), got shape {list(a.shape)}", path, field_name)
+    if not np.isfinite(a).all():
+        raise DatasetError("has non-finite values", path, field_name)
+    c2w = np.eye(4)
+    c2w[:3] = a[:3]
+    R = c2w[:3, :3]
+    U, S, Vt = np.linalg.svd(R)
+    if S[-1] <= 1e-9 * max(S[0], 1e-300):
+        raise DatasetError(f"rotation part {R.round(6).tolist()} is singular; not a camera-to-world pose", path,
+                           field_name)
+    Rn = U @ Vt
+    dev = float(np.abs(R - Rn).max())
+    if dev > 1e-5:
+        c2w[:3, :3] = Rn
+    return c2w, dev
+
+
+def warn_poses(poses: Sequence[Tuple[np.ndarray, float]], path: PathLike, field_name: str = "transform_matrix"):
+    """One warning for the :func:`pose_matrix` results of a file whose rotations were
+    noticeably not orthonormal, and one if some are mirrored (left-handed)."""
+    bad = [d for _, d in poses if d > 1e-3]
+    if bad:
+        warnings.warn(f"{path}: {len(bad)} {field_name} rotation(s) are not orthonormal (off by up to "
+                      f"{max(bad):.3g}, e.g. scaled); using the nearest rotations", stacklevel=3)
+    mirrored = sum(np.linalg.det(c2w[:3, :3]) < 0 for c2w, _ in poses)
+    if mirrored:
+        warnings.warn(f"{path}: {mirrored} of {len(poses)} {field_name} rotation(s) are mirrored (determinant < 0: "
+                      f"a left-handed camera frame); check the file's convention", stacklevel=3)
 
 
 def fov_to_focal(fov: float, size: int) -> float:

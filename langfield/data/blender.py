@@ -3,9 +3,10 @@
 Layout: ``transforms_train.json`` (required), ``transforms_val.json``, ``transforms_test.json``,
 each with ``camera_angle_x`` (horizontal field of view, radians; ``fl_x``/``fl_y``/``cx``/``cy``
 used instead when present) and ``frames`` of ``file_path`` (usually without extension:
-``.png`` is implied), ``transform_matrix`` (camera-to-world, OpenGL axes) and, for D-NeRF,
-``time``. Images are RGBA, composited on ``background`` (white by default). The format's own
-split is used. There are no points: :meth:`langfield.scene.Gaussians.from_dataset`
+``.png`` is implied, another image extension is found too), ``transform_matrix``
+(camera-to-world, OpenGL axes, 4x4 or 3x4; see :func:`~langfield.data.base.pose_matrix`) and,
+for D-NeRF, ``time``. Images are RGBA, composited on ``background`` (white by default). The
+format's own split is used. There are no points: :meth:`langfield.scene.Gaussians.from_dataset`
 initialises at random in the cameras' common view.
 """
 
@@ -16,22 +17,20 @@ from typing import List, Sequence, Union
 
 import numpy as np
 
-from .base import (GL_TO_CV, DatasetError, Frame, MissingFileError, check_matrix, finalize, fov_to_focal, image_size,
-                   scale_K, scaled_size)
-from .nerfstudio import _num, frame_file_path, read_transforms_json
+from .base import (GL_TO_CV, DatasetError, Frame, MissingFileError, finalize, find_image_file, fov_to_focal, image_size,
+                   pose_matrix, scale_K, scaled_size, warn_poses)
+from .nerfstudio import _norm_rel, _num, frame_file_path, read_transforms_json
 
 __all__ = ["load_blender"]
 
 
 def _image_file(root: Path, fp: str) -> Path:
+    """The image of a ``file_path`` (``.png`` implied, as in the NeRF synthetic sets; other
+    extensions and letter cases are found too); the ``.png`` path when there is none."""
     p = Path(fp)
     p = p if p.is_absolute() else root / p
-    if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".exr") and p.is_file():
-        return p
-    png = p.parent / (p.name + ".png")
-    if png.is_file():
-        return png
-    return p if p.is_file() else png
+    found = find_image_file(p.parent / (p.name + ".png")) or find_image_file(p)
+    return found if found is not None else p.parent / (p.name + ".png")
 
 
 def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequence[float] = (1.0, 1.0, 1.0),
@@ -56,6 +55,7 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
             raise DatasetError("must be a list", jpath, "frames")
         if "camera_angle_x" not in meta and "fl_x" not in meta:
             raise DatasetError("missing (horizontal field of view in radians)", jpath, "camera_angle_x")
+        poses = []
         for i, fr in enumerate(fl):
             where = f"frames[{i}]"
             fp = frame_file_path(fr, i, jpath)
@@ -64,7 +64,9 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
                 raise MissingFileError(f"image of {where} not found (file_path {fp!r} in {jpath})", img)
             if "transform_matrix" not in fr:
                 raise DatasetError(f"missing (camera-to-world pose of {fp})", jpath, f"{where}.transform_matrix")
-            c2w = check_matrix(fr["transform_matrix"], (4, 4), jpath, f"{where}.transform_matrix") @ GL_TO_CV
+            c2w, dev = pose_matrix(fr["transform_matrix"], jpath, f"{where}.transform_matrix")
+            poses.append((c2w, dev))
+            c2w = c2w @ GL_TO_CV
             W, H = image_size(img)
             if "fl_x" in meta:
                 fx = _num(meta["fl_x"], jpath, "fl_x")
@@ -87,9 +89,10 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
             if t is not None:
                 t = _num(t, jpath, f"{where}.time")
                 is_dnerf = True
-            name = str(Path(fp).as_posix()).lstrip("./") or fp
+            name = _norm_rel(fp)
             frames.append(Frame(image_path=img, width=w, height=h, K=K, camtoworld=c2w, split=split, name=name,
                                 time=t))
+        warn_poses(poses, jpath)
     if not frames:
         raise DatasetError("no frames in transforms_{train,val,test}.json", root)
     return finalize(frames, root=root, format="dnerf" if is_dnerf else "blender", points=None, normalize=normalize,

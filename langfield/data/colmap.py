@@ -3,6 +3,9 @@
 Layout: ``<root>/images/`` and a model (``cameras``, ``images``, ``points3D`` as ``.bin`` or
 ``.txt``) in ``<root>/sparse/0``, ``<root>/sparse``, ``<root>/colmap/sparse/0`` or ``<root>``.
 Registered images are sorted by name; every ``test_every``-th (0, 8, 16, ...) is held out.
+An image the model names but the folder holds only with another letter case or image
+extension (``x.jpg`` as ``x.JPG`` or ``x.png``) is found; a model without a points3D file
+loads without points.
 
 Cameras: PINHOLE and SIMPLE_PINHOLE are used as they are; every other model (SIMPLE_RADIAL,
 RADIAL, OPENCV, FULL_OPENCV, fisheye models ...) is undistorted to the pinhole camera
@@ -16,6 +19,9 @@ size over the camera's), and otherwise resizes the full image on the fly to
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -23,12 +29,11 @@ from typing import List, Optional, Sequence, Union
 import numpy as np
 
 from .base import (DatasetError, Distortion, Frame, MissingFileError, PointCloud, every_nth_split, finalize,
-                   image_size, import_pycolmap, scaled_size, undistorted_camera)
+                   find_image_file, image_size, import_pycolmap, scaled_size, undistorted_camera)
 
 __all__ = ["load_colmap", "find_colmap_model"]
 
 PINHOLE_MODELS = ("PINHOLE", "SIMPLE_PINHOLE")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
 def _has_model(d: Path) -> bool:
@@ -81,14 +86,25 @@ def _find_downscaled(down_dir: Optional[Path], name: str) -> Optional[Path]:
     """``images_N/<name>``, or the same stem with another image extension."""
     if down_dir is None:
         return None
-    p = down_dir / name
-    if p.is_file():
-        return p
-    for ext in IMAGE_EXTS:
-        q = p.with_suffix(ext)
-        if q.is_file():
-            return q
-    return None
+    return find_image_file(down_dir / name)
+
+
+def _read_reconstruction(pycolmap, model_dir: Path):
+    """``pycolmap.Reconstruction`` of a model folder; a model without a points3D file (which
+    pycolmap refuses) is read with an empty one."""
+    if any((model_dir / f"points3D{e}").is_file() for e in (".bin", ".txt")):
+        return pycolmap.Reconstruction(str(model_dir))
+    text = not (model_dir / "images.bin").is_file()
+    with tempfile.TemporaryDirectory(prefix="langfield-colmap-") as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and f.stem in ("cameras", "images", "rigs", "frames"):
+                try:
+                    os.symlink(f.resolve(), Path(tmp) / f.name)
+                except OSError:
+                    shutil.copy(f, Path(tmp) / f.name)
+        pts = Path(tmp) / ("points3D.txt" if text else "points3D.bin")
+        pts.write_bytes(b"" if text else bytes(8))  # binary: a uint64 count of 0
+        return pycolmap.Reconstruction(tmp)
 
 
 def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optional[Union[str, Path]] = None,
@@ -105,7 +121,7 @@ def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optio
                            "colmap/sparse/0 and the folder itself", path)
     root = path if model_dir != path else _dataset_root(model_dir)
     try:
-        rec = pycolmap.Reconstruction(str(model_dir))
+        rec = _read_reconstruction(pycolmap, model_dir)
     except Exception as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise DatasetError(f"cannot read the COLMAP model ({msg})", model_dir) from None
@@ -126,10 +142,11 @@ def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optio
     frames: List[Frame] = []
     n_resized = 0
     missing = []
+    rescaled = []
     for i, im in enumerate(images):
-        src = img_dir / im.name
-        if not src.is_file():
-            missing.append(str(src))
+        src = find_image_file(img_dir / im.name)
+        if src is None:
+            missing.append(str(img_dir / im.name))
             continue
         cam = rec.cameras[im.camera_id]
         model = cam.model.name if hasattr(cam.model, "name") else str(cam.model)
@@ -146,8 +163,7 @@ def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optio
                 if abs(fw / fh - W / H) > 0.01 * (W / H):
                     raise DatasetError(f"image is {fw}x{fh} but its camera {im.camera_id} in {model_dir} is "
                                        f"{W}x{H} (aspect ratios differ)", src)
-                warnings.warn(f"{src}: image is {fw}x{fh}, camera {im.camera_id} is {W}x{H}; scaling intrinsics",
-                              stacklevel=2)
+                rescaled.append(f"{src.name} is {fw}x{fh}, camera {im.camera_id} is {W}x{H}")
             w, h = scaled_size(fw, fh, downscale) if downscale > 1 else (fw, fh)
             if downscale > 1:
                 n_resized += 1
@@ -174,6 +190,10 @@ def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optio
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         raise MissingFileError(f"{len(missing)} image(s) listed in the COLMAP model {model_dir} not found: "
                                f"{', '.join(missing[:3])}{more}", img_dir)
+    if rescaled:
+        more = f" (and {len(rescaled) - 3} more)" if len(rescaled) > 3 else ""
+        warnings.warn(f"{img_dir}: {len(rescaled)} image(s) differ in size from their COLMAP camera; scaling the "
+                      f"intrinsics: {'; '.join(rescaled[:3])}{more}", stacklevel=2)
     if n_resized and down_dir is not None:
         warnings.warn(f"{n_resized} of {len(frames)} images are missing from {down_dir}; resizing the full images "
                       f"by 1/{downscale} on the fly", stacklevel=2)

@@ -2,15 +2,19 @@
 
 Read: intrinsics ``fl_x fl_y cx cy w h`` at the top level or per frame (``fl_y`` defaults to
 ``fl_x``, ``cx``/``cy`` to the image centre, ``w``/``h`` to the image size; ``camera_angle_x``
-stands in for a missing ``fl_x``); ``camera_model`` ``OPENCV`` (distortion ``k1 k2 k3 p1 p2``)
+stands in for a missing ``fl_x``); ``camera_model`` ``OPENCV`` (distortion ``k1 k2 k3 p1 p2``; also
+``PINHOLE``, ``SIMPLE_PINHOLE``, ``SIMPLE_RADIAL``, ``RADIAL``, which nerfstudio reads the same way)
 or ``OPENCV_FISHEYE`` (``k1..k4``), undistorted with pycolmap's camera models;
-``transform_matrix`` (camera-to-world, OpenGL axes -> OpenCV by flipping the y and z
-columns); ``applied_transform`` (3x4: the transform nerfstudio already applied to the
-world; kept as ``dataset.applied_transform``); ``ply_file_path`` (points for
-initialisation, in the same world as the cameras); ``mask_path``; ``depth_file_path`` (.npy,
-or 16-bit PNG, times ``depth_unit_scale_factor``, default 1e-3 as in nerfstudio);
-``time``; ``train_filenames`` / ``val_filenames`` / ``test_filenames`` (else a per-frame
-``split``, else every ``test_every``-th frame held out). Other per-frame keys are kept in
+``file_path`` (relative to the folder, or absolute; without an extension, or with another
+letter case, the image file that matches is used); ``transform_matrix`` (camera-to-world,
+4x4 or 3x4, OpenGL axes -> OpenCV by flipping the y and z columns; a rotation part that is
+not orthonormal is replaced by the nearest rotation); ``applied_transform`` (3x4: the
+transform nerfstudio already applied to the world; kept as ``dataset.applied_transform``);
+``ply_file_path`` (points for initialisation, in the same world as the cameras);
+``mask_path``; ``depth_file_path`` (.npy, or 16-bit PNG, times ``depth_unit_scale_factor``,
+default 1e-3 as in nerfstudio); ``time``; ``train_filenames`` / ``val_filenames`` /
+``test_filenames`` (matched to the frames by file, however the paths are spelt; else a
+per-frame ``split``, else every ``test_every``-th frame held out). Other per-frame keys are kept in
 ``frame.extras``.
 
 ``downscale=N`` reads ``images_N/...`` (the first folder of ``file_path`` with ``_N``)
@@ -23,13 +27,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Union
+from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
 from .base import (GL_TO_CV, DatasetError, Distortion, Frame, MissingFileError, PointCloud, check_matrix,
-                   downscaled_folder, every_nth_split, finalize, fov_to_focal, image_size, scale_K, scaled_size,
-                   undistorted_camera)
+                   downscaled_folder, every_nth_split, finalize, find_image_file, fov_to_focal, image_size, pose_matrix,
+                   scale_K, scaled_size, undistorted_camera, warn_poses)
 
 __all__ = ["load_nerfstudio", "read_transforms_json"]
 
@@ -78,6 +82,12 @@ def _resolve(root: Path, rel: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def _abs(p: Union[str, Path]) -> str:
+    """An absolute normalised path (split lists match ``file_path`` by it; Windows separators
+    read as ``/``)."""
+    return os.path.abspath(str(p).replace("\\", "/"))
+
+
 def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: int = 8, normalize: bool = True,
                     background: Sequence[float] = (1.0, 1.0, 1.0), undistort: bool = True, load_points: bool = True,
                     cache_images: bool = False):
@@ -99,13 +109,16 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
             return None
         if not isinstance(v, list):
             raise DatasetError("must be a list of file paths", jpath, key)
-        return {_norm_rel(x) for x in v}
+        if not all(isinstance(x, str) for x in v):
+            raise DatasetError("must be a list of file paths (strings)", jpath, key)
+        return {_abs(_resolve(root, x)) for x in v}
 
     train_set, val_set, test_set = split_set("train_filenames"), split_set("val_filenames"), split_set("test_filenames")
     has_lists = any(s is not None for s in (train_set, val_set, test_set))
     depth_unit = _num(meta.get("depth_unit_scale_factor", 1e-3), jpath, "depth_unit_scale_factor")
 
     frames: List[Frame] = []
+    poses: List[Tuple[np.ndarray, float]] = []
     fallback_splits = every_nth_split(len(frames_meta), test_every)
     for i, fr in enumerate(frames_meta):
         where = f"frames[{i}]"
@@ -117,17 +130,17 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         def fld(key):
             return f"{where}.{key}" if key in fr else key
 
-        img = _resolve(root, fp)
-        if not img.is_file():
-            raise MissingFileError(f"image of {where} not found (file_path {fp!r} in {jpath})", img)
+        img = find_image_file(_resolve(root, fp))
+        if img is None:
+            raise MissingFileError(f"image of {where} not found (file_path {fp!r} in {jpath})", _resolve(root, fp))
         if "transform_matrix" not in fr:
             raise DatasetError(f"missing (camera-to-world pose of {fp})", jpath, f"{where}.transform_matrix")
-        tm = np.asarray(fr["transform_matrix"], dtype=object)
-        if tm.shape == (3, 4):
-            tm = np.concatenate([tm, np.array([[0, 0, 0, 1]], dtype=object)])
-        c2w_gl = check_matrix(tm.tolist() if hasattr(tm, "tolist") else tm, (4, 4), jpath,
-                              f"{where}.transform_matrix")
+        c2w_gl, dev = pose_matrix(fr["transform_matrix"], jpath, f"{where}.transform_matrix")
+        poses.append((c2w_gl, dev))
         c2w = c2w_gl @ GL_TO_CV
+        img_rel = os.path.relpath(_abs(img), _abs(root))
+        if img_rel == ".." or img_rel.startswith(".." + os.sep):  # an absolute file_path outside the folder
+            img_rel = None
 
         # full-resolution size
         w_full, h_full = get("w"), get("h")
@@ -158,7 +171,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
 
         # file and loaded size
         file = img
-        small = downscaled_folder(root, fp, downscale) if not Path(fp).is_absolute() else None
+        small = downscaled_folder(root, img_rel, downscale) if img_rel is not None else None
         if small is not None:
             file = small
             w, h = image_size(small)
@@ -169,7 +182,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         model = str(get("camera_model", "OPENCV")).upper()
         dk = {k: _num(get(k, 0.0), jpath, fld(k)) for k in ("k1", "k2", "k3", "k4", "p1", "p2")}
         dist = None
-        if model in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "PERSPECTIVE"):
+        if model in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "PERSPECTIVE", "SIMPLE_RADIAL", "RADIAL"):
             if dk["k4"] != 0.0:
                 raise DatasetError("k4 on a perspective (OPENCV) camera is not supported", jpath, fld("k4"))
             if any(dk[k] != 0.0 for k in ("k1", "k2", "k3", "p1", "p2")):
@@ -215,13 +228,14 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         if t is not None:
             t = _num(t, jpath, f"{where}.time")
 
-        rel = _norm_rel(fp)
+        rel = _norm_rel(img_rel if Path(fp).is_absolute() and img_rel is not None else fp)
+        keys = {_abs(_resolve(root, fp)), _abs(img)}
         if has_lists:
-            if test_set is not None and rel in test_set:
+            if test_set is not None and keys & test_set:
                 split = "test"
-            elif val_set is not None and rel in val_set:
+            elif val_set is not None and keys & val_set:
                 split = "test" if test_set is None else "val"
-            elif train_set is not None and rel in train_set:
+            elif train_set is not None and keys & train_set:
                 split = "train"
             else:
                 split = "test" if train_set is not None else "train"
@@ -235,6 +249,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
                             camera_id=int(fr.get("camera", 0)) if isinstance(fr.get("camera", 0), int) else 0,
                             distortion=distortion, extras=extras))
 
+    warn_poses(poses, jpath)
     applied = None
     if "applied_transform" in meta:
         a = np.asarray(meta["applied_transform"], dtype=object)
