@@ -105,7 +105,7 @@ struct BwdScratch {
     void init(int P, int D) {
         const size_t PP = (size_t)P + 8;
         T.assign(PP, 0.f); Tf.assign(PP, 0.f); va.assign(PP, 0.f); bgdot.assign(PP, 0.f);
-        buf.resize(PP * D); vr.resize(PP * D); last.resize(PP); gcol.resize(D);
+        buf.assign(PP, 0.f); vr.resize(PP * D); last.resize(PP); gcol.resize(D);
     }
 };
 
@@ -269,7 +269,8 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                                         n_tiles, n_isects);
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
                 // tile state, channel-major with 8 floats of padding: T (current transmittance,
-                // recovered back to front), Tf (final), v_render (SoA), buf (colour behind)
+                // recovered back to front), Tf (final), v_render (SoA), buf (v_render . colour
+                // blended behind the current Gaussian)
                 std::fill(sc.last.begin(), sc.last.end(), -1);
                 std::fill(sc.buf.begin(), sc.buf.end(), 0.f);
                 std::fill(sc.vr.begin(), sc.vr.end(), 0.f);
@@ -337,18 +338,19 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                             Tv = lfcpu::select(valid, Tn, Tv);
                             __builtin_memcpy(sc.T.data() + pj, &Tv, 32);
                             const lf_vf8 fac = lfcpu::select(valid, alpha * Tn, zero);
-                            lf_vf8 v_alpha = zero;
+                            // v_render . colour of this Gaussian, and v_render . colour
+                            // blended behind it (one scalar per pixel, not D channels)
+                            lf_vf8 cdot = zero, behind;
                             for (int k = 0; k < D; ++k) {
-                                float *bk_p = sc.buf.data() + (size_t)k * PP + pj;
-                                lf_vf8 vr, bk;
+                                lf_vf8 vr;
                                 __builtin_memcpy(&vr, sc.vr.data() + (size_t)k * PP + pj, 32);
-                                __builtin_memcpy(&bk, bk_p, 32);
-                                const float ck = col[k];
                                 g_col[k] += fac * vr;
-                                v_alpha += (ck * Tn - bk * ra) * vr;
-                                bk += ck * fac;
-                                __builtin_memcpy(bk_p, &bk, 32);
+                                cdot += col[k] * vr;
                             }
+                            __builtin_memcpy(&behind, sc.buf.data() + pj, 32);
+                            lf_vf8 v_alpha = cdot * Tn - behind * ra;
+                            behind += cdot * fac;
+                            __builtin_memcpy(sc.buf.data() + pj, &behind, 32);
                             v_alpha += Tfv * ra * vav;
                             if (bg) v_alpha -= Tfv * ra * bgd;
                             // alpha = min(0.999, op vis): no gradient through the clamp
