@@ -60,7 +60,7 @@ def main():
 
         os.environ["LANGFIELD_NUM_THREADS"] = str(args.threads)  # read when the library loads
         torch.set_num_threads(args.threads)
-    rep, ref_rep = (2, 1) if args.quick else (5, 2)
+    rep, ref_rep = (2, 1) if args.quick else (10, 3)
     rows = []
     for D in (3, 12):
         for bwd in (False, True):

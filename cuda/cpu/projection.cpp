@@ -68,7 +68,8 @@ LF_API int lf_project_bwd(int C, int N, const float *means, const float *quats, 
                                         Ks + c * 9, width, height, eps2d, conics + idx * 3,
                                         compensations ? compensations + idx : nullptr, v_means2d + idx * 2,
                                         v_depths[idx], v_conics + idx * 3,
-                                        v_compensations ? v_compensations + idx : nullptr, gr);
+                                        v_compensations ? v_compensations + idx : nullptr, gr,
+                                        v_viewmats != nullptr);
                     for (int k = 0; k < 3; ++k) v_means[g * 3 + k] += gr.v_mean[k];
                     for (int k = 0; k < 4; ++k) v_quats[g * 4 + k] += gr.v_quat[k];
                     for (int k = 0; k < 3; ++k) v_scales[g * 3 + k] += gr.v_scale[k];

@@ -75,7 +75,8 @@ __global__ void project_bwd_kernel(
                             Ks + 9 * (int64_t)c, width, height, eps2d, conics + 3 * idx,
                             compensations ? compensations + idx : nullptr,
                             v_means2d + 2 * idx, v_depths[idx], v_conics + 3 * idx,
-                            v_compensations ? v_compensations + idx : nullptr, g);
+                            v_compensations ? v_compensations + idx : nullptr, g,
+                            v_viewmats != nullptr);
         float *vm = v_means + 3 * (int64_t)n;
         float *vq = v_quats + 4 * (int64_t)n;
         float *vs = v_scales + 3 * (int64_t)n;
@@ -89,8 +90,10 @@ __global__ void project_bwd_kernel(
         atomicAdd(vs + 0, g.v_scale[0]);
         atomicAdd(vs + 1, g.v_scale[1]);
         atomicAdd(vs + 2, g.v_scale[2]);
+        if (v_viewmats != nullptr) {
 #pragma unroll
-        for (int k = 0; k < 12; ++k) vv[k] = g.v_viewmat[k];  // rows 0..2
+            for (int k = 0; k < 12; ++k) vv[k] = g.v_viewmat[k];  // rows 0..2
+        }
     }
 
     if (v_viewmats == nullptr) return;  // grid-uniform

@@ -337,7 +337,8 @@ LF_HD void project_one_vjp(const float *mean, const float *quat, const float *sc
                            const float *viewmat, const float *K, int width, int height,
                            float eps2d, const float *conic, const float *compensation /*nullable*/,
                            const float *v_mean2d, float v_depth, const float *v_conic,
-                           const float *v_compensation /*nullable*/, ProjGrad &g) {
+                           const float *v_compensation /*nullable*/, ProjGrad &g,
+                           bool with_viewmat = true) {
     m2 inv;
     inv.a[0] = conic[0]; inv.a[1] = conic[1]; inv.a[2] = conic[1]; inv.a[3] = conic[2];
     m2 v_inv;
@@ -365,6 +366,9 @@ LF_HD void project_one_vjp(const float *mean, const float *quat, const float *sc
     // p = Rw m + t
     v3 vm = m3_tmulv(Rw, v_p);
     g.v_mean[0] = vm.x; g.v_mean[1] = vm.y; g.v_mean[2] = vm.z;
+    m3 v_covar = m3_mul(m3_mul_at(Rw, v_cov_c), Rw);
+    quat_scale_to_covar_vjp(quat, scale, Rq, v_covar, g.v_quat, g.v_scale);
+    if (!with_viewmat) return;  // g.v_viewmat left unset: the caller does not want it
     float vp[3] = {v_p.x, v_p.y, v_p.z};
     float mm[3] = {m.x, m.y, m.z};
     m3 vRw;
@@ -374,8 +378,6 @@ LF_HD void project_one_vjp(const float *mean, const float *quat, const float *sc
     m3 a1 = m3_mul(m3_mul(v_cov_c, Rw), m3_transpose(covar));
     m3 a2 = m3_mul(m3_mul(m3_transpose(v_cov_c), Rw), covar);
     vRw = m3_add(vRw, m3_add(a1, a2));
-    m3 v_covar = m3_mul(m3_mul_at(Rw, v_cov_c), Rw);
-    quat_scale_to_covar_vjp(quat, scale, Rq, v_covar, g.v_quat, g.v_scale);
     for (int i = 0; i < 3; ++i) {
         for (int j = 0; j < 3; ++j) g.v_viewmat[i * 4 + j] = vRw.a[i * 3 + j];
         g.v_viewmat[i * 4 + 3] = vp[i];
