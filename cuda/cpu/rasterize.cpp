@@ -80,7 +80,7 @@ inline bool tile_gauss(const TileGeom &tg, int64_t gid, const float *means2d, co
 inline bool row_range(const TileGeom &tg, const TileGauss &g, int ly, int &rx0, int &rx1) {
     rx0 = g.lx0;
     rx1 = g.lx1;
-    if (!g.pd) return true;
+    if (!g.pd || g.lx1 - g.lx0 <= 8) return true;  // one chunk either way: the chord would not save one
     int sx0, sx1;
     if (!lfcpu::alpha_row_span(g.m, g.con, g.L, (float)(tg.py0 + ly) + 0.5f, sx0, sx1)) return false;
     rx0 = std::max(g.lx0, sx0 - tg.px0);
