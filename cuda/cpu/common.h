@@ -4,6 +4,9 @@
 #include <string>
 #include <exception>
 #include <math.h>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "langfield_abi.h"
 #include "lf_math.h"
@@ -135,11 +138,18 @@ inline lf_vf8 vabs(lf_vf8 x) { return (lf_vf8)((lf_vi8)x & 0x7fffffff); }
 inline float hsum(lf_vf8 v) {
     return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
 }
-inline bool any_lane(lf_vi8 m) {
-    int32_t r = 0;
-    for (int q = 0; q < 8; ++q) r |= m[q];
-    return r != 0;
+// Lane masks are all-ones (-1) or 0 per lane.
+inline int lane_bits(lf_vi8 m) {
+#if defined(__AVX__)
+    return __builtin_ia32_movmskps256((__v8sf)m);
+#else
+    int r = 0;
+    for (int q = 0; q < 8; ++q) r |= (m[q] != 0) << q;
+    return r;
+#endif
 }
+inline bool any_lane(lf_vi8 m) { return lane_bits(m) != 0; }
+inline int count_lanes(lf_vi8 m) { return __builtin_popcount((unsigned)lane_bits(m)); }
 
 inline void row_eval(int n, float mx, float dy, float px_start, const float *conic, float *sig, float *vis) {
     const lf_vf8 lane = {0.5f, 1.5f, 2.5f, 3.5f, 4.5f, 5.5f, 6.5f, 7.5f};

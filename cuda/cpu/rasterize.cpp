@@ -201,7 +201,7 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                             __builtin_memcpy(T.data() + p0 + j, &Tv, 32);
                             __builtin_memcpy(done.data() + p0 + j, &dn, 32);
                             __builtin_memcpy(last.data() + p0 + j, &lv, 32);
-                            for (int q = 0; q < 8; ++q) nd -= fin[q];
+                            nd += lfcpu::count_lanes(fin);
                             for (int k = 0; k < D; ++k) {
                                 float *ak = acc.data() + (size_t)k * PP + p0 + j;
                                 lf_vf8 av;
