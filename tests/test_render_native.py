@@ -189,6 +189,34 @@ def test_gradients_match_reference(mode, D):
     _assert_close_grads(_grads(p, "cpu", mode), _grads(p, "torch", mode))
 
 
+@pytest.mark.parametrize("with_bg", [False, True])
+def test_frozen_geometry_backward_gives_the_same_colour_gradients(with_bg):
+    """Only colours/features need gradients (the language stage on a fixed scene): the CPU skips the
+    geometry gradients, and the colour and background gradients equal the full backward's exactly."""
+    s = random_scene(400, C=2, width=45, height=37, D=12, seed=5)
+    p = s.params()
+    bg = torch.rand(2, 12, generator=torch.Generator().manual_seed(1)) if with_bg else None
+
+    def run(backend, geometry_grads):
+        q = {k: (v.detach().clone().requires_grad_(geometry_grads or k == "colors")
+                 if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+        b = bg.clone().requires_grad_(True) if bg is not None else None
+        out, alpha, _ = rasterization(**q, backgrounds=b, render_mode="RGB+ED", backend=backend)
+        wo, wa = _loss_weights(out, alpha)
+        ((out * wo).sum() + (alpha * wa).sum()).backward()
+        return q["colors"].grad, (b.grad if b is not None else None), q["means"].grad
+
+    col_fast, bg_fast, m_fast = run("cpu", False)
+    col_full, bg_full, m_full = run("cpu", True)
+    col_ref, bg_ref, _ = run("torch", False)
+    assert m_fast is None and m_full is not None
+    assert torch.equal(col_fast, col_full)
+    _assert_close_grads({"colors": col_fast}, {"colors": col_ref})  # the tolerance of every gradient test
+    if with_bg:
+        assert torch.equal(bg_fast, bg_full)
+        _assert_close_grads({"bg": bg_fast}, {"bg": bg_ref})
+
+
 @pytest.mark.parametrize("deg", [1, 3])
 def test_sh_gradients_match_reference(deg):
     s = random_scene(120, C=2, width=32, height=24, sh_degree=deg, seed=deg)

@@ -244,13 +244,16 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                  tile_height == (height + tile_size - 1) / tile_size,
              "lf_rasterize_bwd: tile grid does not match the image");
     LF_CHECK(render_alphas && last_ids && v_render_colors && v_render_alphas, "lf_rasterize_bwd: null input");
-    LF_CHECK(n_isects == 0 || (means2d && conics && colors && opacities && flatten_ids && tile_offsets &&
-                               v_means2d && v_conics && v_colors && v_opacities),
+    // geometry gradients: all three or none (colours only)
+    const bool geo = v_means2d != nullptr;
+    LF_CHECK((v_conics != nullptr) == geo && (v_opacities != nullptr) == geo && (geo || !v_means2d_abs),
+             "lf_rasterize_bwd: v_means2d, v_conics and v_opacities must be all given or all NULL");
+    LF_CHECK(n_isects == 0 || (means2d && conics && colors && opacities && flatten_ids && tile_offsets && v_colors),
              "lf_rasterize_bwd: null pointer");
     const int64_t n_tiles = (int64_t)C * tile_width * tile_height;
     const bool absgrad = v_means2d_abs != nullptr;
-    // per-intersection slot: v_xy(2) v_conic(3) v_opac(1) [v_xy_abs(2)] v_color(D)
-    const int S_ABS = 6, S_COL = absgrad ? 8 : 6;
+    // per-intersection slot: [v_xy(2) v_conic(3) v_opac(1) [v_xy_abs(2)]] v_color(D)
+    const int S_ABS = 6, S_COL = !geo ? 0 : absgrad ? 8 : 6;
     const int S = S_COL + D;
     return lfcpu::guarded("lf_rasterize_bwd", [&]() -> int {
         std::vector<float> slots((size_t)n_isects * S, 0.f);
@@ -338,6 +341,14 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                             Tv = lfcpu::select(valid, Tn, Tv);
                             __builtin_memcpy(sc.T.data() + pj, &Tv, 32);
                             const lf_vf8 fac = lfcpu::select(valid, alpha * Tn, zero);
+                            if (!geo) {  // colours only: d render / d colour_k = alpha T
+                                for (int k = 0; k < D; ++k) {
+                                    lf_vf8 vr;
+                                    __builtin_memcpy(&vr, sc.vr.data() + (size_t)k * PP + pj, 32);
+                                    g_col[k] += fac * vr;
+                                }
+                                continue;
+                            }
                             // v_render . colour of this Gaussian, and v_render . colour
                             // blended behind it (one scalar per pixel, not D channels)
                             lf_vf8 cdot = zero, behind;
@@ -371,12 +382,14 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                     }
                     if (!lfcpu::any_lane(any_v)) continue;
                     float *slot = slots.data() + (size_t)i * S;
-                    slot[0] = lfcpu::hsum(g_x);
-                    slot[1] = lfcpu::hsum(g_y);
-                    slot[2] = lfcpu::hsum(g_c0);
-                    slot[3] = lfcpu::hsum(g_c1);
-                    slot[4] = lfcpu::hsum(g_c2);
-                    slot[5] = lfcpu::hsum(g_op);
+                    if (geo) {
+                        slot[0] = lfcpu::hsum(g_x);
+                        slot[1] = lfcpu::hsum(g_y);
+                        slot[2] = lfcpu::hsum(g_c0);
+                        slot[3] = lfcpu::hsum(g_c1);
+                        slot[4] = lfcpu::hsum(g_c2);
+                        slot[5] = lfcpu::hsum(g_op);
+                    }
                     if (absgrad) {
                         slot[S_ABS] = lfcpu::hsum(g_ax);
                         slot[S_ABS + 1] = lfcpu::hsum(g_ay);
@@ -395,12 +408,14 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                 const int64_t gid = flatten_ids[i];
                 if (gid < lo || gid >= hi) continue;
                 const float *s = slots.data() + (size_t)i * S;
-                v_means2d[gid * 2] += s[0];
-                v_means2d[gid * 2 + 1] += s[1];
-                v_conics[gid * 3] += s[2];
-                v_conics[gid * 3 + 1] += s[3];
-                v_conics[gid * 3 + 2] += s[4];
-                v_opacities[gid] += s[5];
+                if (geo) {
+                    v_means2d[gid * 2] += s[0];
+                    v_means2d[gid * 2 + 1] += s[1];
+                    v_conics[gid * 3] += s[2];
+                    v_conics[gid * 3 + 1] += s[3];
+                    v_conics[gid * 3 + 2] += s[4];
+                    v_opacities[gid] += s[5];
+                }
                 if (absgrad) {
                     v_means2d_abs[gid * 2] += s[S_ABS];
                     v_means2d_abs[gid * 2 + 1] += s[S_ABS + 1];

@@ -150,6 +150,10 @@ LF_API int lf_rasterize_bwd(
     float *v_opacities,           // out [C,N]
     float *v_backgrounds,         // out [C,D] or NULL
     void *stream);
+// CPU library: v_means2d, v_conics and v_opacities may all be NULL together
+// (with v_means2d_abs NULL): only the colour (and background) gradients are
+// computed, which skips most of the work (frozen geometry, e.g. training
+// language features on a fixed scene). The CUDA library needs all three.
 
 #ifdef __cplusplus
 }

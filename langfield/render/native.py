@@ -209,11 +209,13 @@ class _Rasterize(torch.autograd.Function):
         dev = colors.device
         v_render = torch.zeros((C, height, width, D), device=dev) if v_render is None else _c(v_render)
         v_alphas = torch.zeros((C, height, width), device=dev) if v_alphas is None else _c(v_alphas[..., 0])
-        v_means2d = torch.zeros_like(means2d)
+        # the CPU library can skip the geometry gradients (frozen geometry: most of the work)
+        geo = colors.is_cuda or absgrad or any(ctx.needs_input_grad[i] for i in (0, 1, 3))
+        v_means2d = torch.zeros_like(means2d) if geo else None
         v_abs = torch.zeros_like(means2d) if absgrad else None
-        v_conics = torch.zeros_like(conics)
+        v_conics = torch.zeros_like(conics) if geo else None
         v_colors = torch.zeros_like(colors)
-        v_opac = torch.zeros_like(opacities)
+        v_opac = torch.zeros_like(opacities) if geo else None
         v_bg = torch.zeros_like(backgrounds) if (has_bg and ctx.needs_input_grad[4]) else None
         lib = _lib(colors)
         _check(lib, lib.lf_rasterize_bwd(C, N, D, width, height, tile_size, tw, th, _p(means2d), _p(conics),
