@@ -173,10 +173,10 @@ class LanguageField:
                 te = load_text_encoder(lang_doc["text"], device=dev)
         elif g.lang is not None:
             g.set_lang(None)
-        train = doc.get("train", {})
-        interval = int(train.get("sh_degree_interval", 1000)) or 1000
+        from langfield.train.config import trained_sh_degree
+
         rgb_step = int(ck.config.get("rgb_step", ck.step))
-        sh = min(max(rgb_step - 1, 0) // interval, int(train.get("sh_degree", g.sh_degree)), g.sh_degree)
+        sh = trained_sh_degree(doc.get("train", {}), rgb_step, g.sh_degree)
         cams = _run_cameras(doc) if need_cameras else []
         self = cls(g, decoder=decoder, text_encoder=te, levels=levels, latent_dim=L, cameras=cams, sh_degree=sh,
                    source=run, kind="run", step=int(ck.step), stage="language" if decoder is not None else "rgb",

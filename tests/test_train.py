@@ -58,6 +58,33 @@ def test_train_cli_reaches_psnr_bar_and_writes_run(scene, tmp_path, capsys):
     assert g.num == m["num_gaussians"]
     with pytest.raises(SystemExit, match="exists"):
         main(["export", str(run), "--ply", str(ply)])
+
+    # import: a trained splat file as a new run's start (into the normalised frame, SH bands
+    # rotated); --steps 0 keeps it as it is: the same held-out PSNR
+    imp = tmp_path / "imported"
+    assert main(["train", str(scene), "--out", str(imp), "--init-ply", str(ply), "--steps", "0", "--quiet",
+                 "--no-renders"]) == 0
+    mi = json.loads((imp / "metrics.json").read_text())
+    assert mi["step"] == 0 and mi["num_gaussians"] == m["num_gaussians"]
+    assert abs(mi["psnr"] - m["psnr"]) < 1e-3, (mi["psnr"], m["psnr"])
+    ci = json.loads((imp / "config.json").read_text())["train"]
+    assert ci["init_ply"] == str(ply.resolve()) and ci["sh_degree_start"] == 3
+    # and fine-tuned from there (without densification: the file is already densified)
+    ft = train_rgb(scene, tmp_path / "finetuned", steps=30, init_ply=str(ply), densify=False, progress=False,
+                   save_renders=False)
+    assert ft["psnr"] > m["psnr"] - 0.05  # measured +0.03 dB
+    with pytest.raises(SystemExit, match="not found"):
+        main(["train", str(scene), "--out", str(tmp_path / "x"), "--init-ply", str(tmp_path / "none.ply")])
+    (tmp_path / "bad.ply").write_text("not a ply")
+    with pytest.raises(SystemExit, match="not a PLY"):
+        main(["train", str(scene), "--out", str(tmp_path / "y"), "--init-ply", str(tmp_path / "bad.ply")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # a file in another world frame (here: moved 1 km away) is flagged
+    far = g.transformed(torch.tensor([[1.0, 0, 0, 1000.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
+    far.save_ply(tmp_path / "far.ply")
+    with pytest.warns(UserWarning, match="in view of any of the dataset's cameras"):
+        train_rgb(scene, tmp_path / "far", steps=0, init_ply=str(tmp_path / "far.ply"), progress=False,
+                  save_renders=False)
     # the exported means are the trained ones mapped by the inverse of the dataset transform
     import numpy as np
 

@@ -44,6 +44,7 @@ def cli_train(
     no_densify: bool = False,
     refine_stop_iter: Optional[int] = None,
     init_random: Optional[int] = None,
+    init_ply: Optional[Path] = None,
     quiet: bool = False,
     no_renders: bool = False,
     features: Optional[Literal["labels", "sam-clip", "dense-clip"]] = None,
@@ -90,6 +91,9 @@ def cli_train(
         no_densify: no densification or pruning (gsplat's DefaultStrategy is on by default).
         refine_stop_iter: last densification step (default min(15000, steps/2)).
         init_random: random Gaussians when the dataset has no points (default 100000).
+        init_ply: start from a trained splat PLY (Inria 3DGS, gsplat, nerfstudio, SuperSplat, langfield export)
+            in the dataset's world frame; with --steps 0 it is kept as it is (e.g. to add --features on top);
+            to fine-tune it, --no-densify keeps its Gaussians (it is densified already).
         quiet: no progress bar (it is shown when stderr is a terminal).
         no_renders: do not write held-out renders to OUT/renders/ at the end.
         features: language stage after RGB: labels (ground-truth label maps of `langfield scenes` data),
@@ -118,7 +122,9 @@ def cli_train(
         steps=steps, downscale=downscale, device=device, sh_degree=sh_degree, background=background,
         ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints, test_every=test_every, seed=seed, backend=backend,
         absgrad=absgrad or None, opacity_reset=opacity_reset or None, densify=False if no_densify else None,
-        refine_stop_iter=refine_stop_iter, init_random=init_random, progress=False if quiet else None,
+        refine_stop_iter=refine_stop_iter, init_random=init_random,
+        init_ply=str(Path(init_ply).expanduser().resolve()) if init_ply is not None else None,
+        progress=False if quiet else None,
         save_renders=False if no_renders else None).items() if v is not None}
     rgb_done = False
     if features is not None and not overwrite and (Path(out) / "config.json").is_file():
@@ -204,9 +210,9 @@ def _parse_views(views: str, ds) -> List[int]:
 
 
 def _trained_sh_degree(doc: Dict[str, Any], step: int, g) -> int:
-    t = doc.get("train", {})
-    interval = int(t.get("sh_degree_interval", 1000)) or 1000
-    return min(max(step - 1, 0) // interval, int(t.get("sh_degree", g.sh_degree)), g.sh_degree)
+    from langfield.train.config import trained_sh_degree
+
+    return trained_sh_degree(doc.get("train", {}), step, g.sh_degree)
 
 
 def cli_render(

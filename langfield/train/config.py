@@ -15,10 +15,10 @@ down for shorter ones.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Mapping, Optional, Tuple
 
-__all__ = ["TrainConfig", "RESUME_MAY_CHANGE", "config_diff"]
+__all__ = ["TrainConfig", "RESUME_MAY_CHANGE", "config_diff", "trained_sh_degree"]
 
 Background = Literal["auto", "random", "white", "black"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -64,6 +64,13 @@ class TrainConfig:
     init_scale: float = 1.0
     init_random: int = 100_000
     """Random Gaussians in the cameras' common view when the dataset has no points."""
+    init_ply: Optional[str] = None
+    """Start from a trained 3DGS PLY (Inria 3DGS, gsplat, nerfstudio, SuperSplat, ``langfield
+    export``) in the dataset's own world frame, instead of from its points; ``steps`` may then
+    be 0 (keep it as it is, e.g. to add a language field on top)."""
+    sh_degree_start: int = 0
+    """SH degree at step 0 (the ramp adds one every ``sh_degree_interval`` steps); with
+    ``init_ply``: the file's degree, set automatically."""
 
     # --- optimisation ------------------------------------------------------------------
     means_lr: float = 1.6e-4
@@ -121,8 +128,8 @@ class TrainConfig:
         def bad(msg):
             raise ValueError(msg)
 
-        if self.steps < 1:
-            bad(f"--steps must be >= 1, got {self.steps}")
+        if self.steps < (0 if self.init_ply else 1):
+            bad(f"--steps must be >= 1 (or 0 with --init-ply), got {self.steps}")
         if self.ckpt_every < 1:
             bad(f"--ckpt-every must be >= 1, got {self.ckpt_every}")
         if not 0 <= self.sh_degree <= 3:
@@ -177,3 +184,11 @@ def config_diff(stored: TrainConfig, requested: TrainConfig) -> List[Tuple[str, 
         if a[k] != b.get(k):
             out.append((k, a[k], b.get(k)))
     return out
+
+
+def trained_sh_degree(train: Mapping[str, Any], step: int, degree: int) -> int:
+    """The SH degree a run trained with ``train`` (a config.json "train" section) had reached
+    after ``step`` steps (the ramp's degree at its last step), capped by the Gaussians' ``degree``."""
+    interval = int(train.get("sh_degree_interval", 1000)) or 1000
+    start = int(train.get("sh_degree_start", 0))
+    return min(start + max(step - 1, 0) // interval, int(train.get("sh_degree", degree)), degree)

@@ -410,9 +410,9 @@ class LanguageTrainer(EpochSampler):
             if int(ck.config.get("rgb_step", -1)) != self.rgb_step:
                 self.log(f"[language] note: the language checkpoint started from RGB step "
                          f"{ck.config.get('rgb_step')}, the newest RGB checkpoint is {self.rgb_step}")
-        train_sh = int(self.tcfg.sh_degree)
-        interval = int(self.tcfg.sh_degree_interval) or 1
-        self.sh_degree = min(max(self.rgb_step - 1, 0) // interval, train_sh, g.sh_degree)
+        from langfield.train.config import trained_sh_degree
+
+        self.sh_degree = trained_sh_degree(self.tcfg.to_dict(), self.rgb_step, g.sh_degree)
 
     def _write_config(self) -> None:
         doc = self.rf.read_config()

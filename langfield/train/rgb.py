@@ -180,7 +180,7 @@ def _eval_background(resolved_bg: str) -> Tuple[float, float, float]:
 
 def _lr_means(cfg: TrainConfig, scene_scale: float, step: int) -> float:
     """gsplat's ExponentialLR(gamma = final ** (1 / steps)) in closed form."""
-    return cfg.means_lr * scene_scale * cfg.means_lr_final ** (step / cfg.steps)
+    return cfg.means_lr * scene_scale * cfg.means_lr_final ** (step / max(cfg.steps, 1))
 
 
 def _safe_name(name: str, index: int) -> str:
@@ -342,6 +342,9 @@ class RGBTrainer(EpochSampler):
         data = Path(data).expanduser().resolve()
         device = _resolve_device(cfg.device)
         cfg = cfg.resolved()
+        if cfg.init_ply:  # checked before anything is moved or written
+            cfg = replace(cfg, init_ply=str(Path(cfg.init_ply).expanduser().resolve()))
+            _check_ply_file(Path(cfg.init_ply))
         ds = dataset if dataset is not None else _load_dataset(data, cfg)  # bad data: nothing moved yet
         if overwrite and run.root.is_dir():
             moved = run.move_aside()
@@ -411,6 +414,11 @@ class RGBTrainer(EpochSampler):
         from langfield.scene import Gaussians
 
         cfg = self.cfg
+        if cfg.init_ply:
+            g, degree = _gaussians_from_ply(Path(cfg.init_ply), self.ds, cfg.sh_degree)
+            self.gaussians = g.to(self.device)
+            self.cfg = replace(cfg, sh_degree_start=min(degree, cfg.sh_degree))  # trained bands need no ramp
+            return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random init is the norm for Blender data; reported in config
             g = Gaussians.from_dataset(self.ds, sh_degree=cfg.sh_degree, n_random=cfg.init_random,
@@ -566,7 +574,7 @@ class RGBTrainer(EpochSampler):
 
     # ---- training ---------------------------------------------------------------------------
     def sh_degree_at(self, step: int) -> int:
-        return min(step // self.cfg.sh_degree_interval, self.cfg.sh_degree)
+        return min(self.cfg.sh_degree_start + step // self.cfg.sh_degree_interval, self.cfg.sh_degree)
 
     def _bg(self) -> Tensor:
         if self.background == "random":
@@ -671,6 +679,63 @@ class RGBTrainer(EpochSampler):
         return write_metrics(self.run, res, step=self.step, train_time_s=self.train_time,
                              num_gaussians=self.gaussians.num, background=_eval_background(self.background),
                              split="test")
+
+
+def _check_ply_file(path: Path) -> None:
+    if not path.is_file():
+        raise RunError(f"--init-ply: {path} not found")
+    with open(path, "rb") as f:
+        if f.read(4).rstrip(b"\r\n") != b"ply":
+            raise RunError(f"--init-ply: {path} is not a PLY file (it does not start with 'ply')")
+
+
+def _gaussians_from_ply(path: Path, ds, sh_degree: int):
+    """``(Gaussians, the file's SH degree)``: a trained splat file as the run's starting Gaussians,
+    moved into the dataset's normalised frame (the file is in the dataset's own world frame, as
+    COLMAP-based trainers and ``langfield export`` write it), SH bands cut or zero-padded to
+    ``sh_degree``, language channels dropped."""
+    from langfield.io.ply import PlyError, read_ply
+    from langfield.scene import Gaussians, num_sh_bases
+
+    try:
+        g = read_ply(path)
+    except PlyError as e:
+        raise RunError(f"--init-ply: {e}") from None
+    if g.num == 0:
+        raise RunError(f"--init-ply: {path} holds no Gaussians")
+    degree = g.sh_degree
+    d = {k: v.detach() for k, v in g.splats.items() if k != "lang"}
+    k = num_sh_bases(sh_degree) - 1
+    shN = d["shN"][:, :k]
+    if shN.shape[1] < k:
+        shN = torch.cat([shN, shN.new_zeros(shN.shape[0], k - shN.shape[1], 3)], 1)
+    d["shN"] = shN
+    g = Gaussians.from_dict(d, requires_grad=True, copy=True)
+    T = np.asarray(ds.transform, dtype=np.float64)
+    if not np.allclose(T, np.eye(4)):
+        g = g.transformed(T)
+    _warn_if_outside_cameras(g, ds, path)
+    return g, degree
+
+
+def _warn_if_outside_cameras(g, ds, path: Path) -> None:
+    """A warning when few Gaussians project into any training camera: the file is probably in
+    another world frame (e.g. a nerfstudio export in its dataparser's frame)."""
+    with torch.no_grad():
+        x = g.means.detach().double()
+        seen = torch.zeros(x.shape[0], dtype=torch.bool)
+        for f in ds.frames:
+            w2c = torch.from_numpy(np.linalg.inv(f.camtoworld))
+            p = x @ w2c[:3, :3].T + w2c[:3, 3]
+            K = torch.from_numpy(np.asarray(f.K, dtype=np.float64))
+            z = p[:, 2]
+            u = K[0, 0] * p[:, 0] / z.clamp(min=1e-9) + K[0, 2]
+            v = K[1, 1] * p[:, 1] / z.clamp(min=1e-9) + K[1, 2]
+            seen |= (z > 0) & (u >= 0) & (u < f.width) & (v >= 0) & (v < f.height)
+    frac = float(seen.double().mean())
+    if frac < 0.1:
+        warnings.warn(f"{path}: only {100 * frac:.1f} % of its {x.shape[0]} Gaussians are in view of any of the "
+                      f"dataset's cameras; is the file in the dataset's world frame?", stacklevel=3)
 
 
 def write_metrics(run: RunFolder, res: Dict[str, Any], *, step: int, train_time_s: Optional[float],
