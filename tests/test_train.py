@@ -85,6 +85,23 @@ def test_train_cli_reaches_psnr_bar_and_writes_run(scene, tmp_path, capsys):
     with pytest.warns(UserWarning, match="in view of any of the dataset's cameras"):
         train_rgb(scene, tmp_path / "far", steps=0, init_ply=str(tmp_path / "far.ply"), progress=False,
                   save_renders=False)
+    # a splat in nerfstudio's dataparser frame (x' = s (R x + t)) comes back with its
+    # dataparser_transforms.json: the same PSNR again
+    c, sn = math.cos(0.5), math.sin(0.5)
+    Rt = [[c, -sn, 0.0, 0.3], [sn, c, 0.0, -1.2], [0.0, 0.0, 1.0, 2.0]]
+    T = torch.eye(4, dtype=torch.float64)
+    T[:3] = torch.tensor(Rt, dtype=torch.float64)
+    T[:3] *= 0.25
+    g.transformed(T).save_ply(tmp_path / "ns.ply")
+    (tmp_path / "dataparser_transforms.json").write_text(json.dumps({"transform": Rt, "scale": 0.25}))
+    mn = train_rgb(scene, tmp_path / "ns", steps=0, init_ply=str(tmp_path / "ns.ply"), progress=False,
+                   init_ply_transform=str(tmp_path / "dataparser_transforms.json"), save_renders=False)
+    assert abs(mn["psnr"] - m["psnr"]) < 1e-3, (mn["psnr"], m["psnr"])
+    (tmp_path / "mirror.json").write_text(json.dumps({"matrix": [[-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
+                                                                 [0, 0, 0, 1]]}))
+    with pytest.raises(SystemExit, match="not a similarity"):
+        main(["train", str(scene), "--out", str(tmp_path / "z"), "--init-ply", str(ply), "--init-ply-transform",
+              str(tmp_path / "mirror.json")])
     # the exported means are the trained ones mapped by the inverse of the dataset transform
     import numpy as np
 

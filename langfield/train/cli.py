@@ -45,6 +45,7 @@ def cli_train(
     refine_stop_iter: Optional[int] = None,
     init_random: Optional[int] = None,
     init_ply: Optional[Path] = None,
+    init_ply_transform: Optional[Path] = None,
     quiet: bool = False,
     no_renders: bool = False,
     features: Optional[Literal["labels", "sam-clip", "dense-clip"]] = None,
@@ -94,6 +95,8 @@ def cli_train(
         init_ply: start from a trained splat PLY (Inria 3DGS, gsplat, nerfstudio, SuperSplat, langfield export)
             in the dataset's world frame; with --steps 0 it is kept as it is (e.g. to add --features on top);
             to fine-tune it, --no-densify keeps its Gaussians (it is densified already).
+        init_ply_transform: with --init-ply in another frame: nerfstudio's dataparser_transforms.json (for a
+            splat exported in nerfstudio's dataparser frame) or {"matrix": 4x4} (dataset world -> file), undone.
         quiet: no progress bar (it is shown when stderr is a terminal).
         no_renders: do not write held-out renders to OUT/renders/ at the end.
         features: language stage after RGB: labels (ground-truth label maps of `langfield scenes` data),
@@ -124,6 +127,7 @@ def cli_train(
         absgrad=absgrad or None, opacity_reset=opacity_reset or None, densify=False if no_densify else None,
         refine_stop_iter=refine_stop_iter, init_random=init_random,
         init_ply=str(Path(init_ply).expanduser().resolve()) if init_ply is not None else None,
+        init_ply_transform=str(Path(init_ply_transform).expanduser().resolve()) if init_ply_transform else None,
         progress=False if quiet else None,
         save_renders=False if no_renders else None).items() if v is not None}
     rgb_done = False

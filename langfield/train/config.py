@@ -68,6 +68,10 @@ class TrainConfig:
     """Start from a trained 3DGS PLY (Inria 3DGS, gsplat, nerfstudio, SuperSplat, ``langfield
     export``) in the dataset's own world frame, instead of from its points; ``steps`` may then
     be 0 (keep it as it is, e.g. to add a language field on top)."""
+    init_ply_transform: Optional[str] = None
+    """A JSON file with the similarity that maps the dataset's world to ``init_ply``'s frame,
+    undone on import: nerfstudio's ``dataparser_transforms.json`` (``transform`` 3x4, ``scale``),
+    for splats exported in nerfstudio's dataparser frame, or ``{"matrix": 4x4}``."""
     sh_degree_start: int = 0
     """SH degree at step 0 (the ramp adds one every ``sh_degree_interval`` steps); with
     ``init_ply``: the file's degree, set automatically."""
@@ -128,6 +132,8 @@ class TrainConfig:
         def bad(msg):
             raise ValueError(msg)
 
+        if self.init_ply_transform and not self.init_ply:
+            bad("--init-ply-transform needs --init-ply")
         if self.steps < (0 if self.init_ply else 1):
             bad(f"--steps must be >= 1 (or 0 with --init-ply), got {self.steps}")
         if self.ckpt_every < 1:

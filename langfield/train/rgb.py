@@ -345,6 +345,9 @@ class RGBTrainer(EpochSampler):
         if cfg.init_ply:  # checked before anything is moved or written
             cfg = replace(cfg, init_ply=str(Path(cfg.init_ply).expanduser().resolve()))
             _check_ply_file(Path(cfg.init_ply))
+            if cfg.init_ply_transform:
+                cfg = replace(cfg, init_ply_transform=str(Path(cfg.init_ply_transform).expanduser().resolve()))
+                read_frame_transform(Path(cfg.init_ply_transform))
         ds = dataset if dataset is not None else _load_dataset(data, cfg)  # bad data: nothing moved yet
         if overwrite and run.root.is_dir():
             moved = run.move_aside()
@@ -415,7 +418,8 @@ class RGBTrainer(EpochSampler):
 
         cfg = self.cfg
         if cfg.init_ply:
-            g, degree = _gaussians_from_ply(Path(cfg.init_ply), self.ds, cfg.sh_degree)
+            frame = read_frame_transform(Path(cfg.init_ply_transform)) if cfg.init_ply_transform else None
+            g, degree = _gaussians_from_ply(Path(cfg.init_ply), self.ds, cfg.sh_degree, frame)
             self.gaussians = g.to(self.device)
             self.cfg = replace(cfg, sh_degree_start=min(degree, cfg.sh_degree))  # trained bands need no ramp
             return
@@ -689,11 +693,45 @@ def _check_ply_file(path: Path) -> None:
             raise RunError(f"--init-ply: {path} is not a PLY file (it does not start with 'ply')")
 
 
-def _gaussians_from_ply(path: Path, ds, sh_degree: int):
+def read_frame_transform(path: Path) -> np.ndarray:
+    """The 4x4 similarity in a frame-transform JSON: nerfstudio's ``dataparser_transforms.json``
+    (``{"transform": 3x4, "scale": s}``: x' = s (R x + t)) or ``{"matrix": 4x4}``."""
+    import json
+
+    if not path.is_file():
+        raise RunError(f"--init-ply-transform: {path} not found")
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunError(f"--init-ply-transform: {path} is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not ("transform" in doc or "matrix" in doc):
+        raise RunError(f"--init-ply-transform: {path} needs a 'transform' (+ 'scale', nerfstudio's "
+                       f"dataparser_transforms.json) or a 'matrix' field")
+    key = "transform" if "transform" in doc else "matrix"
+    try:
+        m = np.asarray(doc[key], dtype=np.float64)
+        scale = float(doc.get("scale", 1.0))
+    except (TypeError, ValueError):
+        raise RunError(f"--init-ply-transform: {path}: '{key}' must be a numeric 3x4 or 4x4 matrix") from None
+    if m.shape not in ((3, 4), (4, 4)) or not np.isfinite(m).all() or not (np.isfinite(scale) and scale > 0):
+        raise RunError(f"--init-ply-transform: {path}: '{key}' must be a finite 3x4 or 4x4 matrix and 'scale' a "
+                       f"positive number, got shape {list(m.shape)}, scale {scale}")
+    T = np.eye(4)
+    T[:3] = m[:3]
+    T[:3] *= scale
+    A = T[:3, :3]
+    s = abs(np.linalg.det(A)) ** (1 / 3)
+    if not (s > 0 and np.allclose(A @ A.T / s**2, np.eye(3), atol=1e-4) and np.linalg.det(A) > 0):
+        raise RunError(f"--init-ply-transform: {path}: '{key}' is not a similarity (scaled rotation + translation)")
+    return T
+
+
+def _gaussians_from_ply(path: Path, ds, sh_degree: int, frame: Optional[np.ndarray] = None):
     """``(Gaussians, the file's SH degree)``: a trained splat file as the run's starting Gaussians,
     moved into the dataset's normalised frame (the file is in the dataset's own world frame, as
     COLMAP-based trainers and ``langfield export`` write it), SH bands cut or zero-padded to
-    ``sh_degree``, language channels dropped."""
+    ``sh_degree``, language channels dropped. ``frame``: the similarity dataset world -> file
+    (:func:`read_frame_transform`), undone first."""
     from langfield.io.ply import PlyError, read_ply
     from langfield.scene import Gaussians, num_sh_bases
 
@@ -712,6 +750,8 @@ def _gaussians_from_ply(path: Path, ds, sh_degree: int):
     d["shN"] = shN
     g = Gaussians.from_dict(d, requires_grad=True, copy=True)
     T = np.asarray(ds.transform, dtype=np.float64)
+    if frame is not None:  # the file's frame -> the dataset's world -> langfield's normalised frame
+        T = T @ np.linalg.inv(frame)
     if not np.allclose(T, np.eye(4)):
         g = g.transformed(T)
     _warn_if_outside_cameras(g, ds, path)
