@@ -99,8 +99,9 @@ def test_openmp_and_own_pool_builds_render_the_same(tmp_path):
         from langfield.render._build import build_library, load_library
         from langfield.render.synthetic import random_scene
         res = build_library("cpu")
-        load_library("cpu")
+        lib = load_library("cpu")
         assert ("-fopenmp" in res.command) == (os.environ["LANGFIELD_OPENMP"] == "1"), res.command
+        assert lib.lf_cpu_openmp() == int(os.environ["LANGFIELD_OPENMP"])
         gomp = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l})
         assert len(gomp) <= 1, gomp  # never a second OpenMP runtime
         s = random_scene(3000, C=2, width=67, height=45, D=5, seed=3)

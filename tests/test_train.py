@@ -76,7 +76,7 @@ def test_train_cli_reaches_psnr_bar_and_writes_run(scene, tmp_path, capsys):
     with pytest.raises(SystemExit, match="not found"):
         main(["train", str(scene), "--out", str(tmp_path / "x"), "--init-ply", str(tmp_path / "none.ply")])
     (tmp_path / "bad.ply").write_text("not a ply")
-    with pytest.raises(SystemExit, match="not a PLY"):
+    with pytest.raises(SystemExit, match="not a readable PLY"):
         main(["train", str(scene), "--out", str(tmp_path / "y"), "--init-ply", str(tmp_path / "bad.ply")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     # a file in another world frame (here: moved 1 km away) is flagged
@@ -97,6 +97,11 @@ def test_train_cli_reaches_psnr_bar_and_writes_run(scene, tmp_path, capsys):
     mn = train_rgb(scene, tmp_path / "ns", steps=0, init_ply=str(tmp_path / "ns.ply"), progress=False,
                    init_ply_transform=str(tmp_path / "dataparser_transforms.json"), save_renders=False)
     assert abs(mn["psnr"] - m["psnr"]) < 1e-3, (mn["psnr"], m["psnr"])
+    # --overwrite with a broken --init-ply: the existing run stays where it is
+    (tmp_path / "trunc.ply").write_bytes(ply.read_bytes()[:2000])
+    with pytest.raises(SystemExit, match="--init-ply"):
+        main(["train", str(scene), "--out", str(imp), "--overwrite", "--init-ply", str(tmp_path / "trunc.ply")])
+    assert (imp / "metrics.json").is_file() and not list(imp.glob("replaced-*"))
     (tmp_path / "mirror.json").write_text(json.dumps({"matrix": [[-1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0],
                                                                  [0, 0, 0, 1]]}))
     with pytest.raises(SystemExit, match="not a similarity"):

@@ -21,3 +21,13 @@ extern "C" LF_API int64_t lf_cpu_count_nonfinite(const float *x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) bad += !std::isfinite(x[i]);
     return bad;
 }
+
+// CPU-only helper: 1 when threads come from the process's OpenMP runtime, 0 for
+// langfield's own pool (see parallel.h).
+extern "C" LF_API int lf_cpu_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

@@ -128,10 +128,14 @@ Pool &pool() {
 // torch's own libgomp (same soname, loaded once), so our parallel regions and
 // torch's ops share one set of threads instead of spinning against each other.
 int num_threads() {
-    if (const char *env = std::getenv("LANGFIELD_NUM_THREADS")) {
-        int n = std::atoi(env);
-        if (n > 0) return n;
-    }
+    // LANGFIELD_NUM_THREADS is read once: scratch buffers sized by one call and the team
+    // started by another must agree. Otherwise the calling thread's OpenMP thread count
+    // (torch.set_num_threads sets it for the thread that calls it).
+    static const int fixed = [] {
+        const char *env = std::getenv("LANGFIELD_NUM_THREADS");
+        return env ? std::atoi(env) : 0;
+    }();
+    if (fixed > 0) return fixed;
     int n = omp_get_max_threads();
     return n > 0 ? n : 1;
 }

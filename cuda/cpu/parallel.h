@@ -14,8 +14,10 @@
 // workers sleep on a condition variable. Calls from several host threads at once
 // are serialised there; a call from inside a parallel region runs inline.
 //
-// LANGFIELD_NUM_THREADS sets the number of threads (default: OpenMP's maximum,
-// which torch.set_num_threads sets, or the CPUs this process may run on).
+// LANGFIELD_NUM_THREADS sets the number of threads, read once (default: the calling
+// thread's OpenMP maximum, which torch.set_num_threads sets for the thread that calls
+// it; with our own pool, the CPUs this process may run on). Calls from several host
+// threads at once each get their own OpenMP team.
 #pragma once
 #include <stdint.h>
 #include <functional>

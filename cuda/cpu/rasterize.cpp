@@ -1,6 +1,6 @@
 // CPU driver: tile rasterization, forward and backward.
 //
-// One OpenMP task per tile. Inside a tile the loop order is Gaussian-outer,
+// One parallel task per tile (cuda/cpu/parallel.h). Inside a tile the loop order is Gaussian-outer,
 // pixel-inner: each Gaussian in depth order updates the pixels of its
 // conservative alpha rectangle (lfcpu::alpha_bbox) that are not yet
 // saturated. Per pixel this visits the Gaussians in exactly the order of the

@@ -122,16 +122,13 @@ def cuda_arch_flags() -> List[str]:
 
 
 def _loaded_openmp_runtimes() -> List[str]:
-    """File names of the OpenMP runtimes mapped into this process (Linux; [] elsewhere)."""
+    """File names of the OpenMP runtimes mapped into this process (Linux; OSError elsewhere)."""
     names = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                name = os.path.basename(line.split()[-1]) if "/" in line else ""
-                if name.startswith(("libgomp", "libiomp", "libomp")):
-                    names.add(name)
-    except OSError:
-        pass
+    with open("/proc/self/maps") as f:  # OSError where there is no /proc (macOS, ...)
+        for line in f:
+            name = os.path.basename(line.split()[-1]) if "/" in line else ""
+            if name.startswith(("libgomp", "libiomp", "libomp")):
+                names.add(name)
     return sorted(names)
 
 
@@ -146,7 +143,10 @@ def _use_openmp() -> bool:
     env = os.environ.get("LANGFIELD_OPENMP", "").strip()
     if env in ("0", "1"):
         return env == "1"
-    loaded = _loaded_openmp_runtimes()
+    try:
+        loaded = _loaded_openmp_runtimes()
+    except OSError:  # cannot tell which runtime torch uses: our own pool is the safe choice
+        return False
     return not loaded or all(n.startswith("libgomp") for n in loaded)
 
 
@@ -163,11 +163,12 @@ def _commands(kind: str, out: Path) -> List[List[str]]:
         # threads: the process's OpenMP runtime when it is libgomp (shared with torch, see
         # cuda/cpu/parallel.h), else our own pool; each fallback drops an optional flag
         omp = ["-fopenmp"] if _use_openmp() else []
-        return [
+        cmds = [
             base + ["-march=native", "-fno-math-errno"] + omp + ["-pthread"] + tail,
             base + ["-march=native", "-fno-math-errno", "-pthread"] + tail,
             base + ["-pthread"] + tail,
         ]
+        return [c for i, c in enumerate(cmds) if c not in cmds[:i]]
     nvcc = find_nvcc()
     if nvcc is None:
         raise NativeBuildError("nvcc not found (set $CUDA_HOME or put nvcc on PATH)")
@@ -335,7 +336,7 @@ def cli_build(cuda: Optional[bool] = None, force: bool = False, verbose: bool = 
         print(f"[{kind}] {what}: {res.path}")
         if kind == "cpu":
             lib = ctypes.CDLL(str(res.path))
-            how = "OpenMP (shared with torch)" if "-fopenmp" in res.command else "own thread pool"
+            how = "OpenMP (shared with torch)" if lib.lf_cpu_openmp() else "own thread pool"
             print(f"[{kind}] threads: {lib.lf_num_threads()}, {how} (set LANGFIELD_NUM_THREADS to change)")
     print(f"cache: {cache_dir()}")
     return status

@@ -132,6 +132,8 @@ class TrainConfig:
         def bad(msg):
             raise ValueError(msg)
 
+        if not 0 <= self.sh_degree_start <= 3:
+            bad(f"sh_degree_start must be 0..3, got {self.sh_degree_start}")
         if self.init_ply_transform and not self.init_ply:
             bad("--init-ply-transform needs --init-ply")
         if self.steps < (0 if self.init_ply else 1):

@@ -342,20 +342,16 @@ class RGBTrainer(EpochSampler):
         data = Path(data).expanduser().resolve()
         device = _resolve_device(cfg.device)
         cfg = cfg.resolved()
-        if cfg.init_ply:  # checked before anything is moved or written
-            cfg = replace(cfg, init_ply=str(Path(cfg.init_ply).expanduser().resolve()))
-            _check_ply_file(Path(cfg.init_ply))
-            if cfg.init_ply_transform:
-                cfg = replace(cfg, init_ply_transform=str(Path(cfg.init_ply_transform).expanduser().resolve()))
-                read_frame_transform(Path(cfg.init_ply_transform))
-        ds = dataset if dataset is not None else _load_dataset(data, cfg)  # bad data: nothing moved yet
+        cfg = _resolve_init_paths(cfg)
+        # bad data or a bad --init-ply fail here, before anything is moved or written
+        ds = dataset if dataset is not None else _load_dataset(data, cfg)
+        self = cls(run, data, cfg, ds, device)
+        torch.manual_seed(cfg.seed)
+        self._init_gaussians()
         if overwrite and run.root.is_dir():
             moved = run.move_aside()
             if moved is not None:
                 print(f"langfield: moved the previous run's files to {moved}", file=sys.stderr)
-        self = cls(run, data, cfg, ds, device)
-        torch.manual_seed(cfg.seed)
-        self._init_gaussians()
         self._init_optim()
         run.root.mkdir(parents=True, exist_ok=True)
         self._write_config()
@@ -382,7 +378,7 @@ class RGBTrainer(EpochSampler):
                 raise RunError(f"--resume: {run.root} was trained on {stored_data}, not {d}; resume with the same data")
         overrides = dict(overrides or {})
         try:
-            new = replace(stored, **overrides)
+            new = _resolve_init_paths(replace(stored, **overrides))
         except TypeError as e:
             raise RunError(f"--resume: {e}") from None
         diff = config_diff(stored, new)
@@ -685,12 +681,13 @@ class RGBTrainer(EpochSampler):
                              split="test")
 
 
-def _check_ply_file(path: Path) -> None:
-    if not path.is_file():
-        raise RunError(f"--init-ply: {path} not found")
-    with open(path, "rb") as f:
-        if f.read(4).rstrip(b"\r\n") != b"ply":
-            raise RunError(f"--init-ply: {path} is not a PLY file (it does not start with 'ply')")
+def _resolve_init_paths(cfg: TrainConfig) -> TrainConfig:
+    """``init_ply`` / ``init_ply_transform`` as absolute paths (as stored in config.json)."""
+    for k in ("init_ply", "init_ply_transform"):
+        v = getattr(cfg, k)
+        if v:
+            cfg = replace(cfg, **{k: str(Path(v).expanduser().resolve())})
+    return cfg
 
 
 def read_frame_transform(path: Path) -> np.ndarray:
@@ -716,6 +713,8 @@ def read_frame_transform(path: Path) -> np.ndarray:
     if m.shape not in ((3, 4), (4, 4)) or not np.isfinite(m).all() or not (np.isfinite(scale) and scale > 0):
         raise RunError(f"--init-ply-transform: {path}: '{key}' must be a finite 3x4 or 4x4 matrix and 'scale' a "
                        f"positive number, got shape {list(m.shape)}, scale {scale}")
+    if m.shape == (4, 4) and not np.allclose(m[3], [0, 0, 0, 1]):
+        raise RunError(f"--init-ply-transform: {path}: '{key}' bottom row must be [0, 0, 0, 1], got {m[3].tolist()}")
     T = np.eye(4)
     T[:3] = m[:3]
     T[:3] *= scale
@@ -723,6 +722,8 @@ def read_frame_transform(path: Path) -> np.ndarray:
     s = abs(np.linalg.det(A)) ** (1 / 3)
     if not (s > 0 and np.allclose(A @ A.T / s**2, np.eye(3), atol=1e-4) and np.linalg.det(A) > 0):
         raise RunError(f"--init-ply-transform: {path}: '{key}' is not a similarity (scaled rotation + translation)")
+    U, _, Vt = np.linalg.svd(A / s)  # the nearest exact rotation (files carry rounded values)
+    T[:3, :3] = s * (U @ Vt)
     return T
 
 
@@ -735,10 +736,14 @@ def _gaussians_from_ply(path: Path, ds, sh_degree: int, frame: Optional[np.ndarr
     from langfield.io.ply import PlyError, read_ply
     from langfield.scene import Gaussians, num_sh_bases
 
+    if not path.is_file():
+        raise RunError(f"--init-ply: {path} not found")
     try:
         g = read_ply(path)
     except PlyError as e:
         raise RunError(f"--init-ply: {e}") from None
+    except (OSError, ValueError) as e:
+        raise RunError(f"--init-ply: {path}: {e}") from None
     if g.num == 0:
         raise RunError(f"--init-ply: {path} holds no Gaussians")
     degree = g.sh_degree
@@ -753,7 +758,10 @@ def _gaussians_from_ply(path: Path, ds, sh_degree: int, frame: Optional[np.ndarr
     if frame is not None:  # the file's frame -> the dataset's world -> langfield's normalised frame
         T = T @ np.linalg.inv(frame)
     if not np.allclose(T, np.eye(4)):
-        g = g.transformed(T)
+        try:
+            g = g.transformed(T)
+        except ValueError as e:
+            raise RunError(f"--init-ply: cannot move {path} into the dataset's frame: {e}") from None
     _warn_if_outside_cameras(g, ds, path)
     return g, degree
 
@@ -762,7 +770,9 @@ def _warn_if_outside_cameras(g, ds, path: Path) -> None:
     """A warning when few Gaussians project into any training camera: the file is probably in
     another world frame (e.g. a nerfstudio export in its dataparser's frame)."""
     with torch.no_grad():
-        x = g.means.detach().double()
+        x = g.means.detach().double().cpu()
+        if x.shape[0] > 100_000:  # a sample is enough for a fraction
+            x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:100_000]]
         seen = torch.zeros(x.shape[0], dtype=torch.bool)
         for f in ds.frames:
             w2c = torch.from_numpy(np.linalg.inv(f.camtoworld))
@@ -774,7 +784,7 @@ def _warn_if_outside_cameras(g, ds, path: Path) -> None:
             seen |= (z > 0) & (u >= 0) & (u < f.width) & (v >= 0) & (v < f.height)
     frac = float(seen.double().mean())
     if frac < 0.1:
-        warnings.warn(f"{path}: only {100 * frac:.1f} % of its {x.shape[0]} Gaussians are in view of any of the "
+        warnings.warn(f"{path}: only {100 * frac:.1f} % of its Gaussians are in view of any of the "
                       f"dataset's cameras; is the file in the dataset's world frame?", stacklevel=3)
 
 
