@@ -281,6 +281,25 @@ def _as_tensor(x, dtype=torch.float32, device=None) -> Tensor:
     return torch.as_tensor(np.array(x), dtype=dtype, device=device)
 
 
+def visible_counts(points: Tensor, viewmats: Tensor, Ks: Tensor, widths: Tensor, heights: Tensor, *,
+                   cam_chunk: int = 64) -> Tensor:
+    """For points [n, 3], how many of the cameras (viewmats [C, 4, 4] world-to-camera, Ks [C, 3, 3],
+    widths/heights [C]) see each in front of them and inside the image. Long [n]."""
+    cnt = torch.zeros(points.shape[0], dtype=torch.long)
+    V, K = viewmats.to(points.dtype), Ks.to(points.dtype)
+    for s in range(0, V.shape[0], cam_chunk):
+        Vs, Ks_ = V[s:s + cam_chunk], K[s:s + cam_chunk]
+        pc = torch.einsum("cij,nj->cni", Vs[:, :3, :3], points) + Vs[:, None, :3, 3]
+        zc = pc[..., 2]
+        zs = zc.clamp_min(1e-12)
+        pu = (Ks_[:, None, 0, 0] * pc[..., 0] + Ks_[:, None, 0, 1] * pc[..., 1]) / zs + Ks_[:, None, 0, 2]
+        pv = Ks_[:, None, 1, 1] * pc[..., 1] / zs + Ks_[:, None, 1, 2]
+        vis = (zc > 0) & (pu >= 0) & (pu < widths[s:s + cam_chunk, None]) & (pv >= 0) & \
+            (pv < heights[s:s + cam_chunk, None])
+        cnt += vis.sum(0)
+    return cnt
+
+
 def sample_points_in_frustums(viewmats, Ks, widths, heights, n: int, *, near: Optional[float] = None,
                               far: Optional[float] = None, min_visible: float = 0.5,
                               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
@@ -337,17 +356,7 @@ def sample_points_in_frustums(viewmats, Ks, widths, heights, n: int, *, near: Op
         Kc = K[cam]
         xc = torch.stack([(u - Kc[:, 0, 2]) / Kc[:, 0, 0] * z, (v - Kc[:, 1, 2]) / Kc[:, 1, 1] * z, z], -1)
         pw = (c2w[cam, :3, :3] @ xc[:, :, None])[:, :, 0] + c2w[cam, :3, 3]
-        cnt = torch.zeros(batch, dtype=torch.long)
-        pw32 = pw.float()
-        for s in range(0, C, cam_chunk):
-            Vs, Ks_ = V32[s:s + cam_chunk], K32[s:s + cam_chunk]
-            pc = torch.einsum("cij,nj->cni", Vs[:, :3, :3], pw32) + Vs[:, None, :3, 3]
-            zc = pc[..., 2]
-            zs = zc.clamp_min(1e-12)
-            pu = (Ks_[:, None, 0, 0] * pc[..., 0] + Ks_[:, None, 0, 1] * pc[..., 1]) / zs + Ks_[:, None, 0, 2]
-            pv = Ks_[:, None, 1, 1] * pc[..., 1] / zs + Ks_[:, None, 1, 2]
-            vis = (zc > 0) & (pu >= 0) & (pu < W[s:s + cam_chunk, None]) & (pv >= 0) & (pv < H[s:s + cam_chunk, None])
-            cnt += vis.sum(0)
+        cnt = visible_counts(pw.float(), V32, K32, W, H, cam_chunk=cam_chunk)
         ok = cnt >= need
         kept.append(pw[ok])
         counts.append(cnt[ok])

@@ -126,8 +126,8 @@ def cli_train(
         ckpt_every=ckpt_every, keep_checkpoints=keep_checkpoints, test_every=test_every, seed=seed, backend=backend,
         absgrad=absgrad or None, opacity_reset=opacity_reset or None, densify=False if no_densify else None,
         refine_stop_iter=refine_stop_iter, init_random=init_random,
-        init_ply=str(Path(init_ply).expanduser().resolve()) if init_ply is not None else None,
-        init_ply_transform=str(Path(init_ply_transform).expanduser().resolve()) if init_ply_transform else None,
+        init_ply=str(init_ply) if init_ply is not None else None,
+        init_ply_transform=str(init_ply_transform) if init_ply_transform is not None else None,
         progress=False if quiet else None,
         save_renders=False if no_renders else None).items() if v is not None}
     rgb_done = False

@@ -769,20 +769,18 @@ def _gaussians_from_ply(path: Path, ds, sh_degree: int, frame: Optional[np.ndarr
 def _warn_if_outside_cameras(g, ds, path: Path) -> None:
     """A warning when few Gaussians project into any training camera: the file is probably in
     another world frame (e.g. a nerfstudio export in its dataparser's frame)."""
+    from langfield.scene import visible_counts
+
     with torch.no_grad():
         x = g.means.detach().double().cpu()
         if x.shape[0] > 100_000:  # a sample is enough for a fraction
             x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:100_000]]
-        seen = torch.zeros(x.shape[0], dtype=torch.bool)
-        for f in ds.frames:
-            w2c = torch.from_numpy(np.linalg.inv(f.camtoworld))
-            p = x @ w2c[:3, :3].T + w2c[:3, 3]
-            K = torch.from_numpy(np.asarray(f.K, dtype=np.float64))
-            z = p[:, 2]
-            u = K[0, 0] * p[:, 0] / z.clamp(min=1e-9) + K[0, 2]
-            v = K[1, 1] * p[:, 1] / z.clamp(min=1e-9) + K[1, 2]
-            seen |= (z > 0) & (u >= 0) & (u < f.width) & (v >= 0) & (v < f.height)
-    frac = float(seen.double().mean())
+        fr = ds.frames
+        V = torch.from_numpy(np.stack([np.linalg.inv(f.camtoworld) for f in fr]))
+        K = torch.from_numpy(np.stack([np.asarray(f.K, dtype=np.float64) for f in fr]))
+        W = torch.tensor([float(f.width) for f in fr], dtype=torch.float64)
+        H = torch.tensor([float(f.height) for f in fr], dtype=torch.float64)
+        frac = float((visible_counts(x, V, K, W, H, cam_chunk=8) > 0).double().mean())
     if frac < 0.1:
         warnings.warn(f"{path}: only {100 * frac:.1f} % of its Gaussians are in view of any of the "
                       f"dataset's cameras; is the file in the dataset's world frame?", stacklevel=3)
