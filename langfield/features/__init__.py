@@ -18,12 +18,12 @@ Importing this package does not import open_clip or segment_anything.
 
 from .base import (LEVELS, ExtractorBase, FeatureExtractor, FeatureMaps, FrameInfo, LevelMaps, WeightsError,
                    WeightsUnavailableError)
-from .cache import CacheMismatchError, FeatureCache, extract_dataset
+from .cache import CacheCorruptError, CacheMismatchError, FeatureCache, extract_dataset
 from .nms import mask_iou, mask_nms
 from .text import OFFLINE_NOTE, ClipTextEncoder, OfflineTextEncoder, TextEncoder, load_text_encoder
 
 __all__ = ["LEVELS", "FeatureExtractor", "ExtractorBase", "FeatureMaps", "LevelMaps", "FrameInfo", "WeightsError",
-           "WeightsUnavailableError", "FeatureCache", "CacheMismatchError", "extract_dataset", "mask_iou", "mask_nms",
+           "WeightsUnavailableError", "FeatureCache", "CacheMismatchError", "CacheCorruptError", "extract_dataset", "mask_iou", "mask_nms",
            "TextEncoder", "ClipTextEncoder", "OfflineTextEncoder", "load_text_encoder", "OFFLINE_NOTE",
            "ClipModel", "load_clip", "load_sam", "SamClipExtractor", "SamClipParams", "DenseClipExtractor",
            "DenseClipParams", "LabelsExtractor", "LabelsParams", "make_extractor", "make_text_encoder"]
@@ -33,7 +33,7 @@ _LAZY = {
     "SamClipExtractor": ".sam_clip", "SamClipParams": ".sam_clip",
     "DenseClipExtractor": ".dense_clip", "DenseClipParams": ".dense_clip",
     "LabelsExtractor": ".labels", "LabelsParams": ".labels",
-    "make_extractor": ".cli", "make_text_encoder": ".cli",
+    "make_extractor": ".factory", "make_text_encoder": ".factory",
 }
 
 

@@ -5,15 +5,23 @@ Layout of ``cache_dir``::
     manifest.json              {"format": 1, "extractor": "sam-clip", "kind": "regions",
                                 "levels": [...], "dim": 512, "config": {models, tags, params},
                                 "text": {the text encoder queries must use},
-                                "images": {image name: {"file": ..., "size": [H, W], "regions": {...}}}}
+                                "images": {image name: {"file": ..., "size": [H, W], "regions": {...},
+                                                        "bytes": file size, "blake2b": digest}}}
     <slug>-<hash>.safetensors  per level: "<level>.features" float16 [R, D] or [h, w, D],
                                "<level>.index" int32 [H, W] (regions only); metadata: image
                                name, size, kind, levels
 
-Files and the manifest are written atomically (temp file + rename), the manifest under a
-file lock, after each image: an interrupted run loses at most the image in flight, and a
-rerun skips every finished image. A cache made by a different extractor or configuration
-is refused (pass ``overwrite=True`` to replace it).
+Files and the manifest are written atomically (a temporary file unique to the writer, then
+a rename), the manifest under a file lock, after each image: an interrupted run loses at
+most the image in flight, a rerun skips every finished image, and several processes may
+fill one cache. A cache made by a different extractor or configuration is refused (pass
+``overwrite=True`` to replace it).
+
+Integrity: the manifest records each file's size and BLAKE2b digest. :meth:`FeatureCache.has`
+checks the size (cheap, always); :meth:`FeatureCache.load` checks size and digest and raises
+:class:`CacheCorruptError` naming the file; :meth:`FeatureCache.verify` checks every entry,
+and :func:`extract_dataset` (``langfield extract``, the language stage) runs it and
+recomputes damaged entries with a warning naming the file.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import hashlib
 import json
 import os
 import re
+import struct
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -31,7 +40,7 @@ from torch import Tensor
 
 from .base import FeatureMaps, FrameInfo, LevelMaps
 
-__all__ = ["FeatureCache", "CacheMismatchError", "extract_dataset"]
+__all__ = ["FeatureCache", "CacheMismatchError", "CacheCorruptError", "extract_dataset"]
 
 FORMAT = 1
 PathLike = Union[str, os.PathLike]
@@ -39,6 +48,14 @@ PathLike = Union[str, os.PathLike]
 
 class CacheMismatchError(ValueError):
     """The cache folder holds features of another extractor or configuration."""
+
+
+class CacheCorruptError(ValueError):
+    """A damaged cache file (manifest or entry); the message names the file."""
+
+    def __init__(self, message: str, path: Optional[PathLike] = None):
+        super().__init__(message)
+        self.path = None if path is None else Path(path)
 
 
 def _slug(name: str) -> str:
@@ -51,12 +68,18 @@ def _canon(x: Any) -> Any:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from langfield.io.checkpoint import atomic_write_bytes  # unique temp name per writer, umask modes
+
+    atomic_write_bytes(path, data)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def _st_metadata(data: bytes) -> Dict[str, str]:
+    (n,) = struct.unpack("<Q", data[:8])
+    return (json.loads(data[8:8 + n].decode("utf-8")).get("__metadata__") or {})
 
 
 class FeatureCache:
@@ -78,7 +101,14 @@ class FeatureCache:
         if self._manifest is None:
             if not self.manifest_path.is_file():
                 raise FileNotFoundError(f"{self.manifest_path}: no feature cache here (run `langfield extract`)")
-            self._manifest = json.loads(self.manifest_path.read_text("utf-8"))
+            try:
+                m = json.loads(self.manifest_path.read_text("utf-8"))
+                if not isinstance(m, dict) or not isinstance(m.get("images", {}), dict):
+                    raise ValueError("not a feature cache manifest")
+            except (ValueError, UnicodeDecodeError) as e:
+                raise CacheCorruptError(f"{self.manifest_path}: corrupt feature cache manifest ({str(e)[:200]}); "
+                                        f"rerun `langfield extract` (it rebuilds it)", self.manifest_path) from None
+            self._manifest = m
         return self._manifest
 
     def exists(self) -> bool:
@@ -123,22 +153,32 @@ class FeatureCache:
         _atomic_write_bytes(self.manifest_path, json.dumps(m, indent=1).encode("utf-8"))
         self._manifest = m
 
-    def open(self, extractor, overwrite: bool = False) -> "FeatureCache":
-        """Create the cache for ``extractor`` or check an existing one matches it."""
+    def open(self, extractor, overwrite: bool = False, log=None) -> "FeatureCache":
+        """Create the cache for ``extractor`` or check an existing one matches it. A corrupt
+        manifest is replaced by an empty one (its entries are recomputed), announced through
+        ``log`` (default: a warning)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         cfg = _canon(extractor.config())
         text = _canon(extractor.text_config())
         with self._lock():
             if self.manifest_path.is_file():
                 self._manifest = None
-                m = self.manifest
-                if _canon(m.get("config")) != cfg or m.get("format") != FORMAT:
+                try:
+                    m = self.manifest
+                except CacheCorruptError as e:
+                    _warn(log, f"warning: {str(e).split('; rerun')[0]}; starting a new manifest (features recomputed)")
+                    m = None
+                if m is None:
+                    pass
+                elif _canon(m.get("config")) != cfg or m.get("format") != FORMAT:
                     if not overwrite:
                         raise CacheMismatchError(
                             f"{self.folder} holds {m.get('extractor')} features made with another configuration "
                             f"({_diff(m.get('config'), cfg)}); use another folder or overwrite=True (--overwrite)")
                     for e in m.get("images", {}).values():
-                        (self.folder / e["file"]).unlink(missing_ok=True)
+                        f = e.get("file") if isinstance(e, dict) else None
+                        if isinstance(f, str) and f and Path(f).name == f and f not in (".", ".."):
+                            (self.folder / f).unlink(missing_ok=True)
                 else:
                     return self
             self._write_manifest({"format": FORMAT, "extractor": extractor.name, "kind": extractor.kind,
@@ -157,10 +197,74 @@ class FeatureCache:
         return self.has(name)
 
     def has(self, name: str) -> bool:
+        """``name`` is in the manifest and its file is there with the recorded size (no
+        digest: see :meth:`verify`)."""
         if not self.exists():
             return False
         e = self.manifest.get("images", {}).get(name)
-        return e is not None and (self.folder / e["file"]).is_file()
+        return e is not None and self._problem(e, checksum=False) is None
+
+    def path(self, name: str) -> Path:
+        """The file of an entry (KeyError when ``name`` is not in the manifest)."""
+        e = self.manifest.get("images", {}).get(name)
+        if e is None:
+            raise KeyError(f"{name!r} is not in the feature cache {self.folder} ({len(self)} images)")
+        return self.folder / e["file"]
+
+    def _problem(self, e: Dict[str, Any], checksum: bool) -> Optional[str]:
+        """What is wrong with an entry's file (None when nothing)."""
+        file = e.get("file") if isinstance(e, dict) else None
+        if not isinstance(file, str) or not file or Path(file).name != file or file in (".", ".."):
+            return "bad manifest entry (file)"
+        path = self.folder / file
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return "missing"
+        except OSError as err:
+            return f"unreadable ({err.strerror or err})"
+        if e.get("bytes") is None:  # an older manifest: check the safetensors structure instead
+            from langfield.io.checkpoint import safetensors_problem
+
+            return safetensors_problem(path)
+        if size != int(e["bytes"]):
+            return f"{size} bytes, the manifest recorded {int(e['bytes'])} (truncated or replaced)"
+        if checksum and e.get("blake2b"):
+            from langfield.io.checkpoint import file_digest
+
+            try:
+                if file_digest(path) != e["blake2b"]:
+                    return "contents differ from the checksum in the manifest"
+            except OSError as err:
+                return f"unreadable ({err.strerror or err})"
+        return None
+
+    def verify(self, names: Optional[Sequence[str]] = None, checksum: bool = True) -> Dict[str, str]:
+        """Check the entries (``names``, default all): ``{name: problem}`` for each one whose
+        file is missing, of another size than recorded, or (``checksum``) with other contents."""
+        if not self.exists():
+            return {}
+        images = self.manifest.get("images", {})
+        out = {}
+        for n in (list(images) if names is None else names):
+            if n in images:
+                p = self._problem(images[n], checksum)
+                if p is not None:
+                    out[n] = p
+        return out
+
+    def discard(self, name: str) -> None:
+        """Remove an entry (manifest and file)."""
+        with self._lock():
+            self._manifest = None
+            m = self.manifest
+            e = m.get("images", {}).pop(name, None)
+            if e is None:
+                return
+            self._write_manifest(m)
+        f = e.get("file") if isinstance(e, dict) else None
+        if isinstance(f, str) and f and Path(f).name == f:
+            (self.folder / f).unlink(missing_ok=True)
 
     def save(self, name: str, fm: FeatureMaps) -> None:
         from safetensors.torch import save as st_save
@@ -173,8 +277,9 @@ class FeatureCache:
         meta = {"name": name, "size": f"{fm.image_size[0]},{fm.image_size[1]}", "kind": fm.kind,
                 "levels": ",".join(fm.levels)}
         file = _slug(name) + ".safetensors"
-        _atomic_write_bytes(self.folder / file, st_save(tensors, metadata=meta))
-        entry = {"file": file, "size": list(fm.image_size)}
+        data = st_save(tensors, metadata=meta)
+        _atomic_write_bytes(self.folder / file, data)
+        entry = {"file": file, "size": list(fm.image_size), "bytes": len(data), "blake2b": _digest(data)}
         if fm.kind == "regions":
             entry["regions"] = {k: int(v.features.shape[0]) for k, v in fm.levels.items()}
         with self._lock():
@@ -184,21 +289,49 @@ class FeatureCache:
             self._write_manifest(m)
 
     def load(self, name: str, device="cpu") -> FeatureMaps:
-        from safetensors import safe_open
+        """The features of one image. The file's size and digest are checked against the
+        manifest; any damage raises :class:`CacheCorruptError` naming the file."""
+        from safetensors.torch import load as st_load
 
         e = self.manifest.get("images", {}).get(name)
         if e is None:
             raise KeyError(f"{name!r} is not in the feature cache {self.folder} ({len(self)} images)")
-        path = self.folder / e["file"]
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
+        path = self.folder / str(e.get("file"))
+
+        def bad(problem: str) -> CacheCorruptError:
+            return CacheCorruptError(f"{path}: damaged feature cache entry of {name!r}: {problem}; rerun "
+                                     f"`langfield extract` (or the training command) to recompute it", path)
+
+        problem = self._problem(e, checksum=False)
+        if problem is not None:
+            raise bad(problem)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise bad(f"unreadable ({err.strerror or err})") from None
+        if e.get("blake2b") and _digest(data) != e["blake2b"]:
+            raise bad("contents differ from the checksum in the manifest")
+        try:
+            meta = _st_metadata(data)
+            tensors = st_load(data)
             levels = {}
-            keys = set(f.keys())
             for level in meta.get("levels", ",".join(self.levels)).split(","):
-                idx = f.get_tensor(f"{level}.index") if f"{level}.index" in keys else None
-                levels[level] = LevelMaps(f.get_tensor(f"{level}.features"), idx)
-        H, W = (int(v) for v in meta.get("size", "{},{}".format(*e["size"])).split(","))
+                idx = tensors.get(f"{level}.index")
+                levels[level] = LevelMaps(tensors[f"{level}.features"].to(device),
+                                          None if idx is None else idx.to(device))
+            H, W = (int(v) for v in meta.get("size", "{},{}".format(*e["size"])).split(","))
+        except Exception as err:  # safetensors' own errors name no file
+            raise bad(f"{type(err).__name__}: {str(err)[:200]}") from None
         return FeatureMaps(levels, (H, W), meta.get("kind", self.kind))
+
+
+def _warn(log, msg: str) -> None:
+    if log is None:
+        import warnings
+
+        warnings.warn(msg, stacklevel=3)
+    else:
+        log(msg)
 
 
 def _diff(a: Optional[Dict[str, Any]], b: Dict[str, Any], prefix: str = "") -> str:
@@ -215,12 +348,13 @@ def _diff(a: Optional[Dict[str, Any]], b: Dict[str, Any], prefix: str = "") -> s
 
 def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1, progress: bool = True,
                     indices: Optional[Sequence[int]] = None, overwrite: bool = False,
-                    log=print) -> FeatureCache:
+                    log=print, verify: bool = True) -> FeatureCache:
     """Extract features for the images of a :class:`langfield.data.Dataset` (or any object
     with ``len``, ``load_image(i)`` and ``frames[i].name``) into ``cache_dir``; images
-    already in the cache are skipped. ``batch_size`` images go to the extractor at once.
-    Returns the :class:`FeatureCache`."""
-    cache = FeatureCache(cache_dir).open(extractor, overwrite=overwrite)
+    already in the cache are skipped once verified (size always; digest with ``verify``):
+    damaged entries are recomputed with a warning naming the file. ``batch_size`` images go
+    to the extractor at once. Returns the :class:`FeatureCache`."""
+    cache = FeatureCache(cache_dir).open(extractor, overwrite=overwrite, log=log)
     text = extractor.text_config()
     if text.get("type") == "offline":
         log(f"[{extractor.name}] note: {text.get('note', 'offline text encoder (not CLIP)')}")
@@ -230,6 +364,11 @@ def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1
     infos = {i: FrameInfo.from_dataset(dataset, i) if hasattr(dataset, "root") else
              FrameInfo(name=dataset.frames[i].name, index=i, extras=dict(getattr(dataset.frames[i], "extras", {})))
              for i in idx}
+    for name, problem in cache.verify([infos[i].name for i in idx], checksum=verify).items():
+        if problem != "missing":
+            log(f"[{extractor.name}] warning: {cache.folder / cache.manifest['images'][name]['file']}: damaged "
+                f"feature cache entry of {name!r} ({problem}): recomputing it")
+        cache.discard(name)
     todo = [i for i in idx if not cache.has(infos[i].name)]
     skipped = len(idx) - len(todo)
     if skipped:
@@ -261,4 +400,9 @@ def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1
     finally:
         if bar is not None:
             bar.close()
+    still = cache.verify([infos[i].name for i in idx], checksum=False)
+    if still:  # another writer damaged or removed files meanwhile: never report a cache complete that is not
+        name, problem = next(iter(still.items()))
+        raise CacheCorruptError(f"{cache.folder}: {len(still)} feature cache entries are damaged after extraction "
+                                f"(e.g. {name!r}: {problem}); rerun to recompute them", cache.folder)
     return cache

@@ -289,6 +289,35 @@ def check_sam_checkpoint(kind: str, checkpoint: Optional[PathLike]) -> Path:
     return path
 
 
+def load_sam_weights(sam, path: PathLike, kind: str = "vit_h") -> None:
+    """Load a SAM checkpoint (a plain state dict, as Meta's ``sam_vit_*.pth`` are) into
+    ``sam`` with ``torch.load(weights_only=True)``: no unpickling of arbitrary objects.
+    Raises :class:`WeightsError` naming the file when it is not there, not loadable that way,
+    not a state dict, or a state dict of another architecture."""
+    path = Path(path).expanduser()
+    url = SAM_CHECKPOINT_URLS.get(kind, "")
+    hint = f"is it the {kind} checkpoint ({url.rsplit('/', 1)[-1]})?" if url else "is it a SAM checkpoint?"
+    if not path.is_file():
+        raise WeightsUnavailableError(f"SAM checkpoint ({kind}) not found: {path}")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise WeightsError(f"cannot load {path} as SAM {kind} weights with weights_only=True ({type(e).__name__}: "
+                           f"{first}); langfield never unpickles arbitrary objects; {hint}") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict) and \
+            not any(isinstance(v, torch.Tensor) for v in state.values()):
+        state = state["model"]  # {"model": state_dict} wrappers
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a SAM state dict (a mapping of parameter names to tensors, got "
+                           f"{type(state).__name__}); {hint}")
+    try:
+        sam.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise WeightsError(f"cannot load {path} as SAM {kind} weights ({str(e).splitlines()[0][:200]}...); "
+                           f"{hint}") from None
+
+
 def load_sam(kind: str = "vit_h", checkpoint: Optional[PathLike] = None, device: Union[str, torch.device] = "auto",
              random_init: bool = False):
     """``segment_anything.sam_model_registry[kind](checkpoint=path)``, eval mode, on ``device``."""
@@ -299,16 +328,11 @@ def load_sam(kind: str = "vit_h", checkpoint: Optional[PathLike] = None, device:
     if kind not in SAM_CHECKPOINT_URLS:
         raise ValueError(f"unknown SAM model {kind!r}; use one of {list(SAM_CHECKPOINT_URLS)}")
     dev = resolve_device(device) if isinstance(device, str) else device
-    if random_init:
-        sam = sam_model_registry[kind](checkpoint=None)
-    else:
-        path = check_sam_checkpoint(kind, checkpoint)
-        url = SAM_CHECKPOINT_URLS[kind]
-        try:
-            sam = sam_model_registry[kind](checkpoint=str(path))
-        except Exception as e:
-            raise WeightsError(f"cannot load {path} as SAM {kind} weights ({type(e).__name__}: {str(e)[:300]}); "
-                               f"is it the {kind} checkpoint ({url.rsplit('/', 1)[-1]})?") from None
+    path = None if random_init else check_sam_checkpoint(kind, checkpoint)
+    # never pass the file to segment-anything: it unpickles it with torch.load(weights_only=False) on torch < 2.6
+    sam = sam_model_registry[kind](checkpoint=None)
+    if path is not None:
+        load_sam_weights(sam, path, kind)
     sam.eval().to(dev)
     for p in sam.parameters():
         p.requires_grad_(False)
