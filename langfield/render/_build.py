@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-__all__ = ["NativeBuildError", "source_dir", "cache_dir", "build_library", "load_library", "cli_build"]
+__all__ = ["NativeBuildError", "source_dir", "cache_dir", "build_library", "load_library", "library_path",
+           "cpu_features", "cli_build"]
 
 
 class NativeBuildError(RuntimeError):
@@ -189,13 +190,66 @@ class BuildResult:
     command: List[str]
 
 
-def _key(kind: str, cmd: List[str]) -> str:
+_cpu_features_cache: Dict[str, str] = {}
+
+
+def _parse_cpu_features(cpuinfo: str) -> str:
+    """The instruction-set flags of the first processor in /proc/cpuinfo text, sorted ("" if none).
+
+    x86 lists them as ``flags``, ARM as ``Features``; the model name alone does not say what a
+    virtual machine exposes (AVX-512 may be masked off), and ``-march=native`` uses what it sees.
+    """
+    for line in cpuinfo.splitlines():
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() in ("flags", "features"):
+            return " ".join(sorted(set(value.split())))
+    return ""
+
+
+def cpu_features(cxx: Optional[str] = None) -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags (cached per process).
+
+    /proc/cpuinfo where there is one; else what the compiler enables for ``-march=native``
+    (``-Q --help=target``); else "" (the processor name in the key is all there is).
+    """
+    if "cpu" in _cpu_features_cache:
+        return _cpu_features_cache["cpu"]
+    feats = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            feats = _parse_cpu_features(f.read())
+    except OSError:
+        pass
+    if not feats and cxx:
+        try:
+            out = subprocess.run([cxx, "-march=native", "-Q", "--help=target"], capture_output=True, text=True,
+                                 timeout=60)
+            feats = " ".join(line.split()[0] for line in out.stdout.splitlines()
+                             if line.strip().startswith("-m") and "[enabled]" in line)
+            feats += " " + " ".join(line.strip() for line in out.stdout.splitlines()
+                                    if line.strip().startswith(("-march=", "-mtune=")))
+        except Exception:  # pragma: no cover - the flags are only part of the cache key
+            feats = ""
+    _cpu_features_cache["cpu"] = feats.strip()
+    return _cpu_features_cache["cpu"]
+
+
+def _key(kind: str, cmd: List[str], cpu_flags: Optional[str] = None) -> str:
+    """Cache key: sources, headers, the command, the compiler's version and the machine.
+
+    A ``-march=native`` build also hashes the CPU's feature flags (``cpu_flags``, default
+    :func:`cpu_features`), so a cache shared between machines never hands a library built for
+    AVX-512 to a CPU without it (SIGILL).
+    """
     h = hashlib.sha256()
     h.update(kind.encode())
     h.update(" ".join(c for c in cmd if not c.endswith(".so")).encode())
     h.update(_tool_version(cmd[0]).encode())
     h.update(platform.machine().encode())
     h.update(platform.processor().encode())
+    if "-march=native" in cmd:
+        h.update(b"\0cpu-features\0")
+        h.update((cpu_features(cmd[0]) if cpu_flags is None else cpu_flags).encode())
     for f in _sources(kind) + _headers(kind):
         h.update(f.name.encode())
         h.update(f.read_bytes())
@@ -259,6 +313,7 @@ _SIGNATURES: Dict[str, list] = {
 ABI_VERSION = 1
 
 _loaded: Dict[str, ctypes.CDLL] = {}
+_paths: Dict[str, Path] = {}
 _failed: Dict[str, str] = {}
 _lock = threading.Lock()
 
@@ -286,7 +341,13 @@ def load_library(kind: str = "cpu") -> ctypes.CDLL:
             _failed[kind] = str(e)
             raise NativeBuildError(str(e)) from e
         _loaded[kind] = lib
+        _paths[kind] = res.path
         return lib
+
+
+def library_path(kind: str = "cpu") -> Optional[Path]:
+    """The file of the loaded ``kind`` library (None until :func:`load_library` succeeded)."""
+    return _paths.get(kind)
 
 
 def native_available(kind: str = "cpu", warn: bool = True) -> bool:
@@ -338,5 +399,47 @@ def cli_build(cuda: Optional[bool] = None, force: bool = False, verbose: bool = 
             lib = ctypes.CDLL(str(res.path))
             how = "OpenMP (shared with torch)" if lib.lf_cpu_openmp() else "own thread pool"
             print(f"[{kind}] threads: {lib.lf_num_threads()}, {how} (set LANGFIELD_NUM_THREADS to change)")
+    status = max(status, _report_selftest("cuda" in kinds))
     print(f"cache: {cache_dir()}")
+    return status
+
+
+def _report_selftest(cuda_built: bool) -> int:
+    """`langfield build`: run the CUDA self-test afresh on every visible device and print it."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        n = 0
+    if n == 0:
+        print("[cuda] no CUDA device: self-test not run")
+        return 0
+    if not cuda_built:
+        print("[cuda] library not built: self-test not run")
+        return 0
+    if os.environ.get("LANGFIELD_SKIP_SELFTEST", "").strip() == "1":
+        print("[cuda] self-test skipped (LANGFIELD_SKIP_SELFTEST=1)")
+        return 0
+    from langfield.render.selftest import ensure_selftest, fallback_backend
+
+    status = 0
+    for i in range(n):
+        dev = torch.device("cuda", i)
+        try:
+            load_library("cuda")
+        except NativeBuildError as e:
+            print(f"[cuda] not loadable: self-test not run ({str(e).strip().splitlines()[0]})")
+            return 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # printed here instead
+            res = ensure_selftest("cuda", dev, run=True, force=True)
+        if res is None:
+            print(f"[cuda] {dev}: self-test not run")
+            continue
+        print(f"[cuda] self-test {res.summary()}")
+        if not res.passed:
+            print(f"[cuda] backend='auto' on {dev} uses '{fallback_backend(dev)}' instead of CUDA "
+                  "(backend='cuda' still forces it)")
+            status = 1
     return status

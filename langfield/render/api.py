@@ -20,17 +20,35 @@ RENDER_MODES = ("RGB", "D", "ED", "RGB+D", "RGB+ED")
 BACKENDS = ("auto", "cpu", "cuda", "torch", "gsplat")
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend ("cpu", "cuda", "torch" or "gsplat") for a request."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, needs_features: bool = False) -> str:
+    """The concrete backend ("cpu", "cuda", "torch" or "gsplat") for a request.
+
+    "auto": the native library of the device when it builds and has not failed its self-test
+    (render/selftest.py: run once per CUDA device and library, result cached in memory and next
+    to the library); after a failed self-test, "gsplat" when gsplat's rasterizer is installed,
+    already built and passes the same test (never with ``needs_features``: it cannot render
+    ``features=``), else "torch". Float64 and other dtypes: "torch". An explicit "cuda" runs the
+    self-test too (a failure warns) but stays "cuda".
+    """
     from langfield.render._build import native_available
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
     if backend == "auto":
         if dtype != torch.float32:
             return "torch"  # the native library is float32
         kind = "cuda" if device.type == "cuda" else "cpu"
-        return kind if native_available(kind) else "torch"
+        if not native_available(kind):
+            return "torch"
+        from langfield.render import selftest
+
+        res = selftest._results.get((kind, str(device)), _UNSET) if device.type == "cpu" else _UNSET
+        if res is _UNSET:  # not yet looked up in this process (always for CUDA: the key needs the index)
+            res = selftest.ensure_selftest(kind, device)
+        if res is not None and not res.passed:
+            return selftest.fallback_backend(device, needs_features)
+        return kind
     if backend in ("cpu", "cuda"):
         if (backend == "cuda") != (device.type == "cuda"):
             raise ValueError(f"backend={backend!r} needs tensors on {'a CUDA device' if backend == 'cuda' else 'the CPU'},"
@@ -40,9 +58,16 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> s
         from langfield.render._build import load_library
 
         load_library(backend)  # raises NativeBuildError with the compiler's output
+        if backend == "cuda":
+            from langfield.render.selftest import ensure_selftest
+
+            ensure_selftest("cuda", device)  # a failure warns; the user asked for CUDA, so it stays
     if backend == "gsplat" and device.type != "cuda":
         raise ValueError("backend='gsplat' needs CUDA tensors (gsplat's rasterizer is CUDA-only)")
     return backend
+
+
+_UNSET = object()
 
 
 def _ops(backend: str):
@@ -208,7 +233,7 @@ def rasterization(
                              f"got {list(features.shape)}")
         if features.device != means.device:
             raise ValueError(f"rasterization: features are on {features.device}, means on {means.device}")
-    be = resolve_backend(backend, means.device, means.dtype)
+    be = resolve_backend(backend, means.device, means.dtype, needs_features=features is not None)
     if be == "gsplat" and features is not None:
         raise ValueError("rasterization: the gsplat backend cannot render extra features in the colour pass; "
                          "use backend='auto' (langfield's renderer) or render them separately")
