@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["Frame", "PointCloud", "Dataset", "Distortion", "DatasetError", "ImageReadError", "MissingFileError",
-           "read_image", "find_image_file", "pose_matrix", "GL_TO_CV", "normalize_world", "similarity_scale"]
+           "read_image", "find_image_file", "pose_matrix", "GL_TO_CV", "normalize_world", "similarity_scale",
+           "check_image_file", "inside_root", "normalize_times", "data_cache_dir"]
 
 PathLike = Union[str, os.PathLike]
 GL_TO_CV = np.diag([1.0, -1.0, -1.0, 1.0])  # camera axes OpenGL <-> OpenCV (right-multiply c2w)
@@ -72,6 +73,7 @@ class Distortion:
     params: Tuple[float, ...]
     width: int
     height: int
+    skew: float = 0.0  # K[0, 1] of the distorted camera (u += skew * y_distorted); models with fx fy cx cy first
 
 
 @dataclass
@@ -146,7 +148,9 @@ def read_image(path: PathLike, what: str = "image") -> np.ndarray:
             elif im.mode == "I;16B":
                 im = im.convert("I;16")
             arr = np.array(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:
+        raise ImageReadError(f"not an image file (no image format recognised for this {what})", path) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageReadError(f"cannot decode {what} ({type(e).__name__}: {e})", path) from None
     if arr.size == 0:
         raise ImageReadError(f"{what} is empty", path)
@@ -201,7 +205,10 @@ def image_size(path: PathLike, what: str = "image") -> Tuple[int, int]:
     try:
         with Image.open(path) as im:
             return im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise ImageReadError(f"not an image file (no image format recognised; expected {what} as PNG, JPEG, "
+                             f"EXR, TIFF, BMP or WebP)", path) from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageReadError(f"cannot read {what} header ({type(e).__name__}: {e})", path) from None
 
 
@@ -232,7 +239,8 @@ _MAP_LOCK = threading.Lock()
 
 def _undistort_grid(dist: Distortion, K: np.ndarray, w: int, h: int) -> Tensor:
     """grid_sample grid [1, h, w, 2] mapping the undistorted image to the distorted one."""
-    key = (dist.model, tuple(dist.params), dist.width, dist.height, tuple(np.round(K, 9).reshape(-1)), w, h)
+    key = (dist.model, tuple(dist.params), dist.width, dist.height, dist.skew, tuple(np.round(K, 9).reshape(-1)), w,
+           h)
     with _MAP_LOCK:
         g = _MAP_CACHE.get(key)
         if g is not None:
@@ -246,6 +254,10 @@ def _undistort_grid(dist: Distortion, K: np.ndarray, w: int, h: int) -> Tensor:
     except TypeError:  # older pycolmap: normalised image-plane points [N, 2]
         uv = cam.img_from_cam(np.ascontiguousarray(rays[:, :2]))
     uv = np.asarray(uv, dtype=np.float64).reshape(h, w, 2)
+    if dist.skew:
+        fy, cy = float(dist.params[1]), float(dist.params[3])
+        uv = uv.copy()
+        uv[..., 0] += dist.skew * (uv[..., 1] - cy) / fy
     grid = np.stack([uv[..., 0] / dist.width * 2 - 1, uv[..., 1] / dist.height * 2 - 1], -1)
     g = torch.from_numpy(grid.astype(np.float32))[None]
     with _MAP_LOCK:
@@ -598,6 +610,44 @@ class Dataset(torch.utils.data.Dataset):
             item["time"] = float(f.time)
         return item
 
+    # ---- checks ---------------------------------------------------------------------------
+    def verify_images(self, skip_bad: bool = False, workers: Optional[int] = None,
+                      persistent_cache: bool = True) -> List[str]:
+        """Decode every image, mask and depth map the frames list (in parallel threads; results
+        cached in memory and in a small JSON under :func:`data_cache_dir` by path, size and
+        mtime, so a second check of unchanged files reads nothing), and check that each has the
+        aspect ratio of its frame. Returns the bad files as ``"path: reason"`` lines.
+
+        With bad files: raises :class:`ImageReadError` naming them (one line), or, with
+        ``skip_bad=True``, drops their frames from this dataset with one warning (raises
+        :class:`DatasetError` if no training frame is left)."""
+        jobs = []
+        for i, f in enumerate(self.frames):
+            jobs.append((i, f.image_path, "image", f.read_size))
+            if f.mask_path is not None:
+                jobs.append((i, f.mask_path, "mask", f.read_size))
+            if f.depth_path is not None:
+                jobs.append((i, f.depth_path, "depth map", f.read_size))
+        bad = _check_files(jobs, self.root, workers, persistent_cache)
+        if not bad:
+            return []
+        lines = [msg for _, msg in bad]
+        shown = "; ".join(lines[:5]) + (f" (and {len(lines) - 5} more)" if len(lines) > 5 else "")
+        if not skip_bad:
+            raise ImageReadError(f"{len(lines)} bad file(s) among the {len(self.frames)} frames: {shown}; fix or "
+                                 f"remove them, or skip their frames (skip_bad_images=True / --skip-bad-images)",
+                                 self.root)
+        drop = {i for i, _ in bad}
+        kept = [f for i, f in enumerate(self.frames) if i not in drop]
+        if not any(f.split == "train" for f in kept):
+            raise DatasetError(f"no training frame left after skipping {len(drop)} frame(s) with bad files: {shown}",
+                               self.root)
+        warnings.warn(f"{self.root}: skipping {len(drop)} of {len(self.frames)} frame(s) with bad files: {shown}",
+                      stacklevel=2)
+        self.frames = kept
+        self._cache.clear()
+        return lines
+
     def __repr__(self) -> str:
         sp = ", ".join(f"{k} {v}" for k, v in self.splits.items())
         pts = f"{len(self.points)} points" if self.points is not None else "no points"
@@ -717,3 +767,169 @@ def warn_poses(poses: Sequence[Tuple[np.ndarray, float]], path: PathLike, field_
 
 def fov_to_focal(fov: float, size: int) -> float:
     return 0.5 * size / math.tan(0.5 * fov)
+
+
+# ------------------------------------------------------------------------------------------
+# paths, times, checks
+
+def inside_root(root: PathLike, p: PathLike, source: PathLike, field_name: str, allow_outside: bool = False,
+                value: Optional[str] = None) -> Path:
+    """``p`` (already joined to ``root`` if relative) when it lies inside the dataset folder
+    ``root`` (compared after normalising ``..``, without following links); else a
+    :class:`DatasetError` naming ``source`` and ``field_name``, unless ``allow_outside``."""
+    p = Path(p)
+    if allow_outside:
+        return p
+    a = os.path.normpath(os.path.abspath(str(p)))
+    r = os.path.normpath(os.path.abspath(str(root)))
+    try:
+        inside = os.path.commonpath([a, r]) == r
+    except ValueError:  # different drives
+        inside = False
+    if not inside:
+        shown = value if value is not None else str(p)
+        raise DatasetError(f"{shown!r} leaves the dataset folder {r}; refused (pass allow_outside=True to "
+                           f"load_dataset to read files outside it)", source, field_name)
+    return p
+
+
+def normalize_times(frames: List[Frame], source: PathLike, field_name: str = "time") -> Tuple[List[Frame], dict]:
+    """Frames with their ``time`` mapped to [0, 1]: kept as they are when every time already
+    lies in [0, 1], else ``(t - min) / (max - min)`` with the raw value kept in
+    ``frame.extras["time_raw"]``. Returns ``(frames, meta)`` with ``time_raw_range`` when
+    rescaled. Frames without a time keep none (one warning says how many)."""
+    have = [f for f in frames if f.time is not None]
+    if not have:
+        return frames, {}
+    if len(have) < len(frames):
+        warnings.warn(f"{source}: {len(frames) - len(have)} of {len(frames)} frames have no '{field_name}'; they "
+                      f"are treated as static views", stacklevel=3)
+    ts = np.array([f.time for f in have], dtype=np.float64)
+    lo, hi = float(ts.min()), float(ts.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return frames, {}
+    span = hi - lo
+    out = []
+    for f in frames:
+        if f.time is None:
+            out.append(f)
+            continue
+        t = (f.time - lo) / span if span > 0 else 0.0
+        out.append(replace(f, time=float(min(max(t, 0.0), 1.0)), extras={**f.extras, "time_raw": f.time}))
+    return out, {"time_raw_range": [lo, hi]}
+
+
+def data_cache_dir() -> Path:
+    """Where dataset caches go when the dataset folder is not used: ``$LANGFIELD_DATA_CACHE``,
+    else ``$XDG_CACHE_HOME/langfield/data`` (``~/.cache/langfield/data``)."""
+    env = os.environ.get("LANGFIELD_DATA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "langfield" / "data"
+
+
+_CHECKED: Dict[Tuple[str, int, int], Tuple[int, int]] = {}  # (abs path, size, mtime_ns) -> (w, h) of good files
+_CHECKED_LOCK = threading.Lock()
+
+
+def _file_key(p: Path) -> Tuple[str, int, int]:
+    st = p.stat()
+    return (os.path.abspath(str(p)), int(st.st_size), int(st.st_mtime_ns))
+
+
+def check_image_file(path: PathLike, what: str = "image") -> Tuple[int, int]:
+    """Decode a whole image (or a ``.npy`` depth map) and return its (width, height); raises
+    :class:`MissingFileError` / :class:`ImageReadError` naming the file. Good results are
+    remembered by path, size and mtime."""
+    p = Path(path)
+    if not p.is_file():
+        raise MissingFileError(f"{what} not found", p)
+    key = _file_key(p)
+    with _CHECKED_LOCK:
+        if key in _CHECKED:
+            return _CHECKED[key]
+    if p.suffix.lower() == ".npy":
+        try:
+            arr = np.load(p, mmap_mode="r", allow_pickle=False)
+            shape = arr.shape
+            np.asarray(arr[-1:]).sum()  # touches the end: a truncated file fails here
+        except (ValueError, OSError) as e:
+            raise ImageReadError(f"cannot read {what} ({e})", p) from None
+        if len(shape) == 3 and shape[-1] == 1:
+            shape = shape[:2]
+        if len(shape) != 2:
+            raise ImageReadError(f"{what} must be 2D, got shape {tuple(shape)}", p)
+        wh = (int(shape[1]), int(shape[0]))
+    else:
+        arr = read_image(p, what)
+        wh = (int(arr.shape[1]), int(arr.shape[0]))
+    with _CHECKED_LOCK:
+        _CHECKED[key] = wh
+    return wh
+
+
+def _check_cache_file(root: PathLike) -> Path:
+    import hashlib
+
+    r = os.path.abspath(str(root))
+    return data_cache_dir() / "image-checks" / f"{hashlib.sha1(r.encode()).hexdigest()[:16]}.json"
+
+
+def _check_files(jobs, root: PathLike, workers: Optional[int], persistent: bool) -> List[Tuple[int, str]]:
+    """[(frame index, "path: reason")] for the jobs ``(i, path, what, (w, h) expected)`` that fail."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache_file = _check_cache_file(root) if persistent and jobs else None
+    stored: Dict[str, list] = {}
+    if cache_file is not None and cache_file.is_file():
+        try:
+            stored = json.loads(cache_file.read_text("utf-8"))
+            if not isinstance(stored, dict):
+                stored = {}
+        except (OSError, ValueError):
+            stored = {}
+    with _CHECKED_LOCK:
+        for k, v in stored.items():
+            if isinstance(v, list) and len(v) == 4 and all(isinstance(x, int) for x in v):
+                _CHECKED.setdefault((k, v[0], v[1]), (v[2], v[3]))
+
+    def one(job):
+        i, p, what, (ew, eh) = job
+        try:
+            w, h = check_image_file(p, what)
+        except DatasetError as e:
+            reason = str(e)
+            prefix = f"{p}: "
+            return i, (reason if reason.startswith(prefix) else f"{p}: {reason}")
+        if ew > 0 and eh > 0 and abs(w / h - ew / eh) > 0.01 * (ew / eh):
+            return i, f"{p}: {what} is {w}x{h}, its frame expects {ew}x{eh} (aspect ratios differ)"
+        return None
+
+    n = workers or min(8, (os.cpu_count() or 2))
+    if len(jobs) <= 1 or n <= 1:
+        results = [one(j) for j in jobs]
+    else:
+        with ThreadPoolExecutor(max_workers=n) as ex:
+            results = list(ex.map(one, jobs))
+    bad = [r for r in results if r is not None]
+    if cache_file is not None:
+        good = {}
+        with _CHECKED_LOCK:
+            for _, p, _, _ in jobs:
+                try:
+                    key = _file_key(Path(p))
+                except OSError:
+                    continue
+                if key in _CHECKED:
+                    good[key[0]] = [key[1], key[2], *_CHECKED[key]]
+        if good and good != stored:
+            try:
+                from ..io.checkpoint import atomic_write_json
+
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(cache_file, good, indent=None)
+            except OSError:
+                pass  # a cache only
+    return bad

@@ -18,8 +18,8 @@ from typing import List, Sequence, Union
 import numpy as np
 
 from .base import (GL_TO_CV, DatasetError, Frame, MissingFileError, finalize, find_image_file, fov_to_focal, image_size,
-                   pose_matrix, scale_K, scaled_size, warn_poses)
-from .nerfstudio import _norm_rel, _num, frame_file_path, read_transforms_json
+                   inside_root, normalize_times, pose_matrix, scale_K, scaled_size, warn_poses)
+from .nerfstudio import _norm_rel, _num, _size, frame_file_path, read_transforms_json
 
 __all__ = ["load_blender"]
 
@@ -34,9 +34,12 @@ def _image_file(root: Path, fp: str) -> Path:
 
 
 def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequence[float] = (1.0, 1.0, 1.0),
-                 normalize: bool = True, splits: Sequence[str] = ("train", "val", "test"), cache_images: bool = False):
+                 normalize: bool = True, splits: Sequence[str] = ("train", "val", "test"), cache_images: bool = False,
+                 allow_outside: bool = False):
     """Load a Blender / D-NeRF dataset (see the module docstring). ``path``: the folder with
-    ``transforms_*.json``."""
+    ``transforms_*.json``. A ``file_path`` outside the folder is refused unless
+    ``allow_outside``. D-NeRF times outside [0, 1] are rescaled to [0, 1] over all splits
+    (raw values in ``frame.extras["time_raw"]``)."""
     path = Path(path)
     root = path.parent if path.suffix == ".json" else path
     if not (root / "transforms_train.json").is_file():
@@ -59,6 +62,8 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
         for i, fr in enumerate(fl):
             where = f"frames[{i}]"
             fp = frame_file_path(fr, i, jpath)
+            p = Path(fp.replace("\\", "/"))
+            inside_root(root, p if p.is_absolute() else root / p, jpath, f"{where}.file_path", allow_outside, fp)
             img = _image_file(root, fp)
             if not img.is_file():
                 raise MissingFileError(f"image of {where} not found (file_path {fp!r} in {jpath})", img)
@@ -72,8 +77,8 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
                 fx = _num(meta["fl_x"], jpath, "fl_x")
                 fy = _num(meta.get("fl_y", fx), jpath, "fl_y")
                 # fl_* given for the stored size w x h (if stated); rescale to the actual image
-                sw = W / _num(meta.get("w", W), jpath, "w")
-                sh = H / _num(meta.get("h", H), jpath, "h")
+                sw = W / _size(meta.get("w", W), jpath, "w")
+                sh = H / _size(meta.get("h", H), jpath, "h")
                 fx, fy = fx * sw, fy * sh
                 cx = _num(meta.get("cx", W / 2 / sw), jpath, "cx") * sw
                 cy = _num(meta.get("cy", H / 2 / sh), jpath, "cy") * sh
@@ -95,5 +100,6 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
         warn_poses(poses, jpath)
     if not frames:
         raise DatasetError("no frames in transforms_{train,val,test}.json", root)
+    frames, time_meta = normalize_times(frames, root / "transforms_train.json")
     return finalize(frames, root=root, format="dnerf" if is_dnerf else "blender", points=None, normalize=normalize,
-                    background=background, meta={"downscale": downscale}, cache_images=cache_images)
+                    background=background, meta={"downscale": downscale, **time_meta}, cache_images=cache_images)

@@ -107,6 +107,24 @@ def _read_reconstruction(pycolmap, model_dir: Path):
         return pycolmap.Reconstruction(tmp)
 
 
+_FILE_OF = (("rig", "rigs"), ("frame", "frames"), ("camera", "cameras"), ("image", "images"), ("point", "points3D"))
+
+
+def colmap_error(e: BaseException, model_dir: Path) -> DatasetError:
+    """A pycolmap exception (``Rig with ID 1 does not exist``, ...) as a one-line
+    :class:`DatasetError` naming the model folder and the file the message points at."""
+    msg = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+    low = msg.lower()
+    target = model_dir
+    for word, stem in _FILE_OF:
+        if word in low:
+            found = [model_dir / f"{stem}{x}" for x in (".bin", ".txt") if (model_dir / f"{stem}{x}").is_file()]
+            target = found[0] if found else model_dir / f"{stem}.bin|txt (missing)"
+            break
+    return DatasetError(f"cannot read the COLMAP model in {model_dir} ({msg}); the model is inconsistent: re-export "
+                        f"it from COLMAP or re-run `langfield process IMAGES --out DATA`", target)
+
+
 def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optional[Union[str, Path]] = None,
                 undistort: bool = True, test_every: int = 8, normalize: bool = True,
                 background: Sequence[float] = (1.0, 1.0, 1.0), masks_dir: Optional[Union[str, Path]] = None,
@@ -122,10 +140,12 @@ def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optio
     root = path if model_dir != path else _dataset_root(model_dir)
     try:
         rec = _read_reconstruction(pycolmap, model_dir)
+        images = sorted((im for im in rec.images.values() if im.has_pose), key=lambda im: im.name)
+        poses = {im.image_id: np.linalg.inv(_cam_from_world(im)) for im in images}
+        for im in images:
+            rec.cameras[im.camera_id]
     except Exception as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise DatasetError(f"cannot read the COLMAP model ({msg})", model_dir) from None
-    images = sorted((im for im in rec.images.values() if im.has_pose), key=lambda im: im.name)
+        raise colmap_error(e, model_dir) from None
     if not images:
         raise DatasetError("the COLMAP model has no registered images", model_dir, "images")
     img_dir = Path(images_dir) if images_dir is not None else root / "images"
@@ -182,7 +202,7 @@ def load_colmap(path: Union[str, Path], *, downscale: int = 1, images_dir: Optio
         else:
             raise DatasetError(f"camera {im.camera_id} has model {model}, which has lens distortion; load with "
                                f"undistort=True (or undistort the images first)", model_dir, "cameras")
-        c2w = np.linalg.inv(_cam_from_world(im))
+        c2w = poses[im.image_id]
         frames.append(Frame(image_path=file, width=int(ow), height=int(oh), K=K, camtoworld=c2w, split=splits[i],
                             name=im.name, mask_path=_find_mask(mdir, im.name), camera_id=int(im.camera_id),
                             distortion=dist))

@@ -26,14 +26,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 
-from .base import (GL_TO_CV, DatasetError, Distortion, Frame, MissingFileError, PointCloud, check_matrix,
-                   downscaled_folder, every_nth_split, finalize, find_image_file, fov_to_focal, image_size, pose_matrix,
-                   scale_K, scaled_size, undistorted_camera, warn_poses)
+from .base import (GL_TO_CV, DatasetError, Distortion, Frame, ImageReadError, MissingFileError, PointCloud, check_matrix,
+                   downscaled_folder, every_nth_split, finalize, find_image_file, fov_to_focal, image_size, inside_root,
+                   normalize_times, pose_matrix, scale_K, scaled_size, undistorted_camera, warn_poses)
 
 __all__ = ["load_nerfstudio", "read_transforms_json"]
 
@@ -60,6 +61,14 @@ def _num(v, path, field_name) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise DatasetError(f"must be a finite number, got {v!r}", path, field_name)
     return float(v)
+
+
+def _size(v, path, field_name) -> int:
+    """A declared image width or height: a positive whole number of pixels."""
+    x = _num(v, path, field_name)
+    if x <= 0 or x != int(x):
+        raise DatasetError(f"must be a positive whole number of pixels, got {v!r}", path, field_name)
+    return int(x)
 
 
 def frame_file_path(fr, i: int, jpath) -> str:
@@ -90,9 +99,13 @@ def _abs(p: Union[str, Path]) -> str:
 
 def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: int = 8, normalize: bool = True,
                     background: Sequence[float] = (1.0, 1.0, 1.0), undistort: bool = True, load_points: bool = True,
-                    cache_images: bool = False):
+                    cache_images: bool = False, allow_outside: bool = False):
     """Load a nerfstudio dataset (see the module docstring). ``path``: the folder holding
-    ``transforms.json`` or the JSON file itself."""
+    ``transforms.json`` or the JSON file itself. Files listed outside the folder (``..`` or an
+    absolute path elsewhere) are refused unless ``allow_outside``. An image whose size differs
+    from the declared ``w``/``h`` with the same aspect ratio gets its intrinsics scaled (one
+    warning); another aspect ratio is refused. Times outside [0, 1] are rescaled to [0, 1]
+    (the raw value kept in ``frame.extras["time_raw"]``)."""
     path = Path(path)
     jpath = path if path.suffix == ".json" else path / "transforms.json"
     root = jpath.parent
@@ -118,6 +131,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
     depth_unit = _num(meta.get("depth_unit_scale_factor", 1e-3), jpath, "depth_unit_scale_factor")
 
     frames: List[Frame] = []
+    rescaled: List[str] = []
     poses: List[Tuple[np.ndarray, float]] = []
     fallback_splits = every_nth_split(len(frames_meta), test_every)
     for i, fr in enumerate(frames_meta):
@@ -130,6 +144,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         def fld(key):
             return f"{where}.{key}" if key in fr else key
 
+        inside_root(root, _resolve(root, fp.replace("\\", "/")), jpath, f"{where}.file_path", allow_outside, fp)
         img = find_image_file(_resolve(root, fp))
         if img is None:
             raise MissingFileError(f"image of {where} not found (file_path {fp!r} in {jpath})", _resolve(root, fp))
@@ -144,12 +159,18 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
 
         # full-resolution size
         w_full, h_full = get("w"), get("h")
-        if w_full is None or h_full is None:
+        try:
             iw, ih = image_size(img)
-            w_full = iw if w_full is None else w_full
-            h_full = ih if h_full is None else h_full
-        W = int(_num(w_full, jpath, fld("w")))
-        H = int(_num(h_full, jpath, fld("h")))
+        except ImageReadError:
+            if w_full is None or h_full is None:
+                raise
+            iw = ih = None  # undecodable: reported by Dataset.verify_images or on first use
+        w_full = iw if w_full is None else w_full
+        h_full = ih if h_full is None else h_full
+        W = _size(w_full, jpath, fld("w"))
+        H = _size(h_full, jpath, fld("h"))
+        if iw is None:
+            iw, ih = W, H
         if get("fl_x") is not None:
             fx = _num(get("fl_x"), jpath, fld("fl_x"))
         elif get("camera_angle_x") is not None:
@@ -168,6 +189,13 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         if fx <= 0 or fy <= 0:
             raise DatasetError(f"focal length must be positive, got fl_x={fx}, fl_y={fy}", jpath, fld("fl_x"))
         K_full = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
+        if (iw, ih) != (W, H):
+            if abs(iw / ih - W / H) > 0.01 * (W / H):
+                raise DatasetError(f"image is {iw}x{ih} but {jpath} declares {W}x{H} for it ({fld('w')}, "
+                                   f"{fld('h')}); the aspect ratios differ, so the intrinsics cannot be scaled", img)
+            rescaled.append(f"{img.name} is {iw}x{ih}, declared {W}x{H}")
+            K_full = scale_K(K_full, iw / W, ih / H)
+            W, H = iw, ih
 
         # file and loaded size
         file = img
@@ -212,7 +240,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         if mask is not None:
             if not isinstance(mask, str):
                 raise DatasetError("must be a file path", jpath, f"{where}.mask_path")
-            mask_path = _resolve(root, mask)
+            mask_path = inside_root(root, _resolve(root, mask), jpath, f"{where}.mask_path", allow_outside, mask)
             if not mask_path.is_file():
                 raise MissingFileError(f"mask of {where} not found (mask_path {mask!r} in {jpath})", mask_path)
         depth = fr.get("depth_file_path")
@@ -220,7 +248,8 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         if depth is not None:
             if not isinstance(depth, str):
                 raise DatasetError("must be a file path", jpath, f"{where}.depth_file_path")
-            depth_path = _resolve(root, depth)
+            depth_path = inside_root(root, _resolve(root, depth), jpath, f"{where}.depth_file_path", allow_outside,
+                                     depth)
             if not depth_path.is_file():
                 raise MissingFileError(f"depth map of {where} not found (depth_file_path {depth!r} in {jpath})",
                                        depth_path)
@@ -250,6 +279,11 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
                             distortion=distortion, extras=extras))
 
     warn_poses(poses, jpath)
+    if rescaled:
+        more = f" (and {len(rescaled) - 3} more)" if len(rescaled) > 3 else ""
+        warnings.warn(f"{jpath}: {len(rescaled)} image(s) differ in size from the declared w/h with the same aspect "
+                      f"ratio; scaling their intrinsics: {'; '.join(rescaled[:3])}{more}", stacklevel=2)
+    frames, time_meta = normalize_times(frames, jpath)
     applied = None
     if "applied_transform" in meta:
         a = np.asarray(meta["applied_transform"], dtype=object)
@@ -265,7 +299,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
 
         if not isinstance(ply, str):
             raise DatasetError("must be a file path", jpath, "ply_file_path")
-        ppath = _resolve(root, ply)
+        ppath = inside_root(root, _resolve(root, ply), jpath, "ply_file_path", allow_outside, ply)
         if not ppath.is_file():
             raise MissingFileError(f"point cloud not found (ply_file_path {ply!r} in {jpath})", ppath)
         try:
@@ -275,5 +309,6 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         points = PointCloud(xyz, rgb)
     meta_out = {k: v for k, v in meta.items() if k != "frames" and not k.endswith("_filenames")}
     meta_out["transforms_json"] = str(jpath)
+    meta_out.update(time_meta)
     return finalize(frames, root=root, format="nerfstudio", points=points, normalize=normalize, background=background,
                     applied_transform=applied, meta=meta_out, cache_images=cache_images)
