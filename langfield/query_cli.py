@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import sys
 from pathlib import Path
 from typing import List, Literal, Optional
 
@@ -10,14 +13,55 @@ from typing_extensions import Annotated
 
 import tyro
 
-__all__ = ["cli_query"]
+__all__ = ["cli_query", "query_stem"]
 
 RunArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="RUN")]]
 TextArg = tyro.conf.Positional[Annotated[List[str], tyro.conf.arg(metavar="TEXT")]]
 
 
+class QueryExit(SystemExit):
+    """A one-line usage or input error: printed to stderr, exit status 2."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.code = 2
+
+
 def _fail(msg: str) -> SystemExit:
-    return SystemExit(f"langfield query: {msg}")
+    msg = f"langfield query: {msg}"
+    print(msg, file=sys.stderr)
+    return QueryExit(msg)
+
+
+def query_stem(text: str) -> str:
+    """A file stem for the outputs of ``text``: a slug of the text (at most 40 characters)
+    plus 8 hex digits of a hash of the exact text, so that different texts (``query`` and
+    ``?``, texts differing in case or punctuation, texts sharing a long prefix) never share
+    files and any text gives a short, safe name."""
+    from langfield.scenes.writers import slug
+
+    return f"{slug(text)[:40].rstrip('_') or 'query'}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
+
+
+def _short(text: str, n: int = 60) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def _check_unit(name: str, v: float) -> None:
+    if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+        raise _fail(f"{name} {v}: must be a number in [0, 1]")
+
+
+def _check_folder(opt: str, path: Path, shown: Optional[Path] = None) -> None:
+    """``path`` is, or can be made, a folder (no file in the way); one-line error naming
+    ``opt`` and ``shown`` (default ``path``) otherwise."""
+    shown = path if shown is None else shown
+    for q in [path, *path.parents]:
+        if q.exists():
+            if not q.is_dir():
+                raise _fail(f"{opt} {shown}: {q} is a file, not a folder" if q != shown else
+                            f"{opt} {shown}: is a file; expected a folder")
+            return
 
 
 def cli_query(
@@ -30,6 +74,8 @@ def cli_query(
     select_3d: bool = False,
     select_threshold: float = 0.4,
     ply: Optional[Path] = None,
+    overwrite: bool = False,
+    data: Optional[Path] = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
 ) -> int:
     """Query a language field with text: heatmap over the RGB render, mask and JSON per query
@@ -39,85 +85,171 @@ def cli_query(
     Args:
         run: the run folder (or a PLY with lang_* properties and an autoencoder next to it).
         text: one or more queries, e.g. "red mug" "handle of the blue mug".
-        view: a camera of the dataset: its index or name (default: the first held-out view).
-        out: output folder (default RUN/queries/<view>).
+        view: a camera: its index or name (default: the first held-out view).
+        out: output folder (default RUN/queries/<view>; for a PLY, <stem>_queries/<view> beside it).
         level: auto (highest relevancy), or a level name (subpart, part, whole) or index.
-        threshold: mask threshold on the normalised relevancy (LangSplat: 0.4).
+        threshold: mask threshold on the normalised relevancy, in [0, 1] (LangSplat: 0.4).
         select_3d: also select the Gaussians matching each query (relevancy > --select-threshold) and render
             their footprint.
-        select_threshold: threshold on the Gaussians' relevancy normalised like the 2D maps (0.4, as the
-            2D mask threshold).
+        select_threshold: threshold on the Gaussians' relevancy normalised like the 2D maps, in [0, 1].
         ply: with one query: write the scene as a 3DGS PLY with the selected Gaussians painted red.
+        overwrite: replace an existing --ply file.
+        data: a dataset folder whose held-out cameras to render from (a PLY has no cameras of its own; for a
+            run folder, instead of the dataset the run recorded). Without it a PLY is seen from 6 views on a
+            circle above the scene.
         device: auto, cpu or cuda.
     """
     from langfield.field import FieldError, LanguageField, NoLanguageError
     from langfield.query import heatmap_overlay, recolor, save_png
 
+    # ------------------------------------------------------------------ options, before any work
     texts = [t for t in text if t.strip()]
     if not texts:
         raise _fail("an empty query: pass some text, e.g. langfield query RUN \"red mug\"")
-    if ply is not None and len(texts) != 1:
-        raise _fail("--ply takes exactly one query")
+    _check_unit("--threshold", threshold)
+    _check_unit("--select-threshold", select_threshold)
+    if ply is not None:
+        ply = Path(ply)
+        if len(texts) != 1:
+            raise _fail("--ply takes exactly one query")
+        if ply.is_dir():
+            raise _fail(f"--ply {ply}: is a folder; expected a .ply file name")
+        if ply.exists() and not overwrite:
+            raise _fail(f"--ply {ply} exists; pass --overwrite to replace it")
+        _check_folder("--ply", ply.parent, ply)
+    if out is not None:
+        _check_folder("--out", Path(out))
+    if data is not None and not Path(data).is_dir():
+        raise _fail(f"--data {data}: not a dataset folder" + ("" if Path(data).exists() else " (not found)"))
+    run = Path(run)
+    is_ply = run.is_file() and run.suffix.lower() == ".ply"
+
+    # ------------------------------------------------------------------ the field and its cameras
     try:
-        field = LanguageField.load(run, device=device)
+        field = LanguageField.load(run, device=device, need_cameras=data is None)
         li = field.level_index(level) if field.has_language else None
-    except (FieldError, ValueError) as e:
+    except (FieldError, ValueError, OSError) as e:
         raise _fail(str(e)) from None
     if not field.has_language:
         raise _fail(f"{run} has no language field; train one with "
                     f"`langfield train DATA --out {run} --features labels|sam-clip|dense-clip`")
-    if not field.cameras:
-        raise _fail(f"{run}: the run's dataset is missing, so there are no cameras to render from")
-    cams = field.cameras
+    cams = _cameras(field, run, is_ply, data)
     if view is None:
         cam = next((c for c in cams if c.split == "test"), cams[0])
     elif view.isdigit():
         k = int(view)
         if not 0 <= k < len(cams):
-            raise _fail(f"--view {k}: the dataset has views 0..{len(cams) - 1}")
+            raise _fail(f"--view {k}: there are views 0..{len(cams) - 1}")
         cam = cams[k]
     else:
         cam = next((c for c in cams if c.name == view or Path(c.name).stem == Path(view).stem), None)
         if cam is None:
             raise _fail(f"--view {view!r}: no such camera (e.g. {cams[0].name!r}, or an index)")
-    dest = Path(out) if out is not None else Path(run) / "queries" / Path(cam.name).stem
-    dest.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        dest = Path(out)
+    elif is_ply:
+        dest = run.parent / f"{run.stem}_queries" / Path(cam.name).stem
+    else:
+        dest = run / "queries" / Path(cam.name).stem
+    _check_folder("--out" if out is not None else "output folder", dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _fail(f"cannot create the output folder {dest}: {e.strerror or e}") from None
+
+    # ------------------------------------------------------------------ render, query, write
     r = field.render_camera(cam)
     try:
         results = field.query(r, texts, level="auto" if li is None else li, threshold=threshold)
     except (NoLanguageError, ValueError) as e:
         raise _fail(str(e)) from None
-    from langfield.scenes.writers import slug
+    from langfield.io.checkpoint import atomic_write_json
 
-    save_png(dest / "rgb.png", r.rgb)
-    report = {"run": str(run), "view": cam.name, "view_index": cam.index, "step": field.step, "queries": []}
-    for t, res in zip(texts, results):
-        s = slug(t)
-        save_png(dest / f"{s}_heatmap.png", heatmap_overlay(r.rgb, res.heatmap))
-        save_png(dest / f"{s}_mask.png", res.mask.float()[..., None].expand(-1, -1, 3))
-        e = {"text": t, "level": str(res.level), "point": list(res.point),
-             "level_scores": {str(k): float(v) for k, v in zip(res.levels, res.scores)},
-             "mask_pixels": int(res.mask.sum()), "heatmap": f"{s}_heatmap.png", "mask": f"{s}_mask.png"}
-        if select_3d or ply is not None:
-            sel = field.select(t, level="auto" if li is None else li, threshold=select_threshold)
-            foot = field.render_selection(sel.mask, cam.viewmat, cam.K, cam.width, cam.height)
-            save_png(dest / f"{s}_select3d.png", heatmap_overlay(r.rgb, foot, mask=foot > 0.5))
-            e.update(selected_gaussians=int(sel.mask.sum()), select_level=None if sel.level is None else
-                     field.levels[sel.level], select3d=f"{s}_select3d.png")
-            if ply is not None:
-                from langfield.io import write_ply
+    try:
+        save_png(dest / "rgb.png", r.rgb)
+        report = {"run": str(run), "view": cam.name, "view_index": cam.index, "step": field.step, "queries": []}
+        for t, res in zip(texts, results):
+            s = query_stem(t)
+            save_png(dest / f"{s}_heatmap.png", heatmap_overlay(r.rgb, res.heatmap))
+            save_png(dest / f"{s}_mask.png", res.mask.float()[..., None].expand(-1, -1, 3))
+            e = {"text": t, "level": str(res.level), "point": list(res.point),
+                 "level_scores": {str(k): float(v) for k, v in zip(res.levels, res.scores)},
+                 "mask_pixels": int(res.mask.sum()), "heatmap": f"{s}_heatmap.png", "mask": f"{s}_mask.png"}
+            if select_3d or ply is not None:
+                sel = field.select(t, level="auto" if li is None else li, threshold=select_threshold)
+                foot = field.render_selection(sel.mask, cam.viewmat, cam.K, cam.width, cam.height)
+                save_png(dest / f"{s}_select3d.png", heatmap_overlay(r.rgb, foot, mask=foot > 0.5))
+                e.update(selected_gaussians=int(sel.mask.sum()), select_level=None if sel.level is None else
+                         field.levels[sel.level], select3d=f"{s}_select3d.png")
+                if ply is not None:
+                    from langfield.io import write_ply
 
-                g = field.gaussians.clone()
-                g.splats["sh0"].data = recolor(g.splats["sh0"].data, sel.mask.to(g.device), sh0=True)
-                g.set_lang(None)
-                Path(ply).parent.mkdir(parents=True, exist_ok=True)
-                write_ply(ply, g)
-                e["ply"] = str(ply)
-        report["queries"].append(e)
-        msg = (f"{t!r}: level {res.level}, point (x={res.point[0]}, y={res.point[1]}), mask {e['mask_pixels']} px")
-        if "selected_gaussians" in e:
-            msg += f", {e['selected_gaussians']} of {field.num} Gaussians selected"
-        print(msg)
-    (dest / "query.json").write_text(json.dumps(report, indent=2) + "\n", "utf-8")
+                    g = field.gaussians.clone()
+                    g.splats["sh0"].data = recolor(g.splats["sh0"].data, sel.mask.to(g.device), sh0=True)
+                    g.set_lang(None)
+                    ply.parent.mkdir(parents=True, exist_ok=True)
+                    write_ply(ply, g)
+                    e["ply"] = str(ply)
+            report["queries"].append(e)
+            msg = f"{_short(t)!r}: level {res.level}, point (x={res.point[0]}, y={res.point[1]}), " \
+                  f"mask {e['mask_pixels']} px"
+            if "selected_gaussians" in e:
+                msg += f", {e['selected_gaussians']} of {field.num} Gaussians selected"
+            print(msg)
+        atomic_write_json(dest / "query.json", report)
+    except OSError as e:
+        raise _fail(f"cannot write {getattr(e, 'filename', None) or dest}: {e.strerror or e}") from None
     print(f"view {cam.name} -> {dest} (heatmaps, masks, query.json)")
     return 0
+
+
+def _cameras(field, run: Path, is_ply: bool, data: Optional[Path]):
+    """The cameras to render from: ``--data``'s held-out views (in the frame of the field:
+    a PLY from ``langfield export`` is in the dataset's own frame, a run's checkpoints in the
+    normalised one), the run's recorded dataset, or views around the scene."""
+    from langfield.cameras import dataset_cameras, orbit_for
+
+    if data is not None:
+        opts = _dataset_options(run, is_ply)
+        try:
+            return dataset_cameras(data, **opts)
+        except (ValueError, OSError) as e:
+            raise _fail(f"--data {data}: {e}") from None
+    if field.cameras:
+        return field.cameras
+    why = "a PLY carries no cameras" if is_ply else "the run's dataset is missing"
+    print(f"note: {why}; rendering from 6 views around the scene (pass --data DATA for the dataset's views)",
+          file=sys.stderr)
+    try:
+        return orbit_for(field.gaussians, n=6, size=(512, 512))
+    except ValueError as e:
+        raise _fail(f"{run}: {e}") from None
+
+
+def _dataset_options(run: Path, is_ply: bool) -> dict:
+    """``dataset_cameras`` options matching how the field was trained (from the run config,
+    or for an exported PLY from the run its ``<stem>.json`` names): downscale, held-out
+    split, and the world frame."""
+    doc = {}
+    cfg_path = None
+    if is_ply:
+        side = run.with_suffix(".json")
+        try:
+            r = json.loads(side.read_text("utf-8")).get("run") if side.is_file() else None
+            cfg_path = Path(r) / "config.json" if r else None
+        except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+            cfg_path = None
+    else:
+        cfg_path = run / "config.json"
+    try:
+        if cfg_path is not None and cfg_path.is_file():
+            doc = json.loads(cfg_path.read_text("utf-8")).get("train") or {}
+    except (ValueError, UnicodeDecodeError, AttributeError, OSError):
+        doc = {}
+    opts = {"normalize": False if is_ply else bool(doc.get("normalize", True))}
+    try:
+        opts["downscale"] = max(1, int(doc.get("downscale") or 1))
+        opts["test_every"] = int(doc.get("test_every") or 8)
+    except (TypeError, ValueError):
+        pass
+    return opts
