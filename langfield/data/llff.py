@@ -180,6 +180,26 @@ def video_size(path: Path) -> Tuple[int, int]:
         raise DatasetError(f"cannot open video ({type(e).__name__}: {e})", path) from None
 
 
+def _cached_video_size(video: Path, cache_root: Path) -> Tuple[int, int]:
+    """:func:`video_size`, remembered in ``cache_root`` by the video's size and mtime."""
+    from ..io.checkpoint import atomic_write_json
+
+    st = video.stat()
+    rec = cache_root / f"{video.stem}-{st.st_size}-{st.st_mtime_ns}.json"
+    try:
+        d = json.loads(rec.read_text("utf-8"))
+        if isinstance(d.get("width"), int) and isinstance(d.get("height"), int):
+            return d["width"], d["height"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    w, h = video_size(video)
+    try:
+        atomic_write_json(rec, {"video": str(video), "width": w, "height": h})
+    except OSError:
+        pass
+    return w, h
+
+
 def _cache_root(root: Path, cache_dir: Optional[Union[str, Path]]) -> Path:
     if cache_dir is not None:
         return Path(cache_dir)
@@ -273,7 +293,7 @@ def load_neu3d(path: Union[str, Path], *, downscale: int = 1, stride: int = 1, m
     scaled: List[str] = []
     per_cam = []
     for ci, v in enumerate(videos):
-        vw, vh = video_size(v)
+        vw, vh = _cached_video_size(v, cache_root)
         K = _intrinsics(hwf[ci], (vw, vh), v, ppath, scaled)
         w, h = scaled_size(vw, vh, downscale) if downscale > 1 else (vw, vh)
         K = scale_K(K, w / vw, h / vh)
