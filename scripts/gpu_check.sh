@@ -4,7 +4,8 @@
 #   bash scripts/gpu_check.sh          # from the repo root, on a CUDA machine
 #
 # Results under $OUT (default ./gpu_check_out): gpu_check.log (everything printed here),
-# gsplat_build.log (gsplat's JIT build), gpu_check.json (all numbers; see scripts/gpu_check.py).
+# gsplat_build.log (gsplat's JIT build), gpu_check.json (all numbers; see scripts/gpu_check.py),
+# pytest_gpu.log / pytest_gpu.xml (`pytest -m gpu`, tests/test_gpu.py).
 # Wheels for packages the machine lacks are installed from .whl/ when present
 # (scripts/fetch_gpu_wheels.sh makes it; name ".whl" in the device call's carry).
 #
@@ -143,7 +144,8 @@ echo "build: cpu=$BUILD_CPU cuda=$BUILD_CUDA"
 # ------------------------------------------------------------------ e. parity and timings
 HAS_GPU_TESTS=0
 grep -rqE "mark\.gpu|marks=.*gpu" tests/ 2>/dev/null && HAS_GPU_TESTS=1
-RESERVE=5; [ "$HAS_GPU_TESTS" = 1 ] && RESERVE=70
+PYTEST_S=${GPU_CHECK_PYTEST_S:-150}   # the pytest step's share of the total
+RESERVE=5; [ "$HAS_GPU_TESTS" = 1 ] && RESERVE=$((PYTEST_S + 10))
 PY_S=$(($(left) - RESERVE))
 step "scripts/gpu_check.py (at most ${PY_S}s)"
 PY_RC=skipped
@@ -159,13 +161,27 @@ cleanup   # the gsplat build must not outlive the check (it may rebuild under py
 GS_PID=""
 
 # ------------------------------------------------------------------ f. pytest -m gpu
+# the gpu-marked tests (tests/test_gpu.py: CUDA vs CPU vs torch reference, self-test, gsplat
+# parity) with LANGFIELD_REQUIRE_GPU=1, so that a GPU torch cannot see fails instead of
+# skipping; without a GPU, the CPU dry-run variants of the same tests. Full output in
+# $OUT/pytest_gpu.log, JUnit XML in $OUT/pytest_gpu.xml, the verdict in the summary line.
 PYTEST=none
 if [ "$HAS_GPU_TESTS" = 1 ]; then
-  T=$(($(left) - 3)); [ "$T" -gt 60 ] && T=60
-  step "pytest -m gpu (at most ${T}s)"
+  T=$(($(left) - 3)); [ "$T" -gt "$PYTEST_S" ] && T=$PYTEST_S
+  if [ "$HAVE_GPU" = 1 ]; then
+    PT_ARGS=(-m gpu tests/); PT_ENV="LANGFIELD_REQUIRE_GPU=1"
+  else
+    PT_ARGS=(tests/test_gpu.py); PT_ENV="LANGFIELD_REQUIRE_GPU=0"
+  fi
+  step "pytest -q ${PT_ARGS[*]} ($PT_ENV, at most ${T}s) -> $OUT/pytest_gpu.log"
   if [ "$T" -gt 10 ]; then
-    timeout -s TERM --kill-after=5 "$T" "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/ 2>&1 | tail -40
-    PYTEST="rc=${PIPESTATUS[0]}"
+    env "$PT_ENV" timeout -s TERM --kill-after=5 "$T" "$PY" -m pytest -q -p no:cacheprovider "${PT_ARGS[@]}" \
+      --junitxml="$OUT/pytest_gpu.xml" >"$OUT/pytest_gpu.log" 2>&1
+    PT_RC=$?
+    tail -40 "$OUT/pytest_gpu.log"
+    PYTEST="rc=$PT_RC ($(grep -aE '^[0-9]+ (passed|failed|skipped|error|deselected)|^=+ .*(passed|failed|error)' \
+      "$OUT/pytest_gpu.log" | tail -1 | tr -d '='| sed 's/^ *//; s/ *$//'))"
+    [ "$PT_RC" = 124 ] && PYTEST="$PYTEST timed out after ${T}s"
   else
     PYTEST="skipped (no time)"
   fi
