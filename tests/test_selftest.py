@@ -198,3 +198,24 @@ def test_cpu_features_parsing():
     assert _build._parse_cpu_features("model name: X\n") == ""
     if Path("/proc/cpuinfo").exists():
         assert _build.cpu_features()  # this Linux machine has flags
+
+
+def test_auto_on_cuda_after_a_failed_selftest_picks_gsplat_or_torch(monkeypatch):
+    """The CUDA branch of resolve_backend, with the device and the self-test faked (runs without a GPU)."""
+    import langfield.render._build as b
+
+    dev = torch.device("cuda", 0)
+    bad = st.SelftestResult("cuda", "cuda:0", "Fake GPU (sm_90)", False, "sh3/grad_means", 0.5, 0.01)
+    good = st.SelftestResult("cuda", "cuda:0", "Fake GPU (sm_90)", True, "sh3/renders", 1e-6, 1e-4)
+    monkeypatch.setattr(b, "native_available", lambda kind, warn=True: True)
+    monkeypatch.setattr(st, "ensure_selftest", lambda kind, device, **k: bad)
+    monkeypatch.setattr(st, "gsplat_ready", lambda device: True)
+    assert resolve_backend("auto", dev, torch.float32) == "gsplat"
+    assert resolve_backend("auto", dev, torch.float32, needs_features=True) == "torch"  # gsplat has no features=
+    monkeypatch.setattr(st, "gsplat_ready", lambda device: False)
+    assert resolve_backend("auto", dev, torch.float32) == "torch"
+    monkeypatch.setattr(st, "ensure_selftest", lambda kind, device, **k: good)
+    assert resolve_backend("auto", dev, torch.float32) == "cuda"
+    monkeypatch.setattr(st, "ensure_selftest", lambda kind, device, **k: None)  # skipped
+    assert resolve_backend("auto", dev, torch.float32) == "cuda"
+    assert resolve_backend("auto", dev, torch.float64) == "torch"
