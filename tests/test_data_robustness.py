@@ -2,15 +2,13 @@
 training, bad sizes and paths in transforms.json, images-only folders, pycolmap errors."""
 
 import json
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from langfield.data import DatasetError, ImageReadError, MissingFileError, detect_format, load_dataset
+from langfield.data import DatasetError, ImageReadError, detect_format, load_dataset
 
 GL = np.diag([1.0, -1.0, -1.0, 1.0])
 

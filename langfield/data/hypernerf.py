@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Sequence, Union
 
 import numpy as np
 
@@ -60,10 +60,9 @@ def _vec(v, n: int, path: Path, name: str) -> np.ndarray:
 
 
 def _scalar(v, path: Path, name: str) -> float:
-    a = check_matrix(v, (), path, name) if not isinstance(v, list) else None
-    if a is None:
-        raise DatasetError(f"must be a number, got {v!r}", path, name)
-    return float(a)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise DatasetError(f"must be a finite number, got {v!r}", path, name)
+    return float(v)
 
 
 def read_nerfies_camera(path: Union[str, Path]) -> Dict[str, Any]:
