@@ -35,7 +35,9 @@ def scenes_make(
     formats: Optional[Tuple[Literal["tum", "replica", "dnerf"], ...]] = None,
     workers: Optional[int] = None,
     points: int = 20_000,
-) -> None:
+    noise: bool = False,
+    overwrite: bool = False,
+) -> int:
     """Render a built-in scene with exact ground truth into OUT.
 
     Writes the nerfstudio layout (transforms.json, images/, depth/*.npy z-depth, labels/
@@ -60,9 +62,15 @@ def scenes_make(
         workers: render processes (default 2 for 16+ views); output is identical.
         points: size of points3d.ply (surface samples from the training views' depth, like an
             SfM point cloud, used to initialise Gaussians).
+        noise: Kinect-like sensor depth in the tum/ and replica/ copies (noise growing with
+            distance, holes at depth edges and on dark surfaces; seeded); depth/*.npy stays exact.
+        overwrite: replace a scene already in OUT (its files are removed first); without it
+            such a folder is refused.
     """
     from langfield.scenes.builtin import SCENES
-    from langfield.scenes.make import make_scene
+    import sys
+
+    from langfield.scenes.make import SceneExistsError, make_scene
 
     if name not in SCENES:
         raise SystemExit(f"langfield scenes make: unknown scene {name!r}; known scenes: {', '.join(SCENES)}")
@@ -71,9 +79,13 @@ def scenes_make(
     try:
         res = make_scene(name, out, kind=kind, views=views, frames=frames, size=size, seed=seed, fov=fov, aa=aa,
                          camera=camera, test_every=test_every, formats=formats, workers=workers, progress=True,
-                         max_points=points)
+                         max_points=points, noise=noise, overwrite=overwrite)
+    except SceneExistsError as e:
+        print(f"langfield scenes make: {e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         raise SystemExit(f"langfield scenes make: {e}")
     t = res["timings"]
     print(f"wrote {t['views']} views of {name!r} ({res['kind']}, {res['width']}x{res['height']}) to {out} "
           f"in {t['total_s']:.1f} s (render {t['render_s']:.1f} s, {t['views'] / max(t['render_s'], 1e-9):.1f} views/s)")
+    return 0

@@ -21,6 +21,35 @@ from langfield.scenes.builtin import get_scene
 from langfield.scenes.model import LEVELS, Scene
 
 KINDS = ("multiview", "rgbd", "dynamic")
+#: what make_scene writes into its folder (cleared by ``overwrite=True``, nothing else is touched)
+SCENE_OUTPUTS = ("images", "depth", "labels", "queries", "tum", "replica", "transforms.json", "transforms_train.json",
+                 "transforms_val.json", "transforms_test.json", "labels.json", "queries.json", "points3d.ply",
+                 "scene.json")
+
+
+class SceneExistsError(FileExistsError):
+    """The output folder already holds (part of) a scene and ``overwrite`` was not given."""
+
+
+def existing_outputs(out: Union[str, Path]) -> List[str]:
+    """The names of :data:`SCENE_OUTPUTS` present in ``out``."""
+    out = Path(out)
+    return [n for n in SCENE_OUTPUTS if os.path.lexists(out / n)]
+
+
+def clear_outputs(out: Union[str, Path]) -> List[str]:
+    """Remove a previous scene's files and folders (only :data:`SCENE_OUTPUTS`) from ``out``."""
+    import shutil
+
+    out = Path(out)
+    gone = existing_outputs(out)
+    for n in gone:
+        p = out / n
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return gone
 DEFAULT_FOV = {"multiview": 50.0, "rgbd": 65.0, "dynamic": 50.0}
 
 
@@ -212,7 +241,8 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
                views: Optional[int] = None, frames: Optional[int] = None,
                size: Union[str, Sequence[int]] = (256, 256), seed: int = 0, fov: Optional[float] = None,
                aa: int = 2, camera: str = "orbit", test_every: int = 8, formats: Optional[Sequence[str]] = None,
-               workers: Optional[int] = None, max_points: int = 20_000, progress: bool = False) -> dict:
+               workers: Optional[int] = None, max_points: int = 20_000, progress: bool = False,
+               noise: bool = False, overwrite: bool = False) -> dict:
     """Render ``scene`` (a built-in name or a :class:`Scene`) and write it under ``out``.
 
     ``kind``: multiview (hemisphere of ``views`` cameras, default 64), rgbd (hand-held walk
@@ -222,6 +252,12 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
     dnerf (default: tum+replica for rgbd, dnerf for dynamic); the nerfstudio layout,
     labels, queries and points are always written. ``workers``: render processes (default:
     2 when there are at least 16 views and 2+ CPUs; the result is identical for any value).
+    ``noise``: the TUM / Replica copies get Kinect-like sensor depth (``writers.sensor_depth``:
+    noise growing with distance, holes at depth edges and on dark surfaces; seeded by
+    ``seed`` and the frame index) while ``depth/*.npy`` stays exact; off by default (the
+    exact output is unchanged). A folder that already holds scene files
+    (:data:`SCENE_OUTPUTS`) raises :class:`SceneExistsError` unless ``overwrite``, which
+    removes them first.
 
     Returns a dict with ``K``, ``width``, ``height``, ``frames`` (name, viewmat (OpenCV
     world-to-camera), K, time, split) and ``timings``.
@@ -239,9 +275,19 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
     bad = [f for f in formats if f not in ("tum", "replica", "dnerf", "nerfstudio")]
     if bad:
         raise ValueError(f"unknown format(s) {bad}; known: tum, replica, dnerf (nerfstudio is always written)")
+    if noise and not ({"tum", "replica"} & set(formats)):
+        raise ValueError("--noise applies to the RGB-D copies (formats tum, replica); none is written")
     if workers is None:
         workers = min(2, os.cpu_count() or 1) if len(frs) >= 16 else 1
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder")
+    old = existing_outputs(out) if out.is_dir() else []
+    if old and not overwrite:
+        raise SceneExistsError(f"{out} already holds a scene ({', '.join(old[:4])}{', ...' if len(old) > 4 else ''}); "
+                               "pass --overwrite to replace it")
+    if old:
+        clear_outputs(out)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
@@ -297,6 +343,9 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
 
     images = [r["rgb"] for r in results]
     depths = [r["depth"] for r in results]
+    if noise:  # sensor depth for the RGB-D copies; one generator per frame (independent of workers)
+        depths = [W.sensor_depth(d, im, np.random.default_rng([seed, i, 0x5E115])) for i, (d, im)
+                  in enumerate(zip(depths, images))]
     if "tum" in formats:
         W.write_tum(out / "tum", frs, images, depths, K, w, h)
     if "replica" in formats:
@@ -304,7 +353,7 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
     if "dnerf" in formats:
         W.write_dnerf(out, frs, K, w, h)
 
-    W.write_json(out / "scene.json", {
+    meta = {
         "scene": scene.name, "description": scene.description, "kind": kind, "seed": seed, "width": w, "height": h,
         "aa": aa, "camera": camera if kind == "dynamic" else None, "time_range": list(scene.time_range),
         "formats": ["nerfstudio", *formats], "levels": list(LEVELS),
@@ -313,7 +362,10 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
         "frames": [{"name": f["name"], "file_path": f["file_path"], "split": f["split"], "time": f["time"],
                     "camera": f.get("camera"), "viewmat": np.asarray(f["viewmat"]).tolist(),
                     "K": np.asarray(f["K"]).tolist()} for f in frs],
-    })
+    }
+    if noise:
+        meta["sensor_noise"] = {"applies_to": [f for f in formats if f in ("tum", "replica")], **W.KINECT_NOISE}
+    W.write_json(out / "scene.json", meta)
     t_write = time.perf_counter() - t0
     return {"scene": scene, "out": out, "kind": kind, "K": K, "width": w, "height": h, "frames": frs,
             "timings": {"render_s": t_render, "write_s": t_write, "total_s": time.perf_counter() - t_start,

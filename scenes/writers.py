@@ -200,6 +200,53 @@ def write_replica(out: Path, frames: List[dict], images: Sequence[np.ndarray], d
     return out
 
 
+#: Kinect-like sensor model used by ``make_scene(..., noise=True)`` (``--noise``): axial noise
+#: sigma(z) = sigma0 + sigma2 * (z - z0)^2 metres (Nguyen, Izadi, Lovell 2012, Kinect v1),
+#: no depth nearer than ``min_depth`` or beyond ``max_depth``, holes at depth discontinuities
+#: (second difference of inverse depth along a row or column above ``edge_jump`` times the
+#: pixel's inverse depth, or a neighbour with no surface: dropped with probability ``edge_drop``) and on dark surfaces (luminance below
+#: ``dark_level`` in [0, 1]: dropped with probability ``dark_drop * (1 - lum / dark_level)``).
+KINECT_NOISE = {"sigma0": 0.0012, "sigma2": 0.0019, "z0": 0.4, "min_depth": 0.4, "max_depth": 8.0,
+                "edge_jump": 0.05, "edge_drop": 0.85, "dark_level": 0.12, "dark_drop": 0.9}
+
+
+def kinect_sigma(z, params: Optional[dict] = None):
+    """Axial depth noise standard deviation (metres) of the sensor model at depth ``z``."""
+    p = {**KINECT_NOISE, **(params or {})}
+    return p["sigma0"] + p["sigma2"] * (np.asarray(z, dtype=np.float64) - p["z0"]) ** 2
+
+
+def sensor_depth(depth, rgb, rng: np.random.Generator, params: Optional[dict] = None) -> np.ndarray:
+    """Kinect-like measured depth (float32 metres, 0 = missing) from an exact z-depth map
+    [H, W] and the colour it was rendered with ([H, W, 3] uint8 or float in [0, 1]); see
+    :data:`KINECT_NOISE`. Deterministic for a given ``rng`` state (every random draw is made
+    for every pixel, in a fixed order)."""
+    p = {**KINECT_NOISE, **(params or {})}
+    z = np.asarray(depth, dtype=np.float64)
+    h, w = z.shape
+    gauss = rng.standard_normal((h, w))
+    u_edge = rng.random((h, w))
+    u_dark = rng.random((h, w))
+    valid = z > 0
+    # depth discontinuities: second differences of inverse depth (zero on any plane, however
+    # slanted), relative to the pixel's inverse depth, along rows or columns; or a neighbour
+    # without a surface
+    with np.errstate(invalid="ignore", divide="ignore"):
+        inv = np.pad(np.where(valid, 1.0 / np.where(valid, z, 1.0), np.nan), 1, mode="edge")
+        c0 = inv[1:-1, 1:-1]
+        d2 = np.maximum(np.abs(inv[1:-1, :-2] + inv[1:-1, 2:] - 2 * c0), np.abs(inv[:-2, 1:-1] + inv[2:, 1:-1] - 2 * c0))
+        jump = d2 / c0
+    edge = valid & (np.isnan(jump) | (jump > p["edge_jump"]))
+    c = np.asarray(rgb)
+    c = c.astype(np.float64) / 255.0 if c.dtype == np.uint8 else c.astype(np.float64)
+    lum = c[..., 0] * 0.299 + c[..., 1] * 0.587 + c[..., 2] * 0.114
+    p_dark = p["dark_drop"] * np.clip(1.0 - lum / p["dark_level"], 0.0, 1.0)
+    out = z + gauss * kinect_sigma(z, p)
+    drop = ~valid | (z < p["min_depth"]) | (z > p["max_depth"]) | (edge & (u_edge < p["edge_drop"])) | (u_dark < p_dark)
+    out[drop | (out <= 0)] = 0.0
+    return out.astype(np.float32)
+
+
 def write_points_ply(path, xyz, rgb) -> None:
     """Binary little-endian PLY with ``x y z`` (float) and ``red green blue`` (uchar)."""
     xyz = np.asarray(xyz, dtype=np.float32)

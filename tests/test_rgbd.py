@@ -358,3 +358,87 @@ def test_real_icl_folders():
     np.testing.assert_allclose(seq.gt_poses[0], np.eye(4), atol=1e-8)
     err, n = _reprojection(seq, 0, 20)
     assert n > 20_000 and err < 0.01
+
+
+# ------------------------------------------------------------------------------------------
+# scenes: the rgbd writer's sensor-noise option and the overwrite refusal
+
+
+def test_sensor_noise_model():
+    from langfield.scenes.writers import KINECT_NOISE, kinect_sigma, sensor_depth
+
+    z = np.full((200, 200), 2.0)
+    grey = np.full((200, 200, 3), 128, np.uint8)
+    a = sensor_depth(z, grey, np.random.default_rng(0))
+    b = sensor_depth(z, grey, np.random.default_rng(0))
+    assert np.array_equal(a, b) and a.dtype == np.float32  # deterministic
+    assert not np.array_equal(a, sensor_depth(z, grey, np.random.default_rng(1)))
+    sigma = 0.0012 + 0.0019 * (2.0 - 0.4) ** 2
+    assert abs(kinect_sigma(2.0) - sigma) < 1e-12
+    m = a > 0
+    assert m.all()  # flat, bright, in range: nothing missing
+    assert abs((a[m] - 2.0).std() / sigma - 1) < 0.2 and abs((a[m] - 2.0).mean()) < 3 * sigma / 200
+    # noise grows with distance
+    far = sensor_depth(np.full((100, 100), 4.0), grey[:100, :100], np.random.default_rng(0))
+    assert far.std() > 3 * a.std()
+    # a depth step: its edge pixels mostly dropped, pixels away from it kept
+    step = np.full((50, 50), 1.0)
+    step[:, 25:] = 3.0
+    s = sensor_depth(step, grey[:50, :50], np.random.default_rng(2))
+    edge_kept = (s[:, 24:26] > 0).mean()
+    assert edge_kept < 0.35 and (s[:, :20] > 0).all() and (s[:, 30:] > 0).all()
+    # dark surfaces lose most of their depth; nearer than the minimum range: none
+    dark = sensor_depth(np.full((50, 50), 1.5), np.zeros((50, 50, 3), np.uint8), np.random.default_rng(3))
+    assert abs((dark > 0).mean() - (1 - KINECT_NOISE["dark_drop"])) < 0.05
+    assert not sensor_depth(np.full((8, 8), 0.3), grey[:8, :8], np.random.default_rng(0)).any()
+
+
+def test_scenes_noise_option_deterministic(tmp_path, room):
+    from langfield.scenes.make import make_scene
+
+    kw = dict(kind="rgbd", frames=4, size=(40, 30), aa=1, workers=1, noise=True)
+    make_scene("room", tmp_path / "a", **kw)
+    make_scene("room", tmp_path / "b", **kw)
+    for rel in ("tum/depth.txt", "replica/traj.txt"):
+        assert (tmp_path / "a" / rel).read_bytes() == (room / rel).read_bytes()  # same cameras
+    names = sorted(p.name for p in (tmp_path / "a" / "tum" / "depth").iterdir())
+    for n in names:
+        assert (tmp_path / "a/tum/depth" / n).read_bytes() == (tmp_path / "b/tum/depth" / n).read_bytes()
+    # exact depth unchanged; the sensor copy has holes and distance-dependent noise
+    assert (tmp_path / "a/depth/frame_00000.npy").read_bytes() == (room / "depth/frame_00000.npy").read_bytes()
+    meta = json.loads((tmp_path / "a" / "scene.json").read_text())
+    assert meta["sensor_noise"]["sigma2"] == 0.0019 and "sensor_noise" not in json.loads((room / "scene.json").read_text())
+    noisy, exact = open_rgbd(tmp_path / "a"), open_rgbd(room)
+    holes, errs = [], []
+    for fn, fe in zip(noisy, exact):
+        holes.append(((fn.depth == 0) & (fe.depth > 0)).mean())
+        both = (fn.depth > 0) & (fe.depth > 0)
+        errs.append(np.abs(fn.depth[both] - fe.depth[both]) / (0.0012 + 0.0019 * (fe.depth[both] - 0.4) ** 2))
+    assert 0.005 < np.mean(holes) < 0.5
+    e = np.concatenate(errs)
+    assert 0.5 < np.sqrt(np.mean(e ** 2)) < 1.5 and e.max() < 8  # noise ~ the model's sigma (+ 16-bit rounding)
+
+
+def test_scenes_make_refuses_to_overwrite(tmp_path, capsys):
+    from langfield.cli import main
+    from langfield.scenes.make import SceneExistsError, make_scene
+
+    out = tmp_path / "d"
+    make_scene("room", out, kind="rgbd", frames=4, size=(24, 18), aa=1, workers=1, test_every=2)
+    (out / "notes.txt").write_text("mine")
+    before = (out / "transforms.json").read_bytes()
+    with pytest.raises(SceneExistsError, match="--overwrite"):
+        make_scene("room", out, kind="rgbd", frames=2, size=(16, 12), aa=1, workers=1)
+    rc = main(["scenes", "make", "room", "--out", str(out), "--kind", "rgbd", "--frames", "2", "--size", "16x12",
+               "--aa", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "already holds a scene" in err and str(out) in err
+    assert (out / "transforms.json").read_bytes() == before
+    rc = main(["scenes", "make", "room", "--out", str(out), "--kind", "rgbd", "--frames", "2", "--size", "16x12",
+               "--aa", "1", "--test-every", "0", "--overwrite"])
+    assert rc == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["frame_00000.png", "frame_00001.png"]
+    assert len(list((out / "tum" / "rgb").iterdir())) == 2 and len(list((out / "replica" / "results").iterdir())) == 4
+    assert not (out / "queries").exists()  # the old scene's held-out queries are gone
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not scene outputs are kept
+    assert len(open_rgbd(out)) == 2
