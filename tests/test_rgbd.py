@@ -107,7 +107,8 @@ def test_tum_reader(tmp_path):
     kept = [0, 1, 2, 4, 5, 6, 7]
     np.testing.assert_allclose(seq.timestamps, ts[kept], atol=1e-9)
     fx, fy, cx, cy = TUM_CAMERAS["fr2"][0]
-    assert np.allclose(seq.K, [[fx, 0, cx], [0, fy, cy], [0, 0, 1]])
+    assert np.allclose(seq.K, [[fx, 0, cx + 0.5], [0, fy, cy + 0.5], [0, 0, 1]])  # +0.5 pixel centres
+    assert np.allclose(open_rgbd(root, pixel_centers="half").K[:2, 2], [cx, cy])
     assert seq.distortion is not None and seq.distortion.params[4] == TUM_CAMERAS["fr2"][1][0]
     frames = list(seq)
     assert [f.index for f in frames] == list(range(7))
@@ -128,7 +129,7 @@ def test_tum_reader(tmp_path):
     assert len(s2) == 3 and np.allclose(s2.timestamps, ts[[0, 2, 5]], atol=1e-9)
     assert s2.K[0, 0] == 100 and s2.distortion is None  # given intrinsics: no distortion unless given
     s3 = open_rgbd(root, intrinsics=(100, 101, 8, 6), distortion=(0.1, 0, 0, 0, 0))
-    assert s3.distortion.model == "FULL_OPENCV" and s3.distortion.params[:5] == (100, 101, 8, 6, 0.1)
+    assert s3.distortion.model == "FULL_OPENCV" and s3.distortion.params[:5] == (100, 101, 8.5, 6.5, 0.1)
     assert open_rgbd(root, camera="fr3").distortion is None
 
 
@@ -188,7 +189,7 @@ def test_7scenes_reader(tmp_path):
     root = tmp_path / "seq-01"
     raws, poses = write_7scenes(root, rng)
     seq = open_rgbd(root)
-    assert seq.format == "7scenes" and len(seq) == 3 and seq.K[0, 0] == 30 and seq.K[1, 2] == 5.5
+    assert seq.format == "7scenes" and len(seq) == 3 and seq.K[0, 0] == 30 and seq.K[1, 2] == 6.0
     for i, f in enumerate(seq):
         want = np.where(raws[i] == 65535, 0, raws[i]) / 1000.0
         np.testing.assert_allclose(f.depth, want, rtol=1e-6)
@@ -287,7 +288,7 @@ def test_downscale_min_pools_valid_depth(tmp_path):
     seq = open_rgbd(root, downscale=2)
     f = seq[0]
     assert f.color.shape == (H // 2, W // 2, 3) and f.depth.shape == (H // 2, W // 2)
-    assert np.allclose(seq.K, [[15, 0, 3.75], [0, 15.5, 2.75], [0, 0, 1]])
+    assert np.allclose(seq.K, [[15, 0, 4.0], [0, 15.5, 3.0], [0, 0, 1]])  # (7.5 + 0.5) / 2
     full = open_rgbd(root)[0]
     np.testing.assert_array_equal(f.depth, downscale_depth(full.depth, 2))
     np.testing.assert_allclose(f.color, full.color.reshape(6, 2, 8, 2, 3).mean((1, 3)), atol=0.5)
@@ -344,7 +345,7 @@ def _reprojection(seq, a, b):
 def test_real_7scenes():
     seq = open_rgbd(SHARED / "rgbd_7scenes_redkitchen_200")
     assert seq.format == "7scenes" and len(seq) == 200 and (seq.width, seq.height) == (640, 480)
-    assert np.allclose(seq.K, [[585, 0, 320], [0, 585, 240], [0, 0, 1]]) and seq.has_gt.all()
+    assert np.allclose(seq.K, [[585, 0, 320.5], [0, 585, 240.5], [0, 0, 1]]) and seq.has_gt.all()
     f = seq[0]
     assert 0.5 < np.median(f.depth[f.depth > 0]) < 4.0 and f.valid.mean() > 0.8
     err, n = _reprojection(seq, 0, 20)  # depth of frame 0 lands on frame 20's depth with the given poses
@@ -442,3 +443,62 @@ def test_scenes_make_refuses_to_overwrite(tmp_path, capsys):
     assert not (out / "queries").exists()  # the old scene's held-out queries are gone
     assert (out / "notes.txt").read_text() == "mine"  # files that are not scene outputs are kept
     assert len(open_rgbd(out)) == 2
+
+
+def test_undistort_recovers_pinhole_image(tmp_path):
+    from langfield.data.rgbd import remap_rgbd, undistort_maps
+
+    w, h = 64, 48
+    K = np.array([[50.0, 0, 32.0], [0, 50.0, 24.0], [0, 0, 1]])
+    coeffs = (0.2624, -0.9531, -0.0054, 0.0026, 1.1633)  # TUM fr1
+
+    def pattern(x, y):  # smooth colour as a function of the pinhole image's normalised coordinates
+        return np.stack([128 + 100 * np.sin(3 * x), 128 + 100 * np.cos(4 * y), 128 + 60 * np.sin(2 * (x + y))], -1)
+
+    # render the distorted image: for each distorted pixel, invert the distortion by fixed-point iteration
+    ud, vd = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    xd, yd = (ud - K[0, 2]) / K[0, 0], (vd - K[1, 2]) / K[1, 1]
+    x, y = xd.copy(), yd.copy()
+    k1, k2, p1, p2, k3 = coeffs
+    for _ in range(200):
+        r2 = x * x + y * y
+        rad = 1 + k1 * r2 + k2 * r2 ** 2 + k3 * r2 ** 3
+        x = (xd - 2 * p1 * x * y - p2 * (r2 + 2 * x * x)) / rad
+        y = (yd - p1 * (r2 + 2 * y * y) - 2 * p2 * x * y) / rad
+    distorted = np.clip(np.round(pattern(x, y)), 0, 255).astype(np.uint8)
+    mx, my = undistort_maps(K, coeffs, w, h)
+    col, dep = remap_rgbd(distorted, np.ones((h, w), np.float32), mx, my)
+    up, vp = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    want = pattern((up - K[0, 2]) / K[0, 0], (vp - K[1, 2]) / K[1, 1])
+    inner = (slice(8, -8), slice(8, -8))
+    err = np.abs(col.astype(float) - want)[inner]
+    assert err.mean() < 1.5 and err.max() < 8
+    assert (dep[inner] == 1).all()
+    # through the TUM reader: same K, distortion consumed
+    root = tmp_path / "rgbd_dataset_freiburg1_x"
+    write_tum(root, np.random.default_rng(9), n=4)
+    seq = open_rgbd(root, undistort=True, intrinsics=(20, 20, 7.5, 5.5), distortion=coeffs)
+    assert seq.distortion is None and seq[0].distortion is None and seq[0].color.shape == (H, W, 3)
+    raw = open_rgbd(root, intrinsics=(20, 20, 7.5, 5.5), distortion=coeffs)
+    assert raw.distortion is not None
+    want_c, want_d = remap_rgbd(raw[0].color, raw[0].depth, *undistort_maps(raw.K, coeffs, W, H))
+    assert np.array_equal(seq[0].color, want_c) and np.array_equal(seq[0].depth, want_d)
+    assert not np.array_equal(seq[0].color, raw[0].color)
+
+
+def test_make_frame_for_live_sources():
+    from langfield.data.rgbd import make_frame
+
+    rng = np.random.default_rng(10)
+    rgb = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    raw = rng.integers(500, 4000, (H, W)).astype(np.uint16)
+    K = [[30, 0, 7.5], [0, 30, 5.5], [0, 0, 1]]
+    f = make_frame(rgb, raw, K, timestamp=1.25, depth_scale=1000, index=3, pixel_centers="opencv")
+    assert f.index == 3 and f.timestamp == 1.25 and f.K[0, 2] == 8.0 and np.array_equal(f.color, rgb)
+    np.testing.assert_allclose(f.depth, raw / 1000.0, rtol=1e-6)
+    fd = np.where(rng.random((H, W)) < 0.5, np.nan, 2.0)
+    assert (make_frame(rgb, fd, K).depth[np.isnan(fd)] == 0).all()
+    with pytest.raises(BadFrameError, match="depth"):
+        make_frame(rgb, raw[:-1], K)
+    with pytest.raises(BadFrameError, match="no valid depth"):
+        make_frame(rgb, np.zeros((H, W)), K)

@@ -15,9 +15,11 @@ Microsoft 7-Scenes, numbered colour/depth folders (ICL-NUIM / Open3D style) and 
         frame.camtoworld            # [4, 4] OpenCV camera-to-world, or None
     t, c2w = seq.gt_trajectory()    # frames that have ground truth (for eval.trajectory.ate)
 
-Conventions: OpenCV cameras (x right, y down, z forward), pixel centres at +0.5, ``K`` for
-the image as returned (after ``downscale``), ``camtoworld`` as the dataset gives it (TUM,
-Replica, 7-Scenes and Open3D logs all store camera-to-world poses with OpenCV axes).
+Conventions: OpenCV cameras (x right, y down, z forward), pixel centres at +0.5 (published
+intrinsics, which put pixel centres at integers, get 0.5 added to cx and cy; see
+``pixel_centers``), ``K`` for the image as returned (after ``downscale``), ``camtoworld``
+as the dataset gives it (TUM, Replica, 7-Scenes and Open3D logs all store camera-to-world
+poses with OpenCV axes).
 Depth is camera z-depth; ``depth_scale`` is the stored value per metre (5000 TUM, 6553.5
 Replica, 1000 7-Scenes and Open3D folders).
 
@@ -45,8 +47,8 @@ from langfield.data.base import DatasetError, Distortion, ImageReadError, Missin
 from langfield.eval.trajectory import TrajectoryError, interpolate_poses, quat_to_rot, read_tum_trajectory
 
 __all__ = ["RGBDFrame", "RGBDSequence", "RGBDError", "BadFrameError", "open_rgbd", "detect_rgbd_format",
-           "open_tum", "open_replica", "open_7scenes", "open_folders", "associate_tum", "tum_camera",
-           "downscale_depth", "downscale_color", "RGBD_FORMATS", "TUM_CAMERAS"]
+           "open_tum", "open_replica", "open_7scenes", "open_folders", "associate_tum", "tum_camera", "make_frame",
+           "downscale_depth", "downscale_color", "undistort_maps", "remap_rgbd", "RGBD_FORMATS", "TUM_CAMERAS"]
 
 PathLike = Union[str, os.PathLike]
 RGBD_FORMATS = ("tum", "replica", "7scenes", "folders")
@@ -86,7 +88,7 @@ class RGBDFrame:
     ``stride``/``max_frames``), ``timestamp`` seconds, ``color`` uint8 [H, W, 3], ``depth``
     float32 [H, W] metres (0 = invalid), ``K`` [3, 3] float64 of this image, ``camtoworld``
     [4, 4] float64 OpenCV ground truth or None, ``distortion`` of the colour image or None
-    (the pixels are not undistorted)."""
+    (pixels left distorted; None when the sequence undistorts them)."""
 
     index: int
     timestamp: float
@@ -170,6 +172,40 @@ def downscale_depth(depth: np.ndarray, factor: int) -> np.ndarray:
     return np.where(np.isfinite(b), b, 0).astype(np.float32)
 
 
+def undistort_maps(K: np.ndarray, coeffs: Sequence[float], width: int, height: int) -> Tuple[np.ndarray, np.ndarray]:
+    """For every pixel of the undistorted pinhole image (same ``K``, pixel centres at +0.5),
+    where it lies in the distorted image: ``(x [H, W], y [H, W])`` float64 continuous
+    coordinates, OpenCV's model ``(k1, k2, p1, p2, k3)``."""
+    k1, k2, p1, p2, k3 = (list(coeffs) + [0.0] * 5)[:5]
+    u, v = np.meshgrid(np.arange(width) + 0.5, np.arange(height) + 0.5)
+    x = (u - K[0, 2]) / K[0, 0]
+    y = (v - K[1, 2]) / K[1, 1]
+    r2 = x * x + y * y
+    radial = 1 + r2 * (k1 + r2 * (k2 + r2 * k3))
+    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
+    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
+    return xd * K[0, 0] + K[0, 2], yd * K[1, 1] + K[1, 2]
+
+
+def remap_rgbd(color: np.ndarray, depth: np.ndarray, mx: np.ndarray, my: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Resample colour bilinearly and depth by nearest pixel at continuous coordinates
+    (``mx``, ``my``; pixel centres at +0.5); outside the image: black, depth 0."""
+    h, w = depth.shape
+    fx, fy = mx - 0.5, my - 0.5
+    x0, y0 = np.floor(fx).astype(np.int64), np.floor(fy).astype(np.int64)
+    ax, ay = (fx - x0)[..., None], (fy - y0)[..., None]
+    inside = (fx >= -0.5) & (fx <= w - 0.5) & (fy >= -0.5) & (fy <= h - 0.5)
+    x0c, x1c = np.clip(x0, 0, w - 1), np.clip(x0 + 1, 0, w - 1)
+    y0c, y1c = np.clip(y0, 0, h - 1), np.clip(y0 + 1, 0, h - 1)
+    c = color.astype(np.float32)
+    out = ((c[y0c, x0c] * (1 - ax) + c[y0c, x1c] * ax) * (1 - ay) + (c[y1c, x0c] * (1 - ax) + c[y1c, x1c] * ax) * ay)
+    out = np.where(inside[..., None], np.clip(np.round(out), 0, 255), 0).astype(np.uint8)
+    xn = np.clip(np.floor(mx).astype(np.int64), 0, w - 1)
+    yn = np.clip(np.floor(my).astype(np.int64), 0, h - 1)
+    d = np.where(inside, depth[yn, xn], 0).astype(np.float32)
+    return out, d
+
+
 def _read_depth_raw(path: Path) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         if not path.is_file():
@@ -203,7 +239,8 @@ class RGBDSequence:
     def __init__(self, entries: List[_Entry], *, root: PathLike, format: str, name: str, K: np.ndarray,
                  width: int, height: int, depth_scale: float, distortion: Optional[Sequence[float]] = None,
                  downscale: int = 1, stride: int = 1, max_frames: Optional[int] = None,
-                 invalid_depth: Sequence[int] = (), meta: Optional[dict] = None):
+                 invalid_depth: Sequence[int] = (), pixel_centers: str = "half", undistort: bool = False,
+                 meta: Optional[dict] = None):
         if int(downscale) != downscale or downscale < 1:
             raise ValueError(f"downscale must be a positive integer, got {downscale}")
         if int(stride) != stride or stride < 1:
@@ -221,6 +258,9 @@ class RGBDSequence:
         self.depth_scale = float(depth_scale)
         self.invalid_depth = tuple(int(v) for v in invalid_depth)
         self.meta = dict(meta or {})
+        if pixel_centers not in ("half", "opencv"):
+            raise ValueError(f"pixel_centers must be 'half' or 'opencv', got {pixel_centers!r}")
+        self.meta["pixel_centers"] = pixel_centers
         entries = sorted(entries, key=lambda e: e.timestamp)
         entries = entries[::self.stride]
         if max_frames is not None:
@@ -228,17 +268,27 @@ class RGBDSequence:
         if not entries:
             raise RGBDError("no RGB-D frames", root)
         self._entries = entries
-        self.source_K = np.asarray(K, dtype=np.float64)
+        self.source_K = np.array(K, dtype=np.float64)
+        if pixel_centers == "opencv":  # integer pixel centres -> langfield's +0.5 convention
+            self.source_K[:2, 2] += 0.5
         self.source_width, self.source_height = int(width), int(height)
         f = self.downscale
         self.width, self.height = self.source_width // f, self.source_height // f
         self.K = self.source_K.copy()
         self.K[:2] /= f
         self.distortion: Optional[Distortion] = None
+        self._coeffs: Optional[Tuple[float, ...]] = None
+        self._maps: Optional[Tuple[np.ndarray, np.ndarray]] = None
         if distortion is not None and any(abs(v) > 0 for v in distortion):
-            d = list(distortion) + [0.0] * (8 - len(distortion))
-            fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
-            self.distortion = Distortion("FULL_OPENCV", (fx, fy, cx, cy, *d[:8]), self.width, self.height)
+            if len(distortion) > 5:
+                raise ValueError(f"distortion must be (k1, k2, p1, p2[, k3]), got {len(distortion)} values")
+            d = tuple(float(v) for v in distortion) + (0.0,) * (5 - len(distortion))
+            self._coeffs = d
+            if not undistort:
+                fx, fy, cx, cy = self.K[0, 0], self.K[1, 1], self.K[0, 2], self.K[1, 2]
+                self.distortion = Distortion("FULL_OPENCV", (fx, fy, cx, cy, *d, 0.0, 0.0, 0.0), self.width,
+                                             self.height)
+        self.undistort = bool(undistort) and self._coeffs is not None
         self.skipped: List[Tuple[int, str]] = []
 
     # ---- sizes and metadata --------------------------------------------------------------
@@ -333,6 +383,10 @@ class RGBDSequence:
                 bad |= raw == v
             depth = (raw.astype(np.float64) / self.depth_scale).astype(np.float32)
             depth[bad | (raw < 0)] = 0
+        if self.undistort:
+            if self._maps is None:
+                self._maps = undistort_maps(self.source_K, self._coeffs, sw, sh)  # type: ignore[arg-type]
+            color, depth = remap_rgbd(color, depth, *self._maps)
         if not (depth > 0).any():
             raise BadFrameError(f"frame {i} ({e.name}) skipped: no valid depth", e.depth)
         if self.downscale > 1:
@@ -490,7 +544,8 @@ def tum_camera(path: PathLike) -> Optional[str]:
 
 def open_tum(path: PathLike, *, intrinsics=None, distortion=None, depth_scale: Optional[float] = None,
              camera: Optional[str] = None, max_difference: float = 0.02, gt_max_gap: Optional[float] = 0.1,
-             downscale: int = 1, stride: int = 1, max_frames: Optional[int] = None) -> RGBDSequence:
+             undistort: bool = False, pixel_centers: str = "auto", downscale: int = 1, stride: int = 1,
+             max_frames: Optional[int] = None) -> RGBDSequence:
     """A TUM RGB-D folder (``rgb.txt``, ``depth.txt``, optional ``groundtruth.txt``).
 
     Colour and depth are associated one-to-one by nearest timestamp (< ``max_difference`` s,
@@ -502,7 +557,12 @@ def open_tum(path: PathLike, *, intrinsics=None, distortion=None, depth_scale: O
     (``freiburg1`` ...) > ROS default (525, 525, 319.5, 239.5) with a warning.
     ``distortion``: (k1, k2, p1, p2, k3), default that of the TUM camera (none with given
     ``intrinsics`` or cameras.json); it is reported (``sequence.distortion``, a COLMAP
-    FULL_OPENCV camera), the pixels are not undistorted. Depth: value / 5000."""
+    FULL_OPENCV camera) and the pixels are left as they are, unless ``undistort``: colour
+    (bilinear) and depth (nearest) are then resampled to the pinhole camera ``K`` and
+    ``sequence.distortion`` is None. Depth: value / 5000.
+    ``pixel_centers``: the convention of the intrinsics read or given: ``"opencv"`` (pixel
+    centres at integers, as datasets publish them: 0.5 is added to cx, cy so that ``K``
+    follows langfield's +0.5 convention), ``"half"`` (already +0.5) or ``"auto"`` (half for cameras.json, which langfield writes, else opencv)."""
     root = Path(path)
     rgb = _read_tum_list(root / "rgb.txt")
     dep = _read_tum_list(root / "depth.txt")
@@ -555,22 +615,28 @@ def open_tum(path: PathLike, *, intrinsics=None, distortion=None, depth_scale: O
     if depth_scale is not None:
         scale = float(depth_scale)
     meta["camera"] = cam_name
+    if pixel_centers == "auto":
+        pixel_centers = "half" if cam_name == "cameras.json" else "opencv"
     w, h = _first_size(entries, root)
     return RGBDSequence(entries, root=root, format="tum", name=_seq_name(root), K=_K(*fxy), width=w, height=h,
                         depth_scale=scale, distortion=dist, downscale=downscale, stride=stride, max_frames=max_frames,
-                        meta=meta)
+                        pixel_centers=pixel_centers, undistort=undistort, meta=meta)
 
 
 # ------------------------------------------------------------------------------------------
 # Replica (NICE-SLAM layout)
 
 def open_replica(path: PathLike, *, intrinsics=None, depth_scale: Optional[float] = None, fps: float = 30.0,
-                 downscale: int = 1, stride: int = 1, max_frames: Optional[int] = None) -> RGBDSequence:
+                 pixel_centers: str = "auto", downscale: int = 1, stride: int = 1,
+                 max_frames: Optional[int] = None) -> RGBDSequence:
     """Replica as NICE-SLAM / SplaTAM / MonoGS store it: ``results/frame%06d.jpg``,
     ``results/depth%06d.png`` (metres x 6553.5), ``traj.txt`` (one row-major camera-to-
     world 4x4 per line, frame order), intrinsics from ``cam_params.json`` (``{"camera":
     {w h fx fy cx cy scale}}``, in the folder or its parent) or NICE-SLAM's defaults with a
-    warning. Timestamps are ``index / fps``."""
+    warning. Timestamps are ``index / fps``.
+    ``pixel_centers``: the convention of the intrinsics read or given: ``"opencv"`` (pixel
+    centres at integers, as datasets publish them: 0.5 is added to cx, cy so that ``K``
+    follows langfield's +0.5 convention), ``"half"`` (already +0.5) or ``"auto"`` (half inside a langfield scene folder (a scene.json beside replica/), else opencv)."""
     root = Path(path)
     res = root / "results"
     colors = {_number(p.stem): p for p in res.glob("frame*") if p.suffix.lower() in COLOR_EXTS}
@@ -621,10 +687,12 @@ def open_replica(path: PathLike, *, intrinsics=None, depth_scale: Optional[float
             n = nums[k]
             if n < len(rows) and np.isfinite(rows[n]).all():
                 e.pose = rows[n]
+    if pixel_centers == "auto":
+        pixel_centers = "half" if (root.resolve().parent / "scene.json").is_file() else "opencv"
     w, h = _first_size(entries, root)
     return RGBDSequence(entries, root=root, format="replica", name=_seq_name(root), K=_K(*fxy), width=w,
                         height=h, depth_scale=scale, downscale=downscale, stride=stride, max_frames=max_frames,
-                        meta={"fps": fps})
+                        pixel_centers=pixel_centers, meta={"fps": fps})
 
 
 # ------------------------------------------------------------------------------------------
@@ -644,12 +712,16 @@ def _seven_frames(root: Path) -> Dict[int, Path]:
 
 
 def open_7scenes(path: PathLike, *, intrinsics=None, depth_scale: float = 1000.0, fps: float = 30.0,
-                 downscale: int = 1, stride: int = 1, max_frames: Optional[int] = None) -> RGBDSequence:
+                 pixel_centers: str = "auto", downscale: int = 1, stride: int = 1,
+                 max_frames: Optional[int] = None) -> RGBDSequence:
     """One Microsoft 7-Scenes sequence folder: ``frame-NNNNNN.color.{png,jpg}``,
     ``frame-NNNNNN.depth.png`` (millimetres; 0 and 65535 invalid), ``frame-NNNNNN.pose.txt``
     (4x4 camera-to-world). Intrinsics from ``camera-intrinsics.txt`` (a 3x3 K) when present,
     else fx=fy=585, cx=320, cy=240. Timestamps are ``index / fps``. (The original release's
-    depth is not registered to the colour camera; frames are read as stored.)"""
+    depth is not registered to the colour camera; frames are read as stored.)
+    ``pixel_centers``: the convention of the intrinsics read or given: ``"opencv"`` (pixel
+    centres at integers, as datasets publish them: 0.5 is added to cx, cy so that ``K``
+    follows langfield's +0.5 convention), ``"half"`` (already +0.5) or ``"auto"`` (opencv)."""
     root = Path(path)
     colors = _seven_frames(root)
     if not colors:
@@ -678,7 +750,8 @@ def open_7scenes(path: PathLike, *, intrinsics=None, depth_scale: float = 1000.0
     w, h = _first_size(entries, root)
     return RGBDSequence(entries, root=root, format="7scenes", name=_seq_name(root), K=_K(*fxy), width=w,
                         height=h, depth_scale=depth_scale, invalid_depth=(0, 65535), downscale=downscale,
-                        stride=stride, max_frames=max_frames, meta={"fps": fps})
+                        stride=stride, max_frames=max_frames,
+                        pixel_centers="opencv" if pixel_centers == "auto" else pixel_centers, meta={"fps": fps})
 
 
 # ------------------------------------------------------------------------------------------
@@ -742,8 +815,8 @@ def _read_pose_txt(path: Path) -> List[np.ndarray]:
 
 
 def open_folders(path: PathLike, *, intrinsics=None, depth_scale: float = 1000.0, fps: float = 30.0,
-                 trajectory: Optional[PathLike] = None, downscale: int = 1, stride: int = 1,
-                 max_frames: Optional[int] = None) -> RGBDSequence:
+                 trajectory: Optional[PathLike] = None, pixel_centers: str = "auto", downscale: int = 1,
+                 stride: int = 1, max_frames: Optional[int] = None) -> RGBDSequence:
     """Numbered colour and depth folders: ``color/`` (or ``colour/``, ``rgb/``, ``image/``,
     ``images/``) and ``depth/`` with files paired by the last number in their names.
     ``depth_scale``: stored units per metre (default 1000, Open3D's); ``intrinsics``: (fx, fy,
@@ -751,7 +824,10 @@ def open_folders(path: PathLike, *, intrinsics=None, depth_scale: float = 1000.0
     else PrimeSense defaults (525, 525, 319.5, 239.5) with a warning. Poses: ``trajectory``,
     or a ``trajectory.log`` (Open3D / ICL-NUIM; in the folder or one level down) or a
     ``pose.txt`` (``tx ty tz qx qy qz qw`` per line), matched to the frames in order.
-    Timestamps are ``index / fps``."""
+    Timestamps are ``index / fps``.
+    ``pixel_centers``: the convention of the intrinsics read or given: ``"opencv"`` (pixel
+    centres at integers, as datasets publish them: 0.5 is added to cx, cy so that ``K``
+    follows langfield's +0.5 convention), ``"half"`` (already +0.5) or ``"auto"`` (opencv)."""
     root = Path(path)
     cdir, ddir = _find_dir(root, COLOR_DIRS), _find_dir(root, DEPTH_DIRS)
     if cdir is None or ddir is None:
@@ -802,7 +878,46 @@ def open_folders(path: PathLike, *, intrinsics=None, depth_scale: float = 1000.0
     w, h = _first_size(entries, root)
     return RGBDSequence(entries, root=root, format="folders", name=_seq_name(root), K=_K(*fxy), width=w,
                         height=h, depth_scale=depth_scale, downscale=downscale, stride=stride, max_frames=max_frames,
-                        meta=meta)
+                        pixel_centers="opencv" if pixel_centers == "auto" else pixel_centers, meta=meta)
+
+
+# ------------------------------------------------------------------------------------------
+# live sources
+
+def make_frame(color, depth, K, *, timestamp: float = 0.0, depth_scale: float = 1.0, index: int = 0, name: str = "",
+               camtoworld=None, pixel_centers: str = "half") -> RGBDFrame:
+    """An :class:`RGBDFrame` from arrays, e.g. from a live camera loop::
+
+        for i, (rgb, raw_depth, t) in enumerate(camera):            # your driver
+            frame = make_frame(rgb, raw_depth, K, timestamp=t, depth_scale=1000.0, index=i)
+            mapper.step(frame)
+
+    ``color`` [H, W, 3] uint8 (or float in [0, 1]); ``depth`` [H, W] stored values
+    (``depth / depth_scale`` = metres; 0, negative and non-finite values are invalid); ``K``
+    [3, 3] (``pixel_centers="opencv"`` adds 0.5 to cx, cy). Raises :class:`BadFrameError` when
+    the sizes differ or no depth is valid."""
+    c = np.asarray(color)
+    if c.ndim != 3 or c.shape[2] < 3:
+        raise BadFrameError(f"colour must be [H, W, 3], got shape {list(c.shape)}", None, "color")
+    c = c[..., :3]
+    if c.dtype != np.uint8:
+        c = np.clip(np.round(np.nan_to_num(c.astype(np.float32)) * 255.0), 0, 255).astype(np.uint8)
+    d = np.asarray(depth)
+    if d.ndim == 3 and d.shape[2] == 1:
+        d = d[..., 0]
+    if d.shape != c.shape[:2]:
+        raise BadFrameError(f"depth is {list(d.shape)}, colour {list(c.shape[:2])}", None, "depth")
+    d = d.astype(np.float64) / float(depth_scale)
+    d = np.where(np.isfinite(d) & (d > 0), d, 0).astype(np.float32)
+    if not (d > 0).any():
+        raise BadFrameError("no valid depth", None, "depth")
+    Km = np.array(K, dtype=np.float64).reshape(3, 3)
+    if pixel_centers == "opencv":
+        Km[:2, 2] += 0.5
+    pose = None if camtoworld is None else np.asarray(camtoworld, dtype=np.float64).reshape(4, 4)
+    return RGBDFrame(index=int(index), timestamp=float(timestamp), name=name or f"frame_{index:06d}",
+                     color=np.ascontiguousarray(c), depth=d, K=Km, width=c.shape[1], height=c.shape[0],
+                     camtoworld=pose)
 
 
 # ------------------------------------------------------------------------------------------
