@@ -91,7 +91,8 @@ def cli_extract(
         print(f"langfield extract: RUN {run} is a file; expected a run folder", file=sys.stderr)
         return 2
     try:
-        cache = extract_dataset(ds, ex, Path(run) / "features", batch_size=batch_size, overwrite=overwrite)
+        cache = extract_dataset(ds, ex, Path(run) / "features", batch_size=batch_size, overwrite=overwrite,
+                                log=lambda m: print(m, file=sys.stderr if "warning" in m else sys.stdout))
     except CacheMismatchError as e:
         print(f"langfield extract: {e}; --overwrite re-extracts", file=sys.stderr)
         return 2
