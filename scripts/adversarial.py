@@ -253,6 +253,8 @@ CASES: List[Case] = [
                                              "--extractor", "labels", "--text-encoder", "offline"], "refuse",
          ["runfile", "is a file"]),
     # --- #12 cases that behave already
+    Case("scenes-make-over-existing", lambda c: ["scenes", "make", "tabletop", "--out", _copy(c.fx.data, c.work / "d"),
+                                                 "--views", "2", "--size", "16x16"], "refuse", ["--overwrite"]),
     Case("export-ply-exists", lambda c: ["export", c.fx.run, "--ply", _with_file(c, "scene.ply")], "refuse",
          ["scene.ply", "--overwrite"], known="train/cli.py's _fail exits with status 1 (SystemExit(str)), not 2"),
 ]
