@@ -32,8 +32,8 @@ Then, per query (defaults mirror LangSplat's LERF-ovs evaluation):
 are public so the evaluation can feed relevancy from other sources.
 
 **3D** (:func:`select_gaussians`): per-Gaussian latents are decoded in chunks and scored the
-same way; Gaussians whose relevancy exceeds ``threshold`` (0.5, raw relevancy by default) are
-selected. :func:`recolor` paints them (RGB or SH DC coefficients).
+same way; by default the scores are normalised over the Gaussians like the 2D maps, and those
+above ``threshold`` (0.4, as the 2D masks) are selected (``normalize=False``: raw relevancy). :func:`recolor` paints them (RGB or SH DC coefficients).
 
 **Pictures**: :func:`heatmap_overlay` (turbo colour map from a 256-entry table computed from
 Google's polynomial fit of turbo; no matplotlib) and :func:`save_png`.
@@ -60,7 +60,7 @@ __all__ = ["CANONICAL_PHRASES", "TEMPERATURE", "TextEncoderLike", "TextQuery", "
 
 CANONICAL_PHRASES: Tuple[str, ...] = ("object", "things", "stuff", "texture")
 TEMPERATURE = 10.0
-SH_C0 = 0.28209479177387814
+from langfield.maths import SH_C0  # noqa: E402
 
 Decoder = Union["torch.nn.Module", Callable[[Tensor], Tensor], None]
 

@@ -32,6 +32,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from langfield.maths import rot_to_quat_xyzw
+
 TUM_DEPTH_SCALE = 5000.0
 REPLICA_DEPTH_SCALE = 6553.5
 GL_FLIP = np.diag([1.0, -1.0, -1.0, 1.0])
@@ -42,25 +44,7 @@ def c2w_opengl(viewmat) -> np.ndarray:
     return np.linalg.inv(np.asarray(viewmat, dtype=np.float64)) @ GL_FLIP
 
 
-def rot_to_quat(R) -> np.ndarray:
-    """3x3 rotation -> unit quaternion (qx, qy, qz, qw) with qw >= 0."""
-    R = np.asarray(R, dtype=np.float64)
-    tr = np.trace(R)
-    if tr > 0:
-        s = math.sqrt(tr + 1.0) * 2
-        q = [(R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s, 0.25 * s]
-    elif R[0, 0] > R[1, 1] and R[0, 0] > R[2, 2]:
-        s = math.sqrt(1.0 + R[0, 0] - R[1, 1] - R[2, 2]) * 2
-        q = [0.25 * s, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s, (R[2, 1] - R[1, 2]) / s]
-    elif R[1, 1] > R[2, 2]:
-        s = math.sqrt(1.0 + R[1, 1] - R[0, 0] - R[2, 2]) * 2
-        q = [(R[0, 1] + R[1, 0]) / s, 0.25 * s, (R[1, 2] + R[2, 1]) / s, (R[0, 2] - R[2, 0]) / s]
-    else:
-        s = math.sqrt(1.0 + R[2, 2] - R[0, 0] - R[1, 1]) * 2
-        q = [(R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, 0.25 * s, (R[1, 0] - R[0, 1]) / s]
-    q = np.asarray(q)
-    q /= np.linalg.norm(q)
-    return -q if q[3] < 0 else q
+rot_to_quat = rot_to_quat_xyzw  # 3x3 -> (qx, qy, qz, qw), qw >= 0 (langfield.maths)
 
 
 def save_rgb(path, rgb, quality: Optional[int] = None) -> None:

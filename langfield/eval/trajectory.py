@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -75,68 +75,9 @@ class Trajectory:
 # ------------------------------------------------------------------------------------------
 # rotations
 
-def quat_to_rot(q) -> np.ndarray:
-    """Quaternion(s) ``(qx, qy, qz, qw)`` [..., 4] (normalised here) -> rotation(s) [..., 3, 3]."""
-    q = np.asarray(q, dtype=np.float64)
-    q = q / np.linalg.norm(q, axis=-1, keepdims=True)
-    x, y, z, w = q[..., 0], q[..., 1], q[..., 2], q[..., 3]
-    R = np.empty(q.shape[:-1] + (3, 3))
-    R[..., 0, 0] = 1 - 2 * (y * y + z * z)
-    R[..., 0, 1] = 2 * (x * y - z * w)
-    R[..., 0, 2] = 2 * (x * z + y * w)
-    R[..., 1, 0] = 2 * (x * y + z * w)
-    R[..., 1, 1] = 1 - 2 * (x * x + z * z)
-    R[..., 1, 2] = 2 * (y * z - x * w)
-    R[..., 2, 0] = 2 * (x * z - y * w)
-    R[..., 2, 1] = 2 * (y * z + x * w)
-    R[..., 2, 2] = 1 - 2 * (x * x + y * y)
-    return R
-
-
-def rot_to_quat(R) -> np.ndarray:
-    """Rotation(s) [..., 3, 3] -> unit quaternion(s) ``(qx, qy, qz, qw)`` with ``qw >= 0``."""
-    R = np.asarray(R, dtype=np.float64)
-    flat = R.reshape(-1, 3, 3)
-    out = np.empty((len(flat), 4))
-    for i, m in enumerate(flat):
-        tr = m[0, 0] + m[1, 1] + m[2, 2]
-        if tr > 0:
-            s = math.sqrt(tr + 1.0) * 2
-            q = [(m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, 0.25 * s]
-        elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
-            s = math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2]) * 2
-            q = [0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s]
-        elif m[1, 1] > m[2, 2]:
-            s = math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2]) * 2
-            q = [(m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s]
-        else:
-            s = math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1]) * 2
-            q = [(m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s, (m[1, 0] - m[0, 1]) / s]
-        q = np.asarray(q)
-        q /= np.linalg.norm(q)
-        out[i] = -q if q[3] < 0 else q
-    return out.reshape(R.shape[:-2] + (4,))
-
-
-def slerp(q0, q1, a) -> np.ndarray:
-    """Spherical linear interpolation of unit quaternions (xyzw) [..., 4] at fraction(s) ``a``
-    (the shorter arc)."""
-    q0 = np.asarray(q0, dtype=np.float64)
-    q1 = np.asarray(q1, dtype=np.float64)
-    a = np.asarray(a, dtype=np.float64)[..., None]
-    q0 = q0 / np.linalg.norm(q0, axis=-1, keepdims=True)
-    q1 = q1 / np.linalg.norm(q1, axis=-1, keepdims=True)
-    d = np.sum(q0 * q1, axis=-1, keepdims=True)
-    q1 = np.where(d < 0, -q1, q1)
-    d = np.abs(d)
-    theta = np.arccos(np.clip(d, -1.0, 1.0))
-    s = np.sin(theta)
-    small = s < 1e-9
-    safe = np.where(small, 1.0, s)
-    w0 = np.where(small, 1 - a, np.sin((1 - a) * theta) / safe)
-    w1 = np.where(small, a, np.sin(a * theta) / safe)
-    q = w0 * q0 + w1 * q1
-    return q / np.linalg.norm(q, axis=-1, keepdims=True)
+from langfield.maths import quat_xyzw_to_rot as quat_to_rot  # noqa: E402  (one copy of the maths)
+from langfield.maths import rot_to_quat_xyzw as rot_to_quat  # noqa: E402
+from langfield.maths import slerp  # noqa: E402
 
 
 def _pose(t, q) -> np.ndarray:

@@ -62,31 +62,11 @@ _BATCH_ELEMS = 1 << 21
 # recomputed in backward (activation checkpointing) to keep memory bounded
 _CKPT_ELEMS = 1 << 23
 
-SH_C0 = 0.28209479177387814
-SH_C1 = 0.4886025119029199
-SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792,
-         0.5462742152960396)
-SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
-         -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
+from langfield.maths import SH_C0, SH_C1, SH_C2, SH_C3  # noqa: E402  (one copy of the constants)
+from langfield.maths import quat_to_rotmat as _quat_to_rotmat  # noqa: E402
 
 
 # ---------------------------------------------------------------- projection
-def _quat_to_rotmat(quats: Tensor) -> Tensor:
-    """[..., 4] wxyz (any norm) -> [..., 3, 3]."""
-    n = torch.linalg.vector_norm(quats, dim=-1, keepdim=True)
-    q = quats / torch.clamp(n, min=1e-12)
-    w, x, y, z = q.unbind(-1)
-    R = torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    )
-    return R.reshape(quats.shape[:-1] + (3, 3))
-
-
 def _clamp_inclusive(x: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """min(hi, max(lo, x)) whose gradient w.r.t. x is 1 on the closed interval [lo, hi]
     (torch.clamp with tensor bounds splits it at the boundaries) and 0 outside."""
@@ -205,29 +185,9 @@ def project(
 # ------------------------------------------------------- spherical harmonics
 def _sh_basis(degree: int, x: Tensor, y: Tensor, z: Tensor) -> Tensor:
     """[...] unit components -> [..., (degree+1)^2], order and constants of lf::sh_basis."""
-    b = [torch.full_like(x, SH_C0)]
-    if degree >= 1:
-        b += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
-    if degree >= 2:
-        xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-        b += [
-            SH_C2[0] * xy,
-            SH_C2[1] * yz,
-            SH_C2[2] * (2.0 * zz - xx - yy),
-            SH_C2[3] * xz,
-            SH_C2[4] * (xx - yy),
-        ]
-    if degree >= 3:
-        b += [
-            SH_C3[0] * y * (3.0 * xx - yy),
-            SH_C3[1] * xy * z,
-            SH_C3[2] * y * (4.0 * zz - xx - yy),
-            SH_C3[3] * z * (2.0 * zz - 3.0 * xx - 3.0 * yy),
-            SH_C3[4] * x * (4.0 * zz - xx - yy),
-            SH_C3[5] * z * (xx - yy),
-            SH_C3[6] * x * (xx - 3.0 * yy),
-        ]
-    return torch.stack(b, dim=-1)
+    from langfield.maths import eval_sh_bases
+
+    return eval_sh_bases(degree, torch.stack([x, y, z], -1))
 
 
 def sh(degree: int, dirs: Tensor, coeffs: Tensor, masks: Optional[Tensor] = None) -> Tensor:
