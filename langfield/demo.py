@@ -29,7 +29,8 @@ def run_demo(out: Path, *, steps: int = 2000, lang_steps: int = 1500, views: int
     from langfield.eval.language import format_summary
     from langfield.scenes import make_scene
     from langfield.train.language import train_language
-    from langfield.train.rgb import RunFolder, train_rgb
+    from langfield.run import RunFolder
+    from langfield.train.rgb import train_rgb
 
     out = Path(out)
     data, run = out / "data", out / "run"

@@ -60,6 +60,7 @@ class FieldCamera:
     height: int
     split: str = "train"
     index: int = 0
+    time: Optional[float] = None
 
 
 @dataclass
@@ -75,18 +76,24 @@ class FieldRender:
 
 
 def latest_language_checkpoint(run: PathLike) -> Optional[Path]:
-    from langfield.io.checkpoint import latest_checkpoint
+    from langfield.run import RunFolder
 
-    return latest_checkpoint(Path(run) / LANGUAGE_DIR / "checkpoints")
+    return RunFolder(run).store("language").latest_path()
 
 
 def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise FieldError("device cuda: no CUDA device is available")
-    return d
+    from langfield.run import resolve_device
+
+    return resolve_device(device, error=FieldError)
+
+
+def _codec_of(lang_doc: Dict[str, Any]) -> Tuple[str, str]:
+    """(kind, file name) of a run's or PLY sidecar's language codec (old runs: the autoencoder)."""
+    c = lang_doc.get("codec") or {}
+    kind = c.get("kind", "autoencoder")
+    from langfield.codec import codec_file
+
+    return kind, c.get("file") or lang_doc.get("autoencoder") or codec_file(kind)
 
 
 class LanguageField:
@@ -134,9 +141,7 @@ class LanguageField:
 
     @classmethod
     def _load_run(cls, run: Path, device, text_encoder, need_cameras: bool, backend: str) -> "LanguageField":
-        from langfield.io.checkpoint import load_checkpoint
-        from langfield.scene import Gaussians
-        from langfield.train.rgb import RunError, RunFolder
+        from langfield.run import RunError, RunFolder, model_from_checkpoint, scene_checkpoint
 
         rf = RunFolder(run)
         try:
@@ -144,12 +149,14 @@ class LanguageField:
         except RunError as e:
             raise FieldError(str(e)) from None
         dev = _resolve_device(device)
-        lang_ck = latest_language_checkpoint(run)
-        ck_path = lang_ck or rf.latest_checkpoint()
-        if ck_path is None:
-            raise FieldError(f"{run}: no checkpoint in {rf.checkpoints} (train first)")
-        ck = load_checkpoint(ck_path)
-        g = Gaussians.from_dict(ck.tensors["splats"], requires_grad=False, copy=False).to(dev)
+        stage, ck_path, ck = scene_checkpoint(run)  # the one rule: newest valid language, else RGB checkpoint
+        if ck is None:
+            raise FieldError(f"{run}: no readable checkpoint in {rf.checkpoints} (train first)")
+        lang_ck = ck_path if stage == "language" else None
+        try:
+            g = model_from_checkpoint(doc, ck, dev)
+        except RunError as e:
+            raise FieldError(str(e)) from None
         lang_doc = doc.get("language") or {}
         levels: List[str] = []
         L = 0
@@ -158,15 +165,19 @@ class LanguageField:
         if g.lang is not None and lang_ck is not None:
             levels = list(lang_doc.get("levels") or [])
             L = int(lang_doc.get("latent_dim") or 0)
-            ae = run / "autoencoder.safetensors"
+            kind, fname = _codec_of(lang_doc)
+            ae = run / Path(fname).name
             if not levels or not L:
                 raise FieldError(f"{rf.config}: the run has language checkpoints but no 'language' section "
                                  f"(levels, latent_dim)")
             if not ae.is_file():
                 raise FieldError(f"{ae}: missing; the run's language latents cannot be decoded without it")
-            from langfield.autoencoder import SceneAutoencoder
+            from langfield.codec import CodecError, load_codec
 
-            decoder = SceneAutoencoder.load(ae, device=dev)
+            try:
+                decoder = load_codec(ae, kind, device=dev)
+            except (CodecError, ValueError, OSError) as e:
+                raise FieldError(f"{ae}: {str(e).splitlines()[0]}") from None
             if te is None and lang_doc.get("text"):
                 from langfield.features.text import load_text_encoder
 
@@ -177,7 +188,7 @@ class LanguageField:
 
         rgb_step = int(ck.config.get("rgb_step", ck.step))
         sh = trained_sh_degree(doc.get("train", {}), rgb_step, g.sh_degree)
-        cams = _run_cameras(doc) if need_cameras else []
+        cams = _run_cameras(doc, run) if need_cameras else []
         self = cls(g, decoder=decoder, text_encoder=te, levels=levels, latent_dim=L, cameras=cams, sh_degree=sh,
                    source=run, kind="run", step=int(ck.step), stage="language" if decoder is not None else "rgb",
                    backend=backend,
@@ -198,18 +209,23 @@ class LanguageField:
         decoder, levels, L, te = None, [], 0, text_encoder
         if g.lang is not None:
             meta_path = path.with_suffix(".json")
-            ae = next((q for q in (path.with_name(path.stem + ".autoencoder.safetensors"),
-                                   path.with_name("autoencoder.safetensors")) if q.is_file()), None)
             meta: Dict[str, Any] = {}
             if meta_path.is_file():
                 try:
                     meta = json.loads(meta_path.read_text("utf-8")).get("language") or {}
                 except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
                     raise FieldError(f"{meta_path}: corrupt JSON ({e})") from None
+            kind = (meta.get("codec") or {}).get("kind", "autoencoder")
+            stem = Path(_codec_of({"codec": {"kind": kind}})[1]).stem
+            ae = next((q for q in (path.with_name(f"{path.stem}.{stem}.safetensors"),
+                                   path.with_name(f"{stem}.safetensors")) if q.is_file()), None)
             if ae is not None and meta.get("levels"):
-                from langfield.autoencoder import SceneAutoencoder
+                from langfield.codec import CodecError, load_codec
 
-                decoder = SceneAutoencoder.load(ae, device=dev)
+                try:
+                    decoder = load_codec(ae, kind, device=dev)
+                except (CodecError, ValueError, OSError) as e:
+                    raise FieldError(f"{ae}: {str(e).splitlines()[0]}") from None
                 levels = list(meta["levels"])
                 L = int(meta.get("latent_dim") or decoder.latent_dim)
                 if te is None and meta.get("text"):
@@ -226,7 +242,7 @@ class LanguageField:
         Returns True when something new was loaded."""
         if self.kind != "run" or self.source is None:
             return False
-        from langfield.train.rgb import RunFolder
+        from langfield.run import RunFolder
 
         newest = latest_language_checkpoint(self.source) or RunFolder(self.source).latest_checkpoint()
         if newest is None or (self._ckpt_path is not None and Path(newest) == self._ckpt_path):
@@ -247,6 +263,11 @@ class LanguageField:
         return True
 
     # ------------------------------------------------------------------------------ facts
+    @property
+    def codec(self):
+        """The language codec (:mod:`langfield.codec`); ``decoder`` is its older name."""
+        return self.decoder
+
     @property
     def has_language(self) -> bool:
         return self.decoder is not None and self.gaussians.lang is not None and bool(self.levels)
@@ -297,37 +318,28 @@ class LanguageField:
     # ------------------------------------------------------------------------------ render
     @torch.no_grad()
     def render(self, viewmat, K, width: int, height: int, *, language: bool = True, background=(0.0, 0.0, 0.0),
-               sh_degree: Optional[int] = None) -> FieldRender:
+               sh_degree: Optional[int] = None, t: Optional[float] = None) -> FieldRender:
         """Colour, expected depth, alpha and (``language`` and the scene has them) every level's
-        latents of one view, in one rasterizer pass."""
-        from langfield.render import rasterization
+        latents of one view, in one rasterizer pass; ``t``: the time for a dynamic scene."""
+        from langfield.render.model import Cameras, render
 
-        with self._lock:
-            g = self.gaussians
+        with self._lock:  # one consistent snapshot (a reload may swap the checkpoint meanwhile)
+            g, decoder = self.gaussians, self.decoder
             levels, L = list(self.levels), self.latent_dim
             deg = self.sh_degree if sh_degree is None else min(int(sh_degree), g.sh_degree)
-        dev = g.device
-        vm = torch.as_tensor(np.asarray(viewmat), dtype=torch.float32, device=dev).reshape(1, 4, 4)
-        Kt = torch.as_tensor(np.asarray(K), dtype=torch.float32, device=dev).reshape(1, 3, 3)
-        bg = torch.as_tensor(background, dtype=torch.float32, device=dev).reshape(1, 3)
-        sp = g.splats
-        feats = sp["lang"] if (language and self.has_language) else None
-        colors = torch.cat([sp["sh0"], sp["shN"][:, :max((deg + 1) ** 2 - 1, 0)]], 1)
-        out, alpha, _ = rasterization(sp["means"], torch.nn.functional.normalize(sp["quats"], dim=-1),
-                                      torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]), colors, vm, Kt,
-                                      int(width), int(height), sh_degree=deg, backgrounds=bg, features=feats,
-                                      render_mode="RGB+ED", backend=self.backend)
-        out = out[0]
-        a = alpha[0, ..., 0]
-        depth = torch.where(a > 1e-4, out[..., -1], torch.zeros_like(a))
+            with_lang = language and decoder is not None and g.lang is not None and bool(levels)
+        out = render(g, Cameras.of(viewmat, K, width, height, device=g.device), t=t, sh_degree=deg,
+                     language=with_lang, depth=True, background=background, backend=self.backend)
         lat = None
-        if feats is not None:
-            z = out[..., 3:3 + len(levels) * L]
+        if with_lang:
+            z = out.lang[0]
             lat = {lv: z[..., i * L:(i + 1) * L] for i, lv in enumerate(levels)}
-        return FieldRender(rgb=out[..., :3].clamp(0, 1), depth=depth, alpha=a, latents=lat)
+        return FieldRender(rgb=out.rgb[0].clamp(0, 1), depth=out.depth[0], alpha=out.alpha[0], latents=lat)
 
     def render_camera(self, cam: Union[int, FieldCamera], **kw) -> FieldRender:
         c = self.cameras[cam] if isinstance(cam, int) else cam
+        if c.time is not None:
+            kw.setdefault("t", c.time)
         return self.render(c.viewmat, c.K, c.width, c.height, **kw)
 
     # ------------------------------------------------------------------------------ queries
@@ -379,25 +391,21 @@ class LanguageField:
         return res[0] if isinstance(text, str) else res
 
     @torch.no_grad()
-    def render_selection(self, mask: Tensor, viewmat, K, width: int, height: int) -> Tensor:
+    def render_selection(self, mask: Tensor, viewmat, K, width: int, height: int, t: Optional[float] = None) -> Tensor:
         """Alpha of only the ``mask``-ed Gaussians, occluded by the others (a 3D selection's
         footprint in a view): ``mask [N]`` -> ``[H, W]``; ``[N, Q]`` (several selections, one
         pass) -> ``[H, W, Q]``."""
-        from langfield.render import rasterization
+        from langfield.render.model import Cameras, render
 
         with self._lock:
             g = self.gaussians
-        sp = g.splats
         dev = g.device
-        vm = torch.as_tensor(np.asarray(viewmat), dtype=torch.float32, device=dev).reshape(1, 4, 4)
-        Kt = torch.as_tensor(np.asarray(K), dtype=torch.float32, device=dev).reshape(1, 3, 3)
         col = mask.to(dev, torch.float32)
         one = col.ndim == 1
         col = col.reshape(col.shape[0], -1)
-        out, _, _ = rasterization(sp["means"], torch.nn.functional.normalize(sp["quats"], dim=-1),
-                                  torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]), col, vm, Kt, int(width),
-                                  int(height), backend=self.backend)
-        return out[0, ..., 0] if one else out[0]
+        out = render(g, Cameras.of(viewmat, K, width, height, device=dev), t=t, colors=False, extra=col,
+                     backend=self.backend)
+        return out.extra[0, ..., 0] if one else out.extra[0]
 
     @torch.no_grad()
     def pca(self, render: FieldRender, level: Union[str, int, None] = None) -> Tensor:
@@ -441,9 +449,15 @@ def _texts(text: Union[str, Sequence[str]]) -> List[str]:
     return texts
 
 
-def _run_cameras(doc: Dict[str, Any]) -> List[FieldCamera]:
-    """The run's dataset cameras (no images read); [] when the dataset is gone."""
+def _run_cameras(doc: Dict[str, Any], run: Optional[Path] = None) -> List[FieldCamera]:
+    """The run's cameras: ``RUN/cameras.json`` when the run carries its own (mapping runs),
+    else its dataset's (no images read); [] when neither is there."""
     from langfield.train.config import TrainConfig
+
+    if run is not None:
+        cams = read_cameras_json(Path(run) / "cameras.json")
+        if cams:
+            return cams
 
     data = doc.get("data")
     if not data or not Path(data).exists():
@@ -461,4 +475,23 @@ def _run_cameras(doc: Dict[str, Any]) -> List[FieldCamera]:
         for i in ds.indices(sp):
             split_of.setdefault(i, sp)
     return [FieldCamera(f.name, np.asarray(f.viewmat, dtype=np.float64), np.asarray(f.K, dtype=np.float64),
-                        int(f.width), int(f.height), split_of.get(i, "train"), i) for i, f in enumerate(ds.frames)]
+                        int(f.width), int(f.height), split_of.get(i, "train"), i, f.time)
+            for i, f in enumerate(ds.frames)]
+
+
+def read_cameras_json(path: Path) -> List[FieldCamera]:
+    """Cameras from a ``cameras.json`` (``{"cameras": [{"name", "viewmat" 4x4, "K" 3x3, "width",
+    "height", "split", "time"?}]}``); [] when absent or unreadable."""
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+        out = []
+        for i, c in enumerate(doc.get("cameras", [])):
+            out.append(FieldCamera(str(c.get("name", i)), np.asarray(c["viewmat"], dtype=np.float64).reshape(4, 4),
+                                   np.asarray(c["K"], dtype=np.float64).reshape(3, 3), int(c["width"]),
+                                   int(c["height"]), str(c.get("split", "train")), i,
+                                   None if c.get("time") is None else float(c["time"])))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+        return []

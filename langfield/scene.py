@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Protocol, Tuple, Union, runtime_checkable
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from torch import Tensor, nn
 
 __all__ = [
     "Gaussians",
+    "Activated",
+    "SceneModel",
     "SH_C0",
     "rgb_to_sh",
     "sh_to_rgb",
@@ -50,112 +53,11 @@ __all__ = [
     "rotmat_to_quat",
 ]
 
-SH_C0 = 0.28209479177387814
+from langfield.maths import (SH_C0, eval_sh_bases, num_sh_bases, quat_multiply,  # noqa: F401
+                             rgb_to_sh, rotmat_to_quat, sh_degree_from_bases, sh_rotation_matrices, sh_to_rgb)
+
 PARAM_NAMES = ("means", "quats", "scales", "opacities", "sh0", "shN", "lang")
 REQUIRED = ("means", "quats", "scales", "opacities", "sh0")
-
-
-def rgb_to_sh(rgb: Tensor) -> Tensor:
-    """RGB in [0, 1] -> degree-0 SH coefficient (3DGS' ``RGB2SH``)."""
-    return (rgb - 0.5) / SH_C0
-
-
-def sh_to_rgb(sh: Tensor) -> Tensor:
-    return sh * SH_C0 + 0.5
-
-
-def num_sh_bases(degree: int) -> int:
-    return (degree + 1) ** 2
-
-
-def sh_degree_from_bases(k: int) -> int:
-    """Number of SH bases K (including the DC term) -> degree; ValueError if K is not a square."""
-    d = int(round(math.sqrt(k))) - 1
-    if d < 0 or (d + 1) ** 2 != k:
-        raise ValueError(f"{k} SH coefficients per channel is not (degree + 1)^2 for any degree")
-    return d
-
-
-# --------------------------------------------------------------------------------------
-# Spherical harmonics (real basis with the signs used by 3DGS and gsplat)
-
-_C1 = 0.4886025119029199
-_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
-_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154, -0.4570457994644658,
-       1.445305721320277, -0.5900435899266435)
-
-
-def eval_sh_bases(degree: int, dirs: Tensor) -> Tensor:
-    """SH basis values [..., (degree+1)^2] at unit directions ``dirs`` [..., 3] (degree <= 3),
-    in the order and sign convention of gsplat's ``spherical_harmonics``."""
-    if degree > 3:
-        raise ValueError("SH degree > 3 is not supported")
-    x, y, z = dirs.unbind(-1)
-    out = [torch.full_like(x, SH_C0)]
-    if degree >= 1:
-        out += [-_C1 * y, _C1 * z, -_C1 * x]
-    if degree >= 2:
-        xx, yy, zz, xy, yz, xz = x * x, y * y, z * z, x * y, y * z, x * z
-        out += [_C2[0] * xy, _C2[1] * yz, _C2[2] * (2 * zz - xx - yy), _C2[3] * xz, _C2[4] * (xx - yy)]
-    if degree >= 3:
-        out += [_C3[0] * y * (3 * xx - yy), _C3[1] * xy * z, _C3[2] * y * (4 * zz - xx - yy),
-                _C3[3] * z * (2 * zz - 3 * xx - 3 * yy), _C3[4] * x * (4 * zz - xx - yy),
-                _C3[5] * z * (xx - yy), _C3[6] * x * (xx - 3 * yy)]
-    return torch.stack(out, -1)
-
-
-def sh_rotation_matrices(R: Tensor, degree: int) -> list:
-    """Per-band matrices ``D_l`` [(2l+1), (2l+1)], l = 1..degree, such that rotating the
-    world by ``R`` maps SH coefficients ``c`` of band l to ``D_l @ c`` (colour seen along the
-    rotated direction ``R d`` equals the old colour along ``d``). Computed by least squares on
-    sample directions, in float64."""
-    R = torch.as_tensor(R, dtype=torch.float64)
-    g = torch.Generator().manual_seed(0)
-    d = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    d = d / d.norm(dim=-1, keepdim=True)
-    Y = eval_sh_bases(degree, d)
-    Yr = eval_sh_bases(degree, d @ R.T)
-    mats = []
-    for l in range(1, degree + 1):
-        s = slice(l * l, (l + 1) * (l + 1))
-        # Yr = Y @ M^T  (Y(R d) = M Y(d)); coefficients transform with M (orthogonal).
-        Mt = torch.linalg.lstsq(Y[:, s], Yr[:, s]).solution
-        mats.append(Mt.T.contiguous())
-    return mats
-
-
-# --------------------------------------------------------------------------------------
-# Quaternions (wxyz)
-
-def quat_multiply(a: Tensor, b: Tensor) -> Tensor:
-    aw, ax, ay, az = a.unbind(-1)
-    bw, bx, by, bz = b.unbind(-1)
-    return torch.stack([aw * bw - ax * bx - ay * by - az * bz,
-                        aw * bx + ax * bw + ay * bz - az * by,
-                        aw * by - ax * bz + ay * bw + az * bx,
-                        aw * bz + ax * by - ay * bx + az * bw], -1)
-
-
-def rotmat_to_quat(R: Tensor) -> Tensor:
-    """3x3 rotation -> unit quaternion wxyz with w >= 0."""
-    R = torch.as_tensor(R, dtype=torch.float64)
-    m = R
-    t = m[0, 0] + m[1, 1] + m[2, 2]
-    if t > 0:
-        s = torch.sqrt(t + 1.0) * 2
-        q = [0.25 * s, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
-    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
-        s = torch.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2]) * 2
-        q = [(m[2, 1] - m[1, 2]) / s, 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s]
-    elif m[1, 1] > m[2, 2]:
-        s = torch.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2]) * 2
-        q = [(m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s]
-    else:
-        s = torch.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1]) * 2
-        q = [(m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s]
-    q = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in q])
-    q = q / q.norm()
-    return -q if q[0] < 0 else q
 
 
 # --------------------------------------------------------------------------------------
@@ -379,6 +281,32 @@ def sample_points_in_frustums(viewmats, Ks, widths, heights, n: int, *, near: Op
 
 
 # --------------------------------------------------------------------------------------
+# the scene-model interface of the one render path (langfield.render.render)
+
+@dataclass
+class Activated:
+    """Activated parameters a scene model hands to the renderer: ``means`` [N, 3], ``quats``
+    [N, 4] (wxyz, any norm: the renderer normalises), ``scales`` [N, 3] (standard deviations),
+    ``opacities`` [N] in [0, 1], ``sh`` [N, K, 3] SH coefficients of degree ``sh_degree``,
+    ``lang`` [N, L] language latents or None. Tensors keep their autograd history."""
+
+    means: Tensor
+    quats: Tensor
+    scales: Tensor
+    opacities: Tensor
+    sh: Tensor
+    sh_degree: int
+    lang: Optional[Tensor] = None
+
+
+@runtime_checkable
+class SceneModel(Protocol):
+    """What the render path needs of a scene: activated Gaussians, optionally at a time ``t``
+    in [0, 1] (static models ignore it). Implemented by :class:`Gaussians`; deformable
+    Gaussians and a SLAM map implement it too."""
+
+    def activated(self, t: Optional[float] = None) -> Activated: ...
+
 
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
@@ -558,6 +486,15 @@ class Gaussians(nn.Module):
         """View-independent colour (DC term only) in [0, 1]-ish, [N, 3]."""
         return sh_to_rgb(self.sh0[:, 0, :])
 
+    # ---- the scene-model interface ------------------------------------------------------
+    def activated(self, t: Optional[float] = None) -> Activated:
+        """The activated parameters for :func:`langfield.render.render` (``t`` is ignored:
+        static Gaussians look the same at every time)."""
+        sp = self.splats
+        return Activated(means=sp["means"], quats=sp["quats"], scales=torch.exp(sp["scales"]),
+                         opacities=torch.sigmoid(sp["opacities"]), sh=torch.cat([sp["sh0"], sp["shN"]], 1),
+                         sh_degree=self.sh_degree, lang=sp["lang"] if "lang" in sp else None)
+
     # ---- sizes --------------------------------------------------------------------
     @property
     def num(self) -> int:
@@ -651,6 +588,12 @@ class Gaussians(nn.Module):
         cfg = {"sh_degree": self.sh_degree, "lang_dim": self.lang_dim, "num": self.num}
         cfg.update(config or {})
         return save_checkpoint(path, {"splats": self.to_dict()}, cfg, step)
+
+    @classmethod
+    def from_checkpoint(cls, doc, ckpt, device=None, requires_grad: bool = False) -> "Gaussians":
+        """The Gaussians of a run checkpoint (``langfield.run.model_from_checkpoint``)."""
+        g = cls.from_dict(ckpt.tensors["splats"], requires_grad=requires_grad, copy=False)
+        return g.to(device) if device is not None else g
 
     @classmethod
     def load(cls, path, requires_grad: bool = True) -> "Gaussians":

@@ -416,14 +416,14 @@ def test_missing_sam_weights_messages(tmp_path):
 
 
 def test_text_encoder_auto_falls_back_offline(monkeypatch):
-    from langfield.features import cli
+    from langfield.features import factory
 
-    monkeypatch.setattr(cli, "clip_weights_cached", lambda *a: False)
+    monkeypatch.setattr(factory, "clip_weights_cached", lambda *a: False)
     logs = []
-    enc = cli.make_text_encoder("auto", log=logs.append)
+    enc = factory.make_text_encoder("auto", log=logs.append)
     assert isinstance(enc, OfflineTextEncoder) and enc.dim == 512
     assert "not available here" in logs[0] and "offline text encoder" in logs[0]
-    ex = cli.make_extractor("labels", text_encoder="offline", device="cpu")
+    ex = factory.make_extractor("labels", text_encoder="offline", device="cpu")
     assert ex.config()["text"]["type"] == "offline"
 
 

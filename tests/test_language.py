@@ -296,10 +296,10 @@ def test_dense_clip_language_stage_with_a_tiny_random_clip(demo, tmp_path):
         sp = tr.gaussians.splats
         out = []
         for i in tr.train_idx:
-            vm, K = tr._cams[i]
+            vm, K = tr._cams[i].viewmats, tr._cams[i].Ks
             f = tr.ds.frames[i]
             r, _, _ = rasterization(sp["means"], sp["quats"], torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]),
-                                    sp["lang"], vm[None], K[None], f.width, f.height)
+                                    sp["lang"], vm, K, f.width, f.height)
             t, v = tr.targets.get(i)
             out.append(float(masked_l1(r[0], t, v, 1)))
         return float(np.mean(out))

@@ -46,6 +46,23 @@ def _label_to_mode(label: str) -> str:
     return "rgb"
 
 
+FRUSTUMS_SHOWN_UP_TO = 32  # more dataset cameras than this: frustums hidden until "Show cameras"
+
+
+def frustum_scale(positions, radius: float) -> float:
+    """Size of a camera frustum drawing: half the median distance between neighbouring cameras,
+    at most 5 % of the scene radius (so that dozens of frustums never cover the scene)."""
+    P = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
+    cap = 0.05 * float(radius)
+    if P.shape[0] < 2:
+        return cap
+    d = np.linalg.norm(P[:, None, :] - P[None, :, :], axis=-1)
+    np.fill_diagonal(d, np.inf)
+    nn = d.min(1)
+    nn = nn[np.isfinite(nn) & (nn > 0)]
+    return float(min(cap, 0.5 * np.median(nn))) if nn.size else cap
+
+
 class ClientSession:
     """One connected browser: its controls, its render thread, its last frame."""
 
@@ -75,6 +92,10 @@ class ClientSession:
         self.view = gui.add_dropdown("Go to camera", names, initial_value=FREE_VIEW,
                                      hint="jump to one of the dataset's cameras (or click a frustum)",
                                      visible=len(names) > 1)
+        self.show_cameras = gui.add_checkbox("Show cameras", bool(app.frustums_visible),
+                                             hint="the dataset's camera frustums (off by default for many cameras)",
+                                             visible=len(names) > 1)
+        self.show_cameras.on_update(lambda _e: app.set_frustums_visible(bool(self.show_cameras.value)))
         self.resolution = gui.add_slider("Resolution", 64, max(2048, int(app.max_res)), 32, int(app.max_res),
                                          hint="longest side of a frame at rest, pixels")
         self.message = gui.add_markdown("")
@@ -314,12 +335,15 @@ class ViewerApp:
             ic.position = tuple(float(v) for v in pos)
             ic.look_at = tuple(float(v) for v in center)
             ic.up = tuple(float(v) for v in up)
+        self.frustums_visible = len(cams) <= FRUSTUMS_SHOWN_UP_TO
         if frustums and cams:
             step = max(1, int(np.ceil(len(cams) / max(1, max_frustums))))
+            size = frustum_scale([viser_pose_of(c.viewmat)[1] for c in cams], radius)
             for i in range(0, len(cams), step):
                 c = cams[i]
                 wxyz, pos = viser_pose_of(c.viewmat)
-                kw = dict(fov=fov_of(c.K, c.height), aspect=c.width / max(c.height, 1), scale=0.1 * radius,
+                kw = dict(fov=fov_of(c.K, c.height), aspect=c.width / max(c.height, 1), scale=size,
+                          visible=self.frustums_visible,
                           wxyz=wxyz, position=pos, color=(60, 120, 220) if c.split == "train" else (230, 140, 40))
                 try:  # thin lines in screen pixels: a frustum seen from its own apex must not fill the view
                     h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", thickness=1.5,
@@ -328,6 +352,11 @@ class ViewerApp:
                     h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", line_width=1.5, **kw)
                 h.on_click(self._frustum_clicked(i))
                 self._frustums.append(h)
+
+    def set_frustums_visible(self, visible: bool) -> None:
+        self.frustums_visible = bool(visible)
+        for h in self._frustums:
+            h.visible = self.frustums_visible
 
     def _frustum_clicked(self, i: int):
         def cb(event) -> None:

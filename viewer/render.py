@@ -39,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from langfield.maths import quat_to_rotmat_np, rotmat_to_quat_np
+
 __all__ = ["MODES", "MODE_LABELS", "MAX_QUERY_CHARS", "CameraState", "Settings", "Frame", "FrameRenderer",
            "RenderWorker", "Job", "FpsMeter", "camera_from_viser", "viser_pose_of", "wxyz_to_rotmat",
            "rotmat_to_wxyz", "fov_of", "scene_extent", "camera_target", "is_language_mode"]
@@ -57,31 +59,8 @@ def is_language_mode(mode: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ cameras
 
-def wxyz_to_rotmat(q) -> np.ndarray:
-    w, x, y, z = np.asarray(q, dtype=np.float64) / max(float(np.linalg.norm(q)), 1e-12)
-    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
-                     [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
-                     [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)]])
-
-
-def rotmat_to_wxyz(R) -> np.ndarray:
-    R = np.asarray(R, dtype=np.float64)
-    t = np.trace(R)
-    if t > 0:
-        s = 2.0 * math.sqrt(t + 1.0)
-        q = [0.25 * s, (R[2, 1] - R[1, 2]) / s, (R[0, 2] - R[2, 0]) / s, (R[1, 0] - R[0, 1]) / s]
-    elif R[0, 0] > R[1, 1] and R[0, 0] > R[2, 2]:
-        s = 2.0 * math.sqrt(max(1.0 + R[0, 0] - R[1, 1] - R[2, 2], 1e-12))
-        q = [(R[2, 1] - R[1, 2]) / s, 0.25 * s, (R[0, 1] + R[1, 0]) / s, (R[0, 2] + R[2, 0]) / s]
-    elif R[1, 1] > R[2, 2]:
-        s = 2.0 * math.sqrt(max(1.0 + R[1, 1] - R[0, 0] - R[2, 2], 1e-12))
-        q = [(R[0, 2] - R[2, 0]) / s, (R[0, 1] + R[1, 0]) / s, 0.25 * s, (R[1, 2] + R[2, 1]) / s]
-    else:
-        s = 2.0 * math.sqrt(max(1.0 + R[2, 2] - R[0, 0] - R[1, 1], 1e-12))
-        q = [(R[1, 0] - R[0, 1]) / s, (R[0, 2] + R[2, 0]) / s, (R[1, 2] + R[2, 1]) / s, 0.25 * s]
-    q = np.asarray(q)
-    q = q / np.linalg.norm(q)
-    return q if q[0] >= 0 else -q
+wxyz_to_rotmat = quat_to_rotmat_np  # one copy of the maths (langfield.maths)
+rotmat_to_wxyz = rotmat_to_quat_np
 
 
 @dataclass(frozen=True)
@@ -196,8 +175,10 @@ class FrameRenderer:
         self.exact_budget = int(exact_budget)
         self.band_rows = int(band_rows)
         if background is None:
+            # the colour eval composites on: white for runs trained on white or random backgrounds
+            # (RGBA data), black for black ones; a PLY without a run: black
             bg = (field.info or {}).get("background")
-            background = (1.0, 1.0, 1.0) if bg in ("white", (1, 1, 1), [1, 1, 1]) else (0.0, 0.0, 0.0)
+            background = (1.0, 1.0, 1.0) if bg in ("white", "random", (1, 1, 1), [1, 1, 1]) else (0.0, 0.0, 0.0)
         self.background = tuple(float(v) for v in background)
         self._lock = threading.Lock()
         self._gauss_rel: Dict[Tuple, Any] = {}  # (gid, text, level) -> (gaussians ref, scores [N])
@@ -243,24 +224,12 @@ class FrameRenderer:
         return levels.index(level)
 
     def _rasterize(self, g, sh_degree: int, viewmat, K, width: int, height: int, extra: Optional[torch.Tensor]):
-        from langfield.render import rasterization
+        from langfield.render.model import Cameras, render
 
-        dev = g.device
-        sp = g.splats
-        vm = torch.as_tensor(np.asarray(viewmat), dtype=torch.float32, device=dev).reshape(1, 4, 4)
-        Kt = torch.as_tensor(np.asarray(K), dtype=torch.float32, device=dev).reshape(1, 3, 3)
-        bg = torch.as_tensor(self.background, dtype=torch.float32, device=dev).reshape(1, 3)
-        deg = min(int(sh_degree), g.sh_degree)
-        colors = torch.cat([sp["sh0"], sp["shN"][:, :max((deg + 1) ** 2 - 1, 0)]], 1)
-        out, alpha, _ = rasterization(sp["means"], F.normalize(sp["quats"], dim=-1), torch.exp(sp["scales"]),
-                                      torch.sigmoid(sp["opacities"]), colors, vm, Kt, int(width), int(height),
-                                      sh_degree=deg, backgrounds=bg, features=extra, render_mode="RGB+ED",
-                                      backend=self.field.backend)
-        out, a = out[0], alpha[0, ..., 0]
-        rgb = out[..., :3].clamp(0, 1)
-        depth = torch.where(a > 1e-4, out[..., -1], torch.zeros_like(a))
-        ex = out[..., 3:-1] if extra is not None else None
-        return rgb, depth, a, ex
+        out = render(g, Cameras.of(viewmat, K, width, height, device=g.device), sh_degree=sh_degree, extra=extra,
+                     depth=True, background=self.background, backend=self.field.backend)
+        ex = out.extra[0] if extra is not None else None
+        return out.rgb[0].clamp(0, 1), out.depth[0], out.alpha[0], ex
 
     @torch.no_grad()
     def level_scores(self, g, text: str, li: int) -> torch.Tensor:
@@ -278,7 +247,7 @@ class FrameRenderer:
             decoder, nl = f.decoder, len(f.levels)
         tq = f.text_query
         scores = select_gaussians(g.splats["lang"].detach(), decoder, tq.embed(text), tq.canon, level=int(li),
-                                  threshold=0.5, n_levels=nl).scores
+                                  n_levels=nl).scores  # scores only: the threshold is applied by the caller
         with self._lock:
             if len(self._gauss_rel) > 24:
                 self._gauss_rel.clear()

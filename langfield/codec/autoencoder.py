@@ -150,6 +150,31 @@ class SceneAutoencoder(nn.Module):
         nrm = nrm2.clamp_min(0).sqrt().clamp_min(1e-12)
         return dots / nrm[:, None]
 
+    # -- the language-codec interface (langfield.codec.base) ---------------------------------
+    kind = "autoencoder"
+
+    @property
+    def target_dim(self) -> int:
+        return self.latent_dim
+
+    @torch.no_grad()
+    def targets(self, x: Tensor) -> Tensor:
+        """2D supervision in latent space: the features' latents (LangSplat's targets)."""
+        return self.encode(x)
+
+    def loss(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """Masked L1 in latent space over the valid pixels of one level."""
+        from langfield.codec.base import masked_l1_level
+
+        return masked_l1_level(pred, target, valid)
+
+    @classmethod
+    def fit(cls, features, *, latent_dim: int = 3, seed: int = 0, device="auto", progress: bool = False,
+            **options) -> Tuple["SceneAutoencoder", Dict[str, Any]]:
+        """:func:`fit_autoencoder` as the codec interface's constructor."""
+        return fit_autoencoder(features, latent_dim=latent_dim, seed=seed, device=device, progress=progress,
+                               **options)
+
     # -- files -----------------------------------------------------------------------------
     def save(self, path: PathLike) -> str:
         """Write ``<stem>.safetensors`` + ``<stem>.json`` (config and fit report), atomically.
@@ -266,9 +291,9 @@ def reconstruction_cosine(model: SceneAutoencoder, x: Tensor, batch_size: int = 
 
 
 def _resolve_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from langfield.run import resolve_device
+
+    return resolve_device(device, error=ValueError)
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,8 +18,9 @@ from .colmap import find_colmap_model, load_colmap
 from .hypernerf import is_hypernerf, load_hypernerf
 from .llff import is_llff, is_neu3d, load_llff, load_neu3d, read_poses_bounds
 from .nerfstudio import load_nerfstudio
+from .rgbd import BadFrameError, RGBDError, RGBDFrame, RGBDSequence, make_frame, open_rgbd
 
-__all__ = ["load_dataset", "detect_format", "Dataset", "Frame", "PointCloud", "Distortion", "DatasetError",
+__all__ = ["open_rgbd", "RGBDFrame", "RGBDSequence", "RGBDError", "BadFrameError", "make_frame", "load_dataset", "detect_format", "Dataset", "Frame", "PointCloud", "Distortion", "DatasetError",
            "MissingFileError", "ImageReadError", "load_colmap", "load_nerfstudio", "load_blender", "normalize_world",
            "read_image", "FORMATS", "load_hypernerf", "load_llff", "load_neu3d", "read_poses_bounds",
            "check_image_file"]

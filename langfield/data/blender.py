@@ -19,7 +19,7 @@ import numpy as np
 
 from .base import (GL_TO_CV, DatasetError, Frame, MissingFileError, finalize, find_image_file, fov_to_focal, image_size,
                    inside_root, normalize_times, pose_matrix, scale_K, scaled_size, warn_poses)
-from .nerfstudio import _norm_rel, _num, _size, frame_file_path, read_transforms_json
+from .nerfstudio import norm_rel, json_number, json_size, frame_file_path, read_transforms_json
 
 __all__ = ["load_blender"]
 
@@ -74,17 +74,17 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
             c2w = c2w @ GL_TO_CV
             W, H = image_size(img)
             if "fl_x" in meta:
-                fx = _num(meta["fl_x"], jpath, "fl_x")
-                fy = _num(meta.get("fl_y", fx), jpath, "fl_y")
+                fx = json_number(meta["fl_x"], jpath, "fl_x")
+                fy = json_number(meta.get("fl_y", fx), jpath, "fl_y")
                 # fl_* given for the stored size w x h (if stated); rescale to the actual image
-                sw = W / _size(meta.get("w", W), jpath, "w")
-                sh = H / _size(meta.get("h", H), jpath, "h")
+                sw = W / json_size(meta.get("w", W), jpath, "w")
+                sh = H / json_size(meta.get("h", H), jpath, "h")
                 fx, fy = fx * sw, fy * sh
-                cx = _num(meta.get("cx", W / 2 / sw), jpath, "cx") * sw
-                cy = _num(meta.get("cy", H / 2 / sh), jpath, "cy") * sh
+                cx = json_number(meta.get("cx", W / 2 / sw), jpath, "cx") * sw
+                cy = json_number(meta.get("cy", H / 2 / sh), jpath, "cy") * sh
             else:
-                fx = fov_to_focal(_num(meta["camera_angle_x"], jpath, "camera_angle_x"), W)
-                fy = fov_to_focal(_num(meta["camera_angle_y"], jpath, "camera_angle_y"), H) \
+                fx = fov_to_focal(json_number(meta["camera_angle_x"], jpath, "camera_angle_x"), W)
+                fy = fov_to_focal(json_number(meta["camera_angle_y"], jpath, "camera_angle_y"), H) \
                     if "camera_angle_y" in meta else fx
                 cx, cy = W / 2.0, H / 2.0
             K = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
@@ -92,9 +92,9 @@ def load_blender(path: Union[str, Path], *, downscale: int = 1, background: Sequ
             K = scale_K(K, w / W, h / H)
             t = fr.get("time")
             if t is not None:
-                t = _num(t, jpath, f"{where}.time")
+                t = json_number(t, jpath, f"{where}.time")
                 is_dnerf = True
-            name = _norm_rel(fp)
+            name = norm_rel(fp)
             frames.append(Frame(image_path=img, width=w, height=h, K=K, camtoworld=c2w, split=split, name=name,
                                 time=t))
         warn_poses(poses, jpath)

@@ -57,15 +57,15 @@ def read_transforms_json(path: Path) -> Dict[str, Any]:
     return meta
 
 
-def _num(v, path, field_name) -> float:
+def json_number(v, path, field_name) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         raise DatasetError(f"must be a finite number, got {v!r}", path, field_name)
     return float(v)
 
 
-def _size(v, path, field_name) -> int:
+def json_size(v, path, field_name) -> int:
     """A declared image width or height: a positive whole number of pixels."""
-    x = _num(v, path, field_name)
+    x = json_number(v, path, field_name)
     if x <= 0 or x != int(x):
         raise DatasetError(f"must be a positive whole number of pixels, got {v!r}", path, field_name)
     return int(x)
@@ -82,7 +82,7 @@ def frame_file_path(fr, i: int, jpath) -> str:
     return fp
 
 
-def _norm_rel(p: str) -> str:
+def norm_rel(p: str) -> str:
     return os.path.normpath(str(p)).replace("\\", "/")
 
 
@@ -128,7 +128,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
 
     train_set, val_set, test_set = split_set("train_filenames"), split_set("val_filenames"), split_set("test_filenames")
     has_lists = any(s is not None for s in (train_set, val_set, test_set))
-    depth_unit = _num(meta.get("depth_unit_scale_factor", 1e-3), jpath, "depth_unit_scale_factor")
+    depth_unit = json_number(meta.get("depth_unit_scale_factor", 1e-3), jpath, "depth_unit_scale_factor")
 
     frames: List[Frame] = []
     rescaled: List[str] = []
@@ -167,25 +167,25 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
             iw = ih = None  # undecodable: reported by Dataset.verify_images or on first use
         w_full = iw if w_full is None else w_full
         h_full = ih if h_full is None else h_full
-        W = _size(w_full, jpath, fld("w"))
-        H = _size(h_full, jpath, fld("h"))
+        W = json_size(w_full, jpath, fld("w"))
+        H = json_size(h_full, jpath, fld("h"))
         if iw is None:
             iw, ih = W, H
         if get("fl_x") is not None:
-            fx = _num(get("fl_x"), jpath, fld("fl_x"))
+            fx = json_number(get("fl_x"), jpath, fld("fl_x"))
         elif get("camera_angle_x") is not None:
-            fx = fov_to_focal(_num(get("camera_angle_x"), jpath, fld("camera_angle_x")), W)
+            fx = fov_to_focal(json_number(get("camera_angle_x"), jpath, fld("camera_angle_x")), W)
         else:
             raise DatasetError("missing: no focal length for this frame (need fl_x at the top level or per frame, "
                                "or camera_angle_x)", jpath, f"{where}.fl_x")
         if get("fl_y") is not None:
-            fy = _num(get("fl_y"), jpath, fld("fl_y"))
+            fy = json_number(get("fl_y"), jpath, fld("fl_y"))
         elif get("camera_angle_y") is not None:
-            fy = fov_to_focal(_num(get("camera_angle_y"), jpath, fld("camera_angle_y")), H)
+            fy = fov_to_focal(json_number(get("camera_angle_y"), jpath, fld("camera_angle_y")), H)
         else:
             fy = fx
-        cx = _num(get("cx", W / 2.0), jpath, fld("cx"))
-        cy = _num(get("cy", H / 2.0), jpath, fld("cy"))
+        cx = json_number(get("cx", W / 2.0), jpath, fld("cx"))
+        cy = json_number(get("cy", H / 2.0), jpath, fld("cy"))
         if fx <= 0 or fy <= 0:
             raise DatasetError(f"focal length must be positive, got fl_x={fx}, fl_y={fy}", jpath, fld("fl_x"))
         K_full = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1.0]])
@@ -208,7 +208,7 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
         K = scale_K(K_full, w / W, h / H)
 
         model = str(get("camera_model", "OPENCV")).upper()
-        dk = {k: _num(get(k, 0.0), jpath, fld(k)) for k in ("k1", "k2", "k3", "k4", "p1", "p2")}
+        dk = {k: json_number(get(k, 0.0), jpath, fld(k)) for k in ("k1", "k2", "k3", "k4", "p1", "p2")}
         dist = None
         if model in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "PERSPECTIVE", "SIMPLE_RADIAL", "RADIAL"):
             if dk["k4"] != 0.0:
@@ -255,9 +255,9 @@ def load_nerfstudio(path: Union[str, Path], *, downscale: int = 1, test_every: i
                                        depth_path)
         t = fr.get("time")
         if t is not None:
-            t = _num(t, jpath, f"{where}.time")
+            t = json_number(t, jpath, f"{where}.time")
 
-        rel = _norm_rel(img_rel if Path(fp).is_absolute() and img_rel is not None else fp)
+        rel = norm_rel(img_rel if Path(fp).is_absolute() and img_rel is not None else fp)
         keys = {_abs(_resolve(root, fp)), _abs(img)}
         if has_lists:
             if test_set is not None and keys & test_set:

@@ -83,7 +83,7 @@ def process_umask() -> int:
     return m
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through ``write(f)`` to a unique temporary file in the target's folder, fsync,
     give it the mode ``open()`` would (0666 & ~umask), rename over ``path``."""
     path = Path(path)
@@ -109,7 +109,7 @@ def _atomic(path: Path, write) -> None:
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder + ``os.replace``."""
-    _atomic(Path(path), lambda f: f.write(data))
+    atomic_write(Path(path), lambda f: f.write(data))
 
 
 def atomic_write_json(path: PathLike, obj: Any, indent: Optional[int] = 2) -> None:

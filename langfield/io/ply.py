@@ -327,9 +327,9 @@ def write_ply(path: PathLike, gaussians, *, layout: Union[None, str, PlyLayout] 
 
 
 def _atomic_write(path: Path, write_fn) -> None:
-    from langfield.io.checkpoint import _atomic  # one atomic writer for all of langfield.io
+    from langfield.io.checkpoint import atomic_write  # one atomic writer for all of langfield.io
 
-    _atomic(Path(path), write_fn)
+    atomic_write(Path(path), write_fn)
 
 
 # ------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def _ops(backend: str):
 
 
 def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
-                  backgrounds) -> Tuple[int, int]:
+                  backgrounds, check_finite: bool = True) -> Tuple[int, int]:
     def fail(msg):
         raise ValueError(f"rasterization: {msg}")
 
@@ -131,6 +131,8 @@ def _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, 
         fail(f"width and height must be >= 1, got {width}x{height}")
     if width * height > 2**31 // 4:
         fail(f"image {width}x{height} is too large")
+    if not check_finite:
+        return C, N
     if dev.type == "cpu":
         counts = [_count_nonfinite(t) for t in tensors.values()]
     else:  # one device-to-host transfer for all inputs
@@ -182,6 +184,7 @@ def rasterization(
     backend: str = "auto",
     camera_model: str = "pinhole",
     features: Optional[Tensor] = None,
+    validate: bool = True,
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
     """Render C views of N Gaussians; gsplat 1.5.3's arguments and conventions.
 
@@ -200,6 +203,10 @@ def rasterization(
             latents, ...) rendered in the same pass, appended after the colours (after the
             SH-evaluated RGB with ``sh_degree``) and before a depth channel; their background
             is 0. Sorting and tile work are shared with the colours.
+        validate: langfield extension: ``False`` skips the scan for non-finite inputs on CUDA
+            tensors (it costs a device synchronisation per call; the trainers check their loss
+            instead). Shapes are always checked; on the CPU the scan is one cheap native pass
+            that also protects the native kernels, so it always runs there.
 
     Returns:
         renders [C,H,W,D'], alphas [C,H,W,1], meta (radii [C,N,2], means2d [C,N,2] whose .grad is
@@ -215,7 +222,7 @@ def rasterization(
     if not 1 <= int(tile_size) <= 32:
         raise ValueError(f"rasterization: tile_size must be in 1..32, got {tile_size}")
     C, N = _check_inputs(means, quats, scales, opacities, colors, viewmats, Ks, width, height, sh_degree,
-                         backgrounds)
+                         backgrounds, check_finite=validate or means.device.type == "cpu")
     width, height = int(width), int(height)
     if backgrounds is not None:
         D_expected = 3 if sh_degree is not None else colors.shape[-1]

@@ -20,8 +20,23 @@ RunArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="RUN")]]
 __all__ = ["cli_train", "cli_render", "cli_eval", "cli_export"]
 
 
+CLI_LANG_LR = 0.01  # the command's default latent learning rate for a new language stage
+
+
+class CliError(SystemExit):
+    """A one-line user error: printed to stderr, exit status 2 (as argument errors)."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = message
+        print(message, file=sys.stderr)
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def _fail(msg: str) -> "SystemExit":
-    return SystemExit(f"langfield: {msg}")
+    return CliError(f"langfield: {msg}")
 
 
 def cli_train(
@@ -48,23 +63,25 @@ def cli_train(
     init_ply_transform: Optional[Path] = None,
     quiet: bool = False,
     no_renders: bool = False,
+    skip_bad_images: bool = False,
+    allow_outside: bool = False,
     features: Optional[Literal["labels", "sam-clip", "dense-clip"]] = None,
-    lang_steps: int = 3000,
-    lang_lr: float = 0.01,
-    latent_dim: int = 3,
+    lang_steps: Optional[int] = None,
+    lang_lr: Optional[float] = None,
+    latent_dim: Optional[int] = None,
     joint: bool = False,
-    ae_steps: int = 3000,
-    text_encoder: Literal["auto", "clip", "offline"] = "auto",
-    clip_model: str = "ViT-B-16",
-    clip_pretrained: str = "laion2b_s34b_b88k",
+    ae_steps: Optional[int] = None,
+    text_encoder: Optional[Literal["auto", "clip", "offline"]] = None,
+    clip_model: Optional[str] = None,
+    clip_pretrained: Optional[str] = None,
     clip_checkpoint: Optional[Path] = None,
-    sam_model: Literal["vit_h", "vit_l", "vit_b"] = "vit_h",
+    sam_model: Optional[Literal["vit_h", "vit_l", "vit_b"]] = None,
     sam_checkpoint: Optional[Path] = None,
-    points_per_side: int = 32,
-    short_side: int = 448,
-    label_noise: float = 0.0,
-    label_drop: float = 0.0,
-    label_merge: float = 0.0,
+    points_per_side: Optional[int] = None,
+    short_side: Optional[int] = None,
+    label_noise: Optional[float] = None,
+    label_drop: Optional[float] = None,
+    label_merge: Optional[float] = None,
     overwrite_language: bool = False,
 ) -> int:
     """Train Gaussians on a dataset (COLMAP, nerfstudio, Blender) into the run folder OUT; with
@@ -99,6 +116,9 @@ def cli_train(
             splat exported in nerfstudio's dataparser frame) or {"matrix": 4x4} (dataset world -> file), undone.
         quiet: no progress bar (it is shown when stderr is a terminal).
         no_renders: do not write held-out renders to OUT/renders/ at the end.
+        skip_bad_images: leave out (with a warning) the frames whose image is truncated or unreadable; by default
+            every image is checked before training starts and a bad one stops the run with the list of files.
+        allow_outside: accept dataset entries whose file paths lead outside the dataset folder.
         features: language stage after RGB: labels (ground-truth label maps of `langfield scenes` data),
             sam-clip (LangSplat: SAM masks x 3 levels + CLIP; needs --sam-checkpoint) or dense-clip (MaskCLIP, fast).
         lang_steps: language stage steps (default 3000).
@@ -119,7 +139,8 @@ def cli_train(
         label_merge: labels: per-view probability of merging a region into a neighbour.
         overwrite_language: train the language stage again (its files are moved aside).
     """
-    from langfield.train.rgb import NonFiniteError, RunError, train_rgb
+    from langfield.run import NonFiniteError, RunError
+    from langfield.train.rgb import train_rgb
 
     given: Dict[str, Any] = {k: v for k, v in dict(
         steps=steps, downscale=downscale, device=device, sh_degree=sh_degree, background=background,
@@ -129,7 +150,31 @@ def cli_train(
         init_ply=str(init_ply) if init_ply is not None else None,
         init_ply_transform=str(init_ply_transform) if init_ply_transform is not None else None,
         progress=False if quiet else None,
-        save_renders=False if no_renders else None).items() if v is not None}
+        save_renders=False if no_renders else None, skip_bad_images=skip_bad_images or None,
+        allow_outside=allow_outside or None).items() if v is not None}
+    lang_given: Dict[str, Any] = {}
+    lang_base = None
+    if features is not None:  # every language option is checked before any work starts
+        from langfield.train.language import LangConfig, stored_language_config
+
+        lang_given = {k: v for k, v in dict(
+            features=features, steps=lang_steps, lr=lang_lr, latent_dim=latent_dim, joint=joint or None,
+            ae_steps=ae_steps, text_encoder=text_encoder, clip_model=clip_model, clip_pretrained=clip_pretrained,
+            clip_checkpoint=None if clip_checkpoint is None else str(clip_checkpoint), sam_model=sam_model,
+            sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
+            points_per_side=points_per_side, short_side=short_side, label_noise=label_noise, label_drop=label_drop,
+            label_merge=label_merge, device=device, backend=backend, progress=False if quiet else None,
+            seed=seed).items() if v is not None}
+        stored_lang = None if (overwrite or overwrite_language) else stored_language_config(Path(out))
+        lang_base = stored_lang if stored_lang is not None else LangConfig(lr=CLI_LANG_LR)
+        from dataclasses import replace as _replace
+
+        try:
+            _replace(lang_base, **lang_given).validate()
+        except ValueError as e:
+            raise _fail(str(e)) from None
+        if stored_lang is not None:
+            lang_base = None  # train_language keeps the stored options (unset ones are not passed)
     rgb_done = False
     if features is not None and not overwrite and (Path(out) / "config.json").is_file():
         rgb_done = _rgb_finished(Path(out), data, steps)
@@ -144,7 +189,7 @@ def cli_train(
     except NonFiniteError as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
-        from langfield.train.rgb import RunFolder
+        from langfield.run import RunFolder
 
         steps_done = RunFolder(out).checkpoint_steps()
         where = f"the newest checkpoint is step {steps_done[-1]}" if steps_done else "no checkpoint was written"
@@ -163,15 +208,8 @@ def cli_train(
     from langfield.features import WeightsError
     from langfield.train.language import LanguageError, train_language
 
-    lang = dict(features=features, steps=lang_steps, lr=lang_lr, latent_dim=latent_dim, joint=joint,
-                ae_steps=ae_steps, text_encoder=text_encoder, clip_model=clip_model, clip_pretrained=clip_pretrained,
-                clip_checkpoint=None if clip_checkpoint is None else str(clip_checkpoint), sam_model=sam_model,
-                sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),
-                points_per_side=points_per_side, short_side=short_side, label_noise=label_noise,
-                label_drop=label_drop, label_merge=label_merge, device=device or "auto",
-                backend=backend or "auto", progress=False if quiet else None, seed=seed or 0)
     try:
-        train_language(out, resume=resume, overwrite=overwrite_language or overwrite, **lang)
+        train_language(out, lang_base, resume=resume, overwrite=overwrite_language or overwrite, **lang_given)
     except (LanguageError, WeightsError) as e:
         raise _fail(str(e)) from None
     except KeyboardInterrupt:
@@ -184,7 +222,7 @@ def cli_train(
 
 def _rgb_finished(out: Path, data: Path, steps: Optional[int]) -> bool:
     """True when ``out`` holds an RGB run on ``data`` trained to its (or the requested) length."""
-    from langfield.train.rgb import RunError, RunFolder
+    from langfield.run import RunError, RunFolder
 
     rf = RunFolder(out)
     try:
@@ -213,10 +251,11 @@ def _parse_views(views: str, ds) -> List[int]:
     return idx
 
 
-def _trained_sh_degree(doc: Dict[str, Any], step: int, g) -> int:
+def _trained_sh_degree(doc: Dict[str, Any], ckpt, g) -> int:
+    """The SH degree the run's RGB stage had reached (a language checkpoint records its RGB step)."""
     from langfield.train.config import trained_sh_degree
 
-    return trained_sh_degree(doc.get("train", {}), step, g.sh_degree)
+    return trained_sh_degree(doc.get("train", {}), int(ckpt.config.get("rgb_step", ckpt.step)), g.sh_degree)
 
 
 def cli_render(
@@ -233,7 +272,8 @@ def cli_render(
         out: output folder (default RUN/renders/<views>).
         device: auto, cpu or cuda.
     """
-    from langfield.train.rgb import RunError, _eval_background, evaluate_views, load_run
+    from langfield.run import RunError, load_run
+    from langfield.eval.views import eval_background, evaluate_views
 
     try:
         doc, g, ds, ckpt = load_run(run, device=device)
@@ -242,22 +282,28 @@ def cli_render(
     idx = _parse_views(views, ds)
     name = views if views in ("test", "train", "all") else "views"
     dest = Path(out) if out is not None else Path(run) / "renders" / name
-    bg = _eval_background(doc.get("dataset", {}).get("background", "white"))
-    res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt.step, g),
+    bg = eval_background(doc.get("dataset", {}).get("background", "white"))
+    res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
                          backend=doc["train"].get("backend", "auto"), out_dir=dest, progress=sys.stderr.isatty())
     print(f"rendered {len(idx)} views (step {ckpt.step}) -> {dest}"
           + (f"; PSNR {res['psnr']:.2f} dB" if res["psnr"] is not None else ""))
     return 0
 
 
+OptRunArg = tyro.conf.Positional[Annotated[Optional[Path], tyro.conf.arg(metavar="RUN")]]
+
+
 def cli_eval(
-    run: RunArg,
+    run: OptRunArg = None,
     queries: Optional[Path] = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     renders: bool = False,
     min_pixels: int = 0,
     no_3d: bool = False,
     threshold: float = 0.4,
+    trajectory: Optional[Path] = None,
+    reference: Optional[Path] = None,
+    max_diff: float = 0.01,
 ) -> int:
     """Evaluate a trained run -> RUN/metrics.json: PSNR/SSIM on its held-out views and, for a run
     with a language field, text queries (LERF-ovs protocol: localization, mIoU; and 3D selection).
@@ -271,8 +317,27 @@ def cli_eval(
         min_pixels: skip ground-truth masks smaller than this (default 0: none).
         no_3d: skip the 3D protocol (selection of Gaussians, rendered footprint).
         threshold: mask threshold on the normalised relevancy (LangSplat: 0.4).
+        trajectory: with --reference and no RUN: compare two TUM-format trajectory files (ATE RMSE after SE(3)
+            Umeyama alignment, as `evo_ape tum --align`, and RPE), timestamps associated like evo.
+        reference: the reference (ground-truth) TUM trajectory for --trajectory.
+        max_diff: largest timestamp difference (s) for associating --trajectory and --reference poses.
     """
-    from langfield.train.rgb import RunError, RunFolder, _eval_background, evaluate_views, load_run
+    from langfield.run import RunError, RunFolder, load_run
+    from langfield.eval.views import eval_background, evaluate_views
+
+    if trajectory is not None or reference is not None:
+        if trajectory is None or reference is None:
+            raise _fail("--trajectory and --reference go together (two TUM-format trajectory files)")
+        from langfield.eval.trajectory import TrajectoryError, format_report, trajectory_report
+
+        try:
+            rep = trajectory_report(trajectory, reference, max_diff=max_diff)
+        except (TrajectoryError, OSError, ValueError) as e:
+            raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        print(format_report(rep))
+        return 0
+    if run is None:
+        raise _fail("give a run folder (or --trajectory EST --reference REF)")
 
     if queries is None:
         try:
@@ -283,11 +348,11 @@ def cli_eval(
         if not idx:
             raise _fail(f"{run}: the dataset has no held-out views to evaluate")
         rf = RunFolder(run)
-        bg = _eval_background(doc.get("dataset", {}).get("background", "white"))
-        res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt.step, g),
+        bg = eval_background(doc.get("dataset", {}).get("background", "white"))
+        res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
                              backend=doc["train"].get("backend", "auto"),
                              out_dir=(rf.renders / "test") if renders else None, progress=sys.stderr.isatty())
-        from langfield.train.rgb import write_metrics
+        from langfield.train.rgb import write_metrics  # the RGB metrics' one writer
 
         m = write_metrics(rf, res, step=ckpt.step, train_time_s=ckpt.config.get("train_time_s"), num_gaussians=g.num,
                           background=bg, split="test")
@@ -335,7 +400,7 @@ def cli_export(
 
     from langfield.field import FieldError, LanguageField
     from langfield.io import write_ply
-    from langfield.train.rgb import RunError, RunFolder
+    from langfield.run import RunError, RunFolder
 
     ply = Path(ply)
     if ply.exists() and not overwrite:
@@ -363,9 +428,14 @@ def cli_export(
         atomic_write_json(ply.with_suffix(".json"), {"format": "langfield-ply", "run": str(Path(run).resolve()),
                                                      "step": field.step, "language": {
                                                          "levels": field.levels, "latent_dim": field.latent_dim,
-                                                         "text": (doc.get("language") or {}).get("text")}})
-        field.decoder.save(ply.with_name(ply.stem + ".autoencoder.safetensors"))
+                                                         "text": (doc.get("language") or {}).get("text"),
+                                                         "codec": {"kind": field.codec.kind}},
+                                                     "normalized": bool(normalized)})
+        from langfield.codec import codec_file
+
+        stem = Path(codec_file(field.codec.kind)).stem
+        field.codec.save(ply.with_name(f"{ply.stem}.{stem}.safetensors"))
         extra = (f" with {g.lang.shape[1]} language channels (+ {ply.with_suffix('.json').name}, "
-                 f"{ply.stem}.autoencoder.*)")
+                 f"{ply.stem}.{stem}.*)")
     print(f"exported {g.num} Gaussians (step {field.step}){extra} -> {ply}")
     return 0

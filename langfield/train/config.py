@@ -56,6 +56,12 @@ class TrainConfig:
     fixed colour."""
     cache_images: bool = True
     """Keep decoded images in memory."""
+    skip_bad_images: bool = False
+    """Every image is checked before training starts (decoded in parallel, cached); a bad one
+    stops the run at once with the list of bad files, or, with this, its frame is left out with
+    a warning."""
+    allow_outside: bool = False
+    """Accept dataset entries whose paths lead outside the dataset folder (refused by default)."""
 
     # --- model -----------------------------------------------------------------------
     sh_degree: int = 3
@@ -144,6 +150,8 @@ class TrainConfig:
             bad(f"--sh-degree must be 0..3, got {self.sh_degree}")
         if self.sh_degree_interval < 1:
             bad(f"--sh-degree-interval must be >= 1, got {self.sh_degree_interval}")
+        if self.test_every < 1:
+            bad(f"--test-every must be >= 1, got {self.test_every}")
         if self.downscale < 1:
             bad(f"--downscale must be >= 1, got {self.downscale}")
         if not 0 <= self.ssim_lambda <= 1:
@@ -179,7 +187,7 @@ class TrainConfig:
 # Options that may differ between the stored config and a ``--resume`` request: they do not
 # change the optimisation (``steps`` may change too, see ``config_diff``).
 RESUME_MAY_CHANGE = ("device", "ckpt_every", "keep_checkpoints", "progress", "save_renders", "cache_images",
-                     "steps")
+                     "steps", "skip_bad_images", "allow_outside")
 
 
 def config_diff(stored: TrainConfig, requested: TrainConfig) -> List[Tuple[str, Any, Any]]:

@@ -39,8 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from langfield.io.checkpoint import atomic_write_json, load_checkpoint, save_checkpoint
-from langfield.train.rgb import EpochSampler
+from langfield.codec import codec_file, fit_codec, load_codec
+from langfield.io.checkpoint import atomic_write_json
+from langfield.render.model import Cameras, render
+from langfield.run import RunError, RunFolder, open_dataset, resolve_device
+from langfield.train.progress import Progress
+from langfield.train.sampler import EpochSampler
 
 __all__ = ["LangConfig", "LanguageTrainer", "train_language", "LANG_RESUME_MAY_CHANGE"]
 
@@ -52,6 +56,9 @@ class LangConfig:
     """Options of the language stage (stored in ``RUN/config.json`` under ``language.config``)."""
 
     features: FeatureKind = "labels"
+    codec: Literal["autoencoder"] = "autoencoder"
+    """The language codec (``langfield.codec``): what each Gaussian carries and how targets,
+    loss and decoding are defined."""
     steps: int = 3_000
     """Optimisation steps of the latents (one training view each)."""
     lr: float = 0.0025
@@ -131,30 +138,26 @@ class LanguageError(ValueError):
 
 
 def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise LanguageError("--device cuda: no CUDA device is available")
-    return torch.device(device)
+    return resolve_device(device, error=LanguageError)
 
 
 # ------------------------------------------------------------------------------------------
 # targets: encoded 2D features per training view
 
 class _Targets:
-    """Per training view and level, the encoded latents the renders are fitted to.
+    """Per training view and level, the codec's targets the renders are fitted to.
 
     Region caches keep the index maps (int16/int32, [levels, H, W]) and the encoded region
     latents ([R, L] per level); dense caches keep the encoded patch maps ([h, w, L]) and
     upsample them at the step. ``get(i)`` -> (target [H, W, levels*L], valid [H, W, levels])."""
 
-    def __init__(self, cache, names: Dict[int, str], sizes: Dict[int, Tuple[int, int]], ae, levels: List[str],
+    def __init__(self, cache, names: Dict[int, str], sizes: Dict[int, Tuple[int, int]], codec, levels: List[str],
                  device: torch.device):
-        dev = next(ae.parameters()).device
-        latent_dim = ae.latent_dim
+        dev = next(codec.parameters()).device if hasattr(codec, "parameters") else device
+        latent_dim = codec.target_dim
 
         def encoder(x: Tensor) -> Tensor:
-            return ae.encode(x.to(dev)).cpu()
+            return codec.targets(x.to(dev)).cpu()
 
         self.levels = levels
         self.device = device
@@ -221,8 +224,6 @@ class LanguageTrainer(EpochSampler):
     """Runs the language stage of one run folder (see the module docstring)."""
 
     def __init__(self, run: Path, cfg: LangConfig, *, log=print, extractor=None):
-        from langfield.train.rgb import RunError, RunFolder
-
         self.rf = RunFolder(run)
         self.root = self.rf.root
         self.cfg = cfg
@@ -246,7 +247,6 @@ class LanguageTrainer(EpochSampler):
     def prepare(self, resume: bool, overwrite_features: bool = False) -> None:
         """Load the RGB run, extract features, fit the autoencoder, build targets and the
         parameters (from the newest language checkpoint when ``resume``)."""
-        from langfield.train.rgb import RunError, _load_dataset
         from langfield.train.config import TrainConfig
 
         cfg = self.cfg
@@ -259,30 +259,31 @@ class LanguageTrainer(EpochSampler):
         if not data.exists():
             raise LanguageError(f"the run's dataset {data} is missing (moved or deleted)")
         try:
-            self.ds = _load_dataset(data, replace(tcfg, cache_images=True))
+            self.ds = open_dataset(data, downscale=tcfg.downscale, normalize=tcfg.normalize,
+                                   test_every=tcfg.test_every, cache_images=True, verify=True,
+                                   skip_bad=tcfg.skip_bad_images, allow_outside=tcfg.allow_outside)
         except RunError as e:
             raise LanguageError(str(e)) from None
         self.tcfg = tcfg
         self.train_idx = self.ds.indices("train")
         from langfield.render import resolve_backend
 
-        self.backend = resolve_backend(cfg.backend, self.device, torch.float32)
+        self.backend = resolve_backend(cfg.backend, self.device, torch.float32, needs_features=cfg.joint)
 
         # 1. features
         self.cache = self._extract(overwrite_features)
         self.levels = list(self.cache.levels)
-        # 2. autoencoder
-        self.ae = self._autoencoder()
+        # 2. codec
+        self.codec = self.ae = self._codec()
         # 3. parameters
         ck = None
         if resume:
-            from langfield.io.checkpoint import latest_checkpoint
-
-            p = latest_checkpoint(self.ckpt_dir)
-            ck = load_checkpoint(p) if p is not None else None
+            _p, ck = self.rf.store("language").latest(quarantine=True)  # corrupt newest: warned, moved aside
             if ck is not None and ck.step > cfg.steps:
                 raise LanguageError(f"--lang-steps {cfg.steps} is below the language checkpoint's step {ck.step}")
-        base = load_checkpoint(rgb_ck)
+        _bp, base = self.rf.store("rgb").latest(quarantine=True)
+        if base is None:
+            raise LanguageError(f"{self.root}: no readable RGB checkpoint in {self.rf.checkpoints}")
         self.rgb_step = int(base.step)
         self._init_params(base, ck)
         # 4. targets
@@ -293,10 +294,9 @@ class LanguageTrainer(EpochSampler):
             raise LanguageError(f"{self.cache.folder}: features missing for {len(missing)} training images "
                                 f"(e.g. {missing[0]!r}); rerun to extract them")
         t0 = time.perf_counter()
-        self.targets = _Targets(self.cache, names, sizes, self.ae, self.levels, self.device)
+        self.targets = _Targets(self.cache, names, sizes, self.codec, self.levels, self.device)
         self.log(f"[language] targets for {len(names)} views encoded in {time.perf_counter() - t0:.1f} s")
-        self._cams = {i: (torch.from_numpy(self.ds.frames[i].viewmat).float().to(self.device),
-                          torch.from_numpy(self.ds.frames[i].K).float().to(self.device)) for i in self.train_idx}
+        self._cams = {i: Cameras.from_frame(self.ds.frames[i], self.device) for i in self.train_idx}
         self._write_config()
 
     def _frame_name(self, i: int) -> str:
@@ -336,25 +336,26 @@ class LanguageTrainer(EpochSampler):
                 "steps": c.ae_steps, "batch": c.ae_batch, "lr": c.ae_lr, "max_vectors": c.ae_max_vectors,
                 "seed": c.seed, "images": sorted(self._frame_name(i) for i in self.train_idx)}
 
-    def _autoencoder(self):
+    def _codec(self):
+        """The run's language codec: reused when fitted on the same features with the same
+        options (a fit key in its report), else fitted on every level's cached features."""
         import json
 
-        from langfield.autoencoder import SceneAutoencoder, fit_autoencoder
-
-        path = self.root / "autoencoder.safetensors"
+        c = self.cfg
+        path = self.root / codec_file(c.codec)
         key = self._ae_key()
-        js = self.root / "autoencoder.json"
+        js = path.with_suffix(".json")
         if path.is_file() and js.is_file():
             try:
                 stored = json.loads(js.read_text("utf-8")).get("config", {}).get("report", {}).get("fit_key")
             except (json.JSONDecodeError, UnicodeDecodeError):
                 stored = None
             if stored == json.loads(json.dumps(key)):
-                ae = SceneAutoencoder.load(path, device=self.device)
-                self.log(f"[language] autoencoder: reusing {path} (held-out cosine "
-                         f"{ae.report.get('heldout_cos', float('nan')):.4f})")
-                return ae
-            self.log("[language] autoencoder: the features or options changed; fitting again")
+                codec = load_codec(path, c.codec, device=self.device)
+                self.log(f"[language] {c.codec}: reusing {path} (held-out cosine "
+                         f"{codec.report.get('heldout_cos', float('nan')):.4f})")
+                return codec
+            self.log(f"[language] {c.codec}: the features or options changed; fitting again")
 
         def chunks():
             for i in self.train_idx:
@@ -363,18 +364,17 @@ class LanguageTrainer(EpochSampler):
                     f = fm.levels[lv].features
                     yield f.reshape(-1, f.shape[-1])
 
-        c = self.cfg
         torch_threads = torch.get_num_threads()
-        ae, rep = fit_autoencoder(chunks(), latent_dim=c.latent_dim, steps=c.ae_steps, batch_size=c.ae_batch,
-                                  lr=c.ae_lr, max_vectors=c.ae_max_vectors, seed=c.seed, device=self.device,
-                                  progress=self._show())
+        codec, rep = fit_codec(c.codec, chunks(), latent_dim=c.latent_dim, steps=c.ae_steps, batch_size=c.ae_batch,
+                               lr=c.ae_lr, max_vectors=c.ae_max_vectors, seed=c.seed, device=self.device,
+                               progress=self._show())
         torch.set_num_threads(torch_threads)
-        ae.report["fit_key"] = key
-        ae.save(path)
-        self.log(f"[language] autoencoder: {rep['n_train']} features, {rep['steps']} steps in {rep['seconds']:.1f} s; "
+        codec.report["fit_key"] = key
+        codec.save(path)
+        self.log(f"[language] {c.codec}: {rep['n_train']} features, {rep['steps']} steps in {rep['seconds']:.1f} s; "
                  f"cosine train {rep['train_cos']:.4f}, held-out "
                  + (f"{rep['heldout_cos']:.4f}" if rep["heldout_cos"] is not None else "n/a") + f" -> {path}")
-        return ae
+        return codec
 
     def _init_params(self, base, ck) -> None:
         from langfield.scene import Gaussians
@@ -423,8 +423,10 @@ class LanguageTrainer(EpochSampler):
         doc["language"] = {
             "config": self.cfg.to_dict(), "levels": self.levels, "latent_dim": self.cfg.latent_dim,
             "features": self.cache.extractor, "feature_kind": self.cache.kind, "feature_config": self.cache.config,
-            "text": self.cache.text_config, "rgb_step": self.rgb_step, "autoencoder": "autoencoder.safetensors",
-            "autoencoder_report": {k: v for k, v in self.ae.report.items() if k != "fit_key"},
+            "text": self.cache.text_config, "rgb_step": self.rgb_step,
+            "codec": {"kind": self.cfg.codec, "file": codec_file(self.cfg.codec)},
+            "autoencoder": codec_file(self.cfg.codec),  # read by langfield < 0.2
+            "autoencoder_report": {k: v for k, v in self.codec.report.items() if k != "fit_key"},
             "history": history,
         }
         atomic_write_json(self.rf.config, doc)
@@ -432,38 +434,32 @@ class LanguageTrainer(EpochSampler):
 
     # ---- training ----------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
-        from langfield.render import rasterization
-
         c = self.cfg
-        sp = self.gaussians.splats
         i = self._next_index()
-        viewmat, K = self._cams[i]
-        f = self.ds.frames[i]
+        cams = self._cams[i]
         target, valid = self.targets.get(i)
         nl = len(self.levels)
-        quats = sp["quats"]
-        scales = torch.exp(sp["scales"])
-        opac = torch.sigmoid(sp["opacities"])
         if c.joint:
-            colors = torch.cat([sp["sh0"], sp["shN"]], 1)
-            bg = torch.zeros(1, 3, device=self.device)
-            out, _, _ = rasterization(sp["means"], quats, scales, opac, colors, viewmat[None], K[None], f.width,
-                                      f.height, sh_degree=self.sh_degree, backgrounds=bg, features=sp["lang"],
-                                      backend=self.backend)
-            pred_rgb, pred = out[0, ..., :3], out[0, ..., 3:]
+            bg = torch.zeros(3, device=self.device)
+            out = render(self.gaussians, cams, sh_degree=self.sh_degree, language=True, background=bg,
+                         backend=self.backend, validate=False)
+            pred_rgb, pred = out.rgb[0], out.lang[0]
         else:
-            out, _, _ = rasterization(sp["means"], quats, scales, opac, sp["lang"], viewmat[None], K[None], f.width,
-                                      f.height, backend=self.backend)
-            pred = out[0]
-        loss = masked_l1(pred, target, valid, nl)
+            out = render(self.gaussians, cams, colors=False, language=True, backend=self.backend, validate=False)
+            pred = out.lang[0]
+        L, T = self.cfg.latent_dim, self.codec.target_dim
+        loss = pred.new_zeros(())
+        for li in range(nl):
+            loss = loss + self.codec.loss(pred[..., li * L:(li + 1) * L], target[..., li * T:(li + 1) * T],
+                                          valid[..., li])
         lang_l = float(loss.detach())
         if c.joint and c.rgb_weight > 0:
             from langfield.train.losses import rgb_loss
+            from langfield.eval.views import composite_on
 
             image, alpha = self.ds._cached_rgba(i)
-            gt = image.to(self.device)
-            if alpha is not None:
-                gt = gt * alpha.to(self.device)  # RGBA data: composite on the black render background
+            # the dataset composites RGBA on white; the render's background is black
+            gt = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
             l_rgb, _, _ = rgb_loss(pred_rgb.clamp(0, 1), gt, self.tcfg.ssim_lambda)
             loss = loss + c.rgb_weight * l_rgb
         if not math.isfinite(float(loss.detach())):
@@ -491,25 +487,16 @@ class LanguageTrainer(EpochSampler):
         cfg = {"stage": "language", "rgb_step": self.rgb_step, "lang": self.cfg.to_dict(), "sampler_pos": self.pos,
                "train_time_s": self.train_time, "levels": self.levels, "latent_dim": self.cfg.latent_dim,
                "num_gaussians": g.num}
-        p = save_checkpoint(self.ckpt_dir, tensors, cfg, self.step)
+        p = self.rf.store("language", self.cfg.keep_checkpoints).save(tensors, cfg, self.step)
         self.last_ckpt_step = self.step
-        keep = self.cfg.keep_checkpoints
-        if keep > 0:
-            steps = sorted(int(q.stem[5:]) for q in self.ckpt_dir.glob("ckpt_*.json") if q.stem[5:].isdigit())
-            for s in steps[:-keep]:
-                for ext in (".json", ".safetensors"):
-                    (self.ckpt_dir / f"ckpt_{s:07d}{ext}").unlink(missing_ok=True)
-        return Path(p)
+        return p
 
     def train(self) -> None:
         c = self.cfg
         if self.step >= c.steps:
             return
-        from tqdm import tqdm
-
-        show = self._show()
-        bar = tqdm(total=c.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True,
-                   desc="language", smoothing=0.05)
+        mode = None if c.progress is None else ("bar" if c.progress else "off")
+        bar = Progress(c.steps, self.step, desc="language", mode=mode)
         ema = None
         try:
             t0 = time.perf_counter()
@@ -520,9 +507,9 @@ class LanguageTrainer(EpochSampler):
                     self.train_time += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint()
+                if bar.active and self.step % 10 == 0:
+                    bar.set(l1=ema, gaussians=self.gaussians.num)
                 bar.update(1)
-                if show and self.step % 10 == 0:
-                    bar.set_postfix(l1=f"{ema:.4f}", refresh=False)
             self.train_time += time.perf_counter() - t0
         finally:
             bar.close()
@@ -536,51 +523,61 @@ def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *
     ``{"step", "train_time_s", "metrics": ...}`` (``metrics``: the query evaluation when the
     dataset has a ``queries.json``, else None). ``extractor``: an already built feature
     extractor (any :class:`~langfield.features.FeatureExtractor`, e.g. with models loaded by
-    the caller) instead of building ``features`` by name."""
-    run = Path(run)
-    cfg = replace(config or LangConfig(), **options)
-    try:
-        cfg.validate()
-    except ValueError as e:
-        raise LanguageError(str(e)) from None
-    from langfield.train.rgb import RunError, RunFolder
+    the caller) instead of building ``features`` by name.
 
+    On a run that already has a language stage, options not given (not in ``options`` and no
+    ``config``) keep their stored values: the stage continues (or reports itself finished);
+    options that differ from the stored ones are refused unless ``overwrite``."""
+    run = Path(run)
     rf = RunFolder(run)
     try:
         doc = rf.read_config()
     except RunError as e:
         raise LanguageError(str(e)) from None
-    lang_dir = run / "language"
-    has_ckpt = (lang_dir / "checkpoints").is_dir() and any((lang_dir / "checkpoints").glob("ckpt_*.json"))
-    stored = (doc.get("language") or {}).get("config")
-    if has_ckpt and not resume and not overwrite:
-        if stored is not None:
-            diff = _lang_diff(LangConfig.from_dict(stored), cfg)
-            if not diff:
-                resume = True  # the same stage again: continue it (or report it finished)
-            else:
-                raise LanguageError(f"{run} already has a language stage trained with other options "
-                                    f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in diff)}); pass --resume to "
-                                    f"keep the stored options or --overwrite to train it again")
-        else:
-            resume = True
-    if resume and stored is not None:
-        diff = _lang_diff(LangConfig.from_dict(stored), cfg)
+    stored_doc = (doc.get("language") or {}).get("config")
+    has_ckpt = bool(rf.store("language").steps())
+    stored = None
+    if stored_doc is not None:
+        try:
+            stored = LangConfig.from_dict(stored_doc)
+        except (TypeError, ValueError) as e:
+            raise LanguageError(f"{rf.config}: language section: {e}") from None
+    if stored is not None and not overwrite:
+        cfg = replace(stored if config is None else config, **options)
+        diff = _lang_diff(stored, cfg) if has_ckpt else []
         if diff:
-            raise LanguageError(f"--resume: language options differ from the stored ones: "
-                                f"{', '.join(f'{k} (run: {a!r}, requested: {b!r})' for k, a, b in diff)}")
-    if overwrite and lang_dir.exists():
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        dest = run / f"replaced-language-{stamp}"
-        dest.mkdir(parents=True)
-        import os
+            raise LanguageError(f"{run} already has a language stage trained with other options "
+                                f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in diff)}); leave them out to "
+                                f"continue it, or pass --overwrite-language to train it again")
+        resume = resume or has_ckpt  # the same stage again: continue it (or report it finished)
+    else:
+        cfg = replace(config or LangConfig(), **options)
+        if has_ckpt and not overwrite:
+            resume = True
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise LanguageError(str(e)) from None
+    try:
+        with rf.lock():
+            return _train_language_locked(run, rf, cfg, resume, overwrite, evaluate, log, extractor)
+    except RunError as e:
+        raise LanguageError(str(e)) from None
 
-        for name in ("language", "autoencoder.safetensors", "autoencoder.json"):
-            if (run / name).exists():
-                os.replace(run / name, dest / name)
+
+def _train_language_locked(run: Path, rf: RunFolder, cfg: LangConfig, resume: bool, overwrite: bool, evaluate: bool,
+                           log, extractor) -> Dict[str, Any]:
+    lang_dir = run / "language"
+    if overwrite and lang_dir.exists():
+        dest = rf.move_aside(("language", "autoencoder.safetensors", "autoencoder.json"), prefix="replaced-language")
         log(f"[language] moved the previous language stage to {dest}")
     tr = LanguageTrainer(run, cfg, log=log, extractor=extractor)
-    tr.prepare(resume=resume, overwrite_features=overwrite)
+    from langfield.features.cache import CacheCorruptError
+
+    try:
+        tr.prepare(resume=resume, overwrite_features=overwrite)
+    except CacheCorruptError as e:
+        raise LanguageError(f"{e}; run the same command again to recompute it") from None
     already = tr.step >= cfg.steps
     tr.train()
     if tr.last_ckpt_step != tr.step:
@@ -597,6 +594,21 @@ def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *
 
             result["metrics"] = evaluate_run(run, qpath, device=cfg.device, log=log, progress=tr._show())
     return result
+
+
+def stored_language_config(run: Path) -> Optional[LangConfig]:
+    """The language options stored in a run's config.json, or None (no run, no stage yet)."""
+    try:
+        doc = RunFolder(run).read_config()
+    except RunError:
+        return None
+    d = (doc.get("language") or {}).get("config")
+    if d is None:
+        return None
+    try:
+        return LangConfig.from_dict(d)
+    except (TypeError, ValueError):
+        return None
 
 
 def _lang_diff(a: LangConfig, b: LangConfig) -> List[Tuple[str, Any, Any]]:

@@ -42,140 +42,36 @@ import warnings
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from langfield.io.checkpoint import atomic_write_json, latest_checkpoint, load_checkpoint, save_checkpoint
+from langfield.io.checkpoint import atomic_write_json
+from langfield.render.model import Cameras, render
+from langfield.run import (RUN_ARTEFACTS, RUN_FORMAT, NonFiniteError, RunError, RunFolder, load_run,  # noqa: F401
+                           open_dataset, resolve_device, update_metrics)
+from langfield.eval.views import composite_on, eval_background, evaluate_views, render_views  # noqa: F401
 from langfield.train.config import TrainConfig, config_diff
+from langfield.train.progress import Progress
+from langfield.train.sampler import EpochSampler
 
 __all__ = ["RGBTrainer", "train_rgb", "RunError", "NonFiniteError", "RunFolder", "evaluate_views",
            "render_views", "load_run", "write_metrics", "RUN_ARTEFACTS"]
 
 PathLike = Union[str, os.PathLike]
-RUN_FORMAT = "langfield-run"
-# everything langfield writes into a run folder (later stages add theirs here)
-RUN_ARTEFACTS = ("config.json", "checkpoints", "renders", "metrics.json", "features", "autoencoder.safetensors",
-                 "autoencoder.json", "language")
 PARAM_ORDER = ("means", "quats", "scales", "opacities", "sh0", "shN", "lang")
 
 
-class RunError(ValueError):
-    """A user error about a run folder or its options (one-line message)."""
-
-
-class NonFiniteError(RuntimeError):
-    """Training produced a non-finite loss or parameters; nothing non-finite was written."""
-
-    def __init__(self, message: str, step: int, last_checkpoint_step: Optional[int]):
-        super().__init__(message)
-        self.step = step
-        self.last_checkpoint_step = last_checkpoint_step
-
-
-# ------------------------------------------------------------------------------------------
-# run folder
-
-class RunFolder:
-    """Paths and small helpers of a run folder."""
-
-    def __init__(self, root: PathLike):
-        self.root = Path(root)
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.json"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def renders(self) -> Path:
-        return self.root / "renders"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.json"
-
-    def read_config(self) -> Dict[str, Any]:
-        import json
-
-        if not self.config.is_file():
-            raise RunError(f"{self.root}: not a langfield run folder (no config.json)")
-        try:
-            doc = json.loads(self.config.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunError(f"{self.config}: corrupt JSON ({e})") from None
-        if not isinstance(doc, dict) or doc.get("format") != RUN_FORMAT:
-            raise RunError(f"{self.config}: not a langfield run config (no \"format\": \"{RUN_FORMAT}\")")
-        return doc
-
-    def latest_checkpoint(self) -> Optional[Path]:
-        return latest_checkpoint(self.checkpoints)
-
-    def checkpoint_steps(self) -> List[int]:
-        out = []
-        if self.checkpoints.is_dir():
-            for p in self.checkpoints.glob("ckpt_*.json"):
-                try:
-                    out.append(int(p.stem[5:]))
-                except ValueError:
-                    pass
-        return sorted(out)
-
-    def move_aside(self) -> Optional[Path]:
-        """Move langfield's artefacts into ``replaced-<timestamp>/``; returns that folder."""
-        present = [self.root / n for n in RUN_ARTEFACTS if (self.root / n).exists()]
-        if not present:
-            return None
-        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        dest = self.root / f"replaced-{stamp}"
-        k = 1
-        while dest.exists():
-            dest = self.root / f"replaced-{stamp}-{k}"
-            k += 1
-        dest.mkdir(parents=True)
-        for p in present:
-            os.replace(p, dest / p.name)
-        return dest
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RunError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if device not in ("cpu", "cuda"):
-        raise RunError(f"--device must be auto, cpu or cuda, got {device!r}")
-    return torch.device(device)
-
-
 def _load_dataset(data: PathLike, cfg: TrainConfig):
-    from langfield.data import DatasetError, load_dataset
-
-    try:
-        return load_dataset(data, downscale=cfg.downscale, normalize=cfg.normalize, test_every=cfg.test_every,
-                            background=(1.0, 1.0, 1.0), cache_images=cfg.cache_images)
-    except (DatasetError, FileNotFoundError) as e:
-        raise RunError(f"cannot load the dataset: {e}") from None
+    return open_dataset(data, downscale=cfg.downscale, normalize=cfg.normalize, test_every=cfg.test_every,
+                        cache_images=cfg.cache_images, verify=True, skip_bad=cfg.skip_bad_images,
+                        allow_outside=cfg.allow_outside)
 
 
 def _frame_alpha(ds, i: int) -> bool:
     return ds._cached_rgba(i)[1] is not None
-
-
-def _composite(image: Tensor, alpha: Optional[Tensor], bg: Tensor) -> Tensor:
-    """The dataset composites RGBA on white; recomposite on ``bg`` (exact: premultiplied)."""
-    if alpha is None:
-        return image
-    return image + (bg - 1.0) * (1.0 - alpha)
-
-
-def _eval_background(resolved_bg: str) -> Tuple[float, float, float]:
-    return (0.0, 0.0, 0.0) if resolved_bg == "black" else (1.0, 1.0, 1.0)
 
 
 def _lr_means(cfg: TrainConfig, scene_scale: float, step: int) -> float:
@@ -183,101 +79,7 @@ def _lr_means(cfg: TrainConfig, scene_scale: float, step: int) -> float:
     return cfg.means_lr * scene_scale * cfg.means_lr_final ** (step / max(cfg.steps, 1))
 
 
-def _safe_name(name: str, index: int) -> str:
-    stem = Path(name).stem if name else "view"
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in stem)[:80] or "view"
-    return f"{index:04d}_{stem}"
-
-
 # ------------------------------------------------------------------------------------------
-# rendering and evaluation (shared with the render/eval CLI)
-
-def _render(gaussians, viewmat: Tensor, K: Tensor, width: int, height: int, sh_degree: int, bg: Tensor,
-            backend: str, absgrad: bool = False):
-    from langfield.render import rasterization
-
-    sp = gaussians.splats
-    colors = torch.cat([sp["sh0"], sp["shN"]], 1)
-    return rasterization(sp["means"], sp["quats"], torch.exp(sp["scales"]), torch.sigmoid(sp["opacities"]), colors,
-                         viewmat[None], K[None], width, height, sh_degree=sh_degree, backgrounds=bg[None],
-                         absgrad=absgrad, backend=backend)
-
-
-@torch.no_grad()
-def evaluate_views(gaussians, dataset, indices: Sequence[int], *, background=(1.0, 1.0, 1.0),
-                   sh_degree: Optional[int] = None, backend: str = "auto", out_dir: Optional[PathLike] = None,
-                   progress: bool = False) -> Dict[str, Any]:
-    """Render the frames ``indices`` of ``dataset``, compare with their images (RGBA composited
-    on ``background``): ``{"psnr", "ssim", "views": [{"index", "name", "psnr", "ssim"}]}``.
-    With ``out_dir``, writes ``<NNNN_name>.png`` (prediction) and ``<NNNN_name>_gt_pred.png``
-    (ground truth | prediction) there."""
-    from langfield.eval.metrics import psnr, ssim
-
-    dev = gaussians.device
-    bg = torch.tensor(background, dtype=torch.float32, device=dev)
-    deg = gaussians.sh_degree if sh_degree is None else sh_degree
-    views = []
-    it = indices
-    if progress:
-        from tqdm import tqdm
-
-        it = tqdm(indices, desc="eval", unit="view", leave=False)
-    for i in it:
-        f = dataset.frames[i]
-        image, alpha = dataset._cached_rgba(i)
-        gt = _composite(image, alpha, bg.cpu()).to(dev)
-        pred = _render(gaussians, torch.from_numpy(f.viewmat).float().to(dev), torch.from_numpy(f.K).float().to(dev),
-                       f.width, f.height, deg, bg, backend)[0][0].clamp(0, 1)
-        views.append({"index": int(i), "name": f.name, "psnr": float(psnr(pred, gt)), "ssim": float(ssim(pred, gt))})
-        if out_dir is not None:
-            _save_pair(Path(out_dir), _safe_name(f.name, i), pred, gt)
-    out: Dict[str, Any] = {"views": views, "n_views": len(views)}
-    out["psnr"] = float(np.mean([v["psnr"] for v in views])) if views else None
-    out["ssim"] = float(np.mean([v["ssim"] for v in views])) if views else None
-    return out
-
-
-def _to_u8(x: Tensor) -> np.ndarray:
-    return (x.detach().clamp(0, 1).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-
-
-def _save_pair(folder: Path, stem: str, pred: Tensor, gt: Optional[Tensor]) -> None:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(_to_u8(pred)).save(folder / f"{stem}.png")
-    if gt is not None:
-        Image.fromarray(np.concatenate([_to_u8(gt), _to_u8(pred)], axis=1)).save(folder / f"{stem}_gt_pred.png")
-
-
-@torch.no_grad()
-def render_views(gaussians, dataset, indices: Sequence[int], out_dir: PathLike, *, background=(1.0, 1.0, 1.0),
-                 backend: str = "auto", progress: bool = False) -> List[Path]:
-    """Render frames to ``out_dir`` (prediction + side by side with the ground truth)."""
-    evaluate_views(gaussians, dataset, indices, background=background, backend=backend, out_dir=out_dir,
-                   progress=progress)
-    return [Path(out_dir) / f"{_safe_name(dataset.frames[i].name, i)}.png" for i in indices]
-
-
-# ------------------------------------------------------------------------------------------
-
-class EpochSampler:
-    """One training view per step: a fresh seeded permutation of ``train_idx`` per epoch
-    (``gen``, ``perm`` and ``pos`` are checkpointed for an exact resume)."""
-
-    train_idx: List[int]
-    gen: torch.Generator
-    perm: Tensor
-    pos: int
-
-    def _next_index(self) -> int:
-        if self.pos >= self.perm.numel():
-            self.perm = torch.randperm(len(self.train_idx), generator=self.gen)
-            self.pos = 0
-        i = self.train_idx[int(self.perm[self.pos])]
-        self.pos += 1
-        return i
-
 
 class RGBTrainer(EpochSampler):
     """Owns the Gaussians, optimisers, strategy and RNG state of one run.
@@ -319,8 +121,7 @@ class RGBTrainer(EpochSampler):
         self.strategy = None
         self.strategy_state: Dict[str, Any] = {}
         self.last_ckpt_step: Optional[int] = None
-        self._cams = {i: (torch.from_numpy(dataset.frames[i].viewmat).float().to(device),
-                          torch.from_numpy(dataset.frames[i].K).float().to(device)) for i in self.train_idx}
+        self._cams = {i: Cameras.from_frame(dataset.frames[i], device) for i in self.train_idx}
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -331,16 +132,17 @@ class RGBTrainer(EpochSampler):
             cfg.validate()
         except ValueError as e:
             raise RunError(str(e)) from None
+        _require_strategy(cfg)
         run = RunFolder(out)
         if run.root.exists() and not run.root.is_dir():
             raise RunError(f"--out {run.root}: exists and is not a folder")
-        if run.root.is_dir() and any(run.root.iterdir()):
+        if run.root.is_dir() and not run.is_empty_for_new_run():
             if not overwrite:
                 what = "a langfield run" if run.config.exists() else "files"
                 raise RunError(f"--out {run.root} already holds {what}; pass --resume to continue it or "
                                f"--overwrite to start again (langfield's files are moved aside, not deleted)")
         data = Path(data).expanduser().resolve()
-        device = _resolve_device(cfg.device)
+        device = resolve_device(cfg.device)
         cfg = cfg.resolved()
         cfg = _resolve_init_paths(cfg)
         # bad data or a bad --init-ply fail here, before anything is moved or written
@@ -390,13 +192,12 @@ class RGBTrainer(EpochSampler):
             new.validate()
         except ValueError as e:
             raise RunError(str(e)) from None
-        ckpt_path = run.latest_checkpoint()
-        ckpt = None
-        if ckpt_path is not None:
-            ckpt = load_checkpoint(ckpt_path)
+        _require_strategy(new)
+        _p, ckpt = run.store("rgb").latest(quarantine=True)  # a corrupt newest one: warned, moved aside
+        if ckpt is not None:
             if new.steps < ckpt.step:
                 raise RunError(f"--steps {new.steps} is below the checkpoint's step {ckpt.step}")
-        device = _resolve_device(new.device)
+        device = resolve_device(new.device)
         ds = dataset if dataset is not None else _load_dataset(stored_data, new)
         self = cls(run, stored_data, new, ds, device)
         if ckpt is None:
@@ -524,22 +325,9 @@ class RGBTrainer(EpochSampler):
         cfg = {"stage": "rgb", "train": self.cfg.to_dict(), "sampler_pos": self.pos, "train_time_s": self.train_time,
                "num_gaussians": self.gaussians.num, "sh_degree": self.gaussians.sh_degree, "lang_dim": 0,
                "num": self.gaussians.num, "background": self.background}
-        p = save_checkpoint(self.run.checkpoints, self.state_tensors(), cfg, self.step)
+        p = self.run.store("rgb", self.cfg.keep_checkpoints).save(self.state_tensors(), cfg, self.step)
         self.last_ckpt_step = self.step
-        self._rotate_checkpoints()
-        return Path(p)
-
-    def _rotate_checkpoints(self) -> None:
-        keep = self.cfg.keep_checkpoints
-        if keep <= 0:
-            return
-        steps = self.run.checkpoint_steps()
-        for s in steps[:-keep]:
-            for ext in (".json", ".safetensors"):  # JSON first: a reader never finds a JSON without tensors
-                try:
-                    (self.run.checkpoints / f"ckpt_{s:07d}{ext}").unlink()
-                except FileNotFoundError:
-                    pass
+        return p
 
     def _load_state(self, ckpt) -> None:
         from langfield.scene import Gaussians
@@ -590,23 +378,22 @@ class RGBTrainer(EpochSampler):
         step = self.step
         params = self.gaussians.splats
         i = self._next_index()
-        viewmat, K = self._cams[i]
-        f = self.ds.frames[i]
+        cams = self._cams[i]
         image, alpha = self.ds._cached_rgba(i)
         bg = self._bg()
-        target = _composite(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+        target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
         lr_means = _lr_means(cfg, self.scene_scale, step)
         for g in self.optimizers["means"].param_groups:
             g["lr"] = lr_means
         try:
-            renders, _alphas, info = _render(self.gaussians, viewmat, K, f.width, f.height, self.sh_degree_at(step),
-                                             bg, self.backend, absgrad=cfg.absgrad)
+            out = render(self.gaussians, cams, sh_degree=self.sh_degree_at(step), background=bg,
+                         backend=self.backend, absgrad=cfg.absgrad)
         except ValueError as e:
             if "non-finite" in str(e):
                 raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
                                      self.last_ckpt_step) from None
             raise
-        pred = renders[0]
+        pred, info = out.rgb[0], out.meta
         if self.strategy is not None:
             self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
         loss, l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
@@ -637,11 +424,7 @@ class RGBTrainer(EpochSampler):
         end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
         if self.step >= end:
             return
-        show = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, unit="step", dynamic_ncols=True,
-                   desc="train", smoothing=0.05)
+        bar = Progress(cfg.steps, self.step, desc="train", mode=_progress_mode(cfg.progress))
         ema_loss = ema_psnr = None
         try:
             t0 = time.perf_counter()
@@ -653,10 +436,10 @@ class RGBTrainer(EpochSampler):
                     self.train_time += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     self.save_checkpoint()
+                if bar.active and (self.step % 10 == 0 or self.step == end):
+                    bar.set(loss=ema_loss, psnr=ema_psnr, gaussians=self.gaussians.num,
+                            sh=self.sh_degree_at(self.step - 1))
                 bar.update(1)
-                if show and (self.step % 10 == 0 or self.step == end):
-                    bar.set_postfix(loss=f"{ema_loss:.4f}", psnr=f"{ema_psnr:.2f}", n=self.gaussians.num,
-                                    sh=self.sh_degree_at(self.step - 1), refresh=False)
                 for h in hooks:
                     h(self)
             self.train_time += time.perf_counter() - t0
@@ -668,7 +451,7 @@ class RGBTrainer(EpochSampler):
         """Metrics on the held-out views (renders into RUN/renders/test/ when asked)."""
         write = self.cfg.save_renders if write_renders is None else write_renders
         self.gaussians.eval()
-        res = evaluate_views(self.gaussians, self.ds, self.test_idx, background=_eval_background(self.background),
+        res = evaluate_views(self.gaussians, self.ds, self.test_idx, background=eval_background(self.background),
                              sh_degree=self.sh_degree_at(max(self.step - 1, 0)), backend=self.backend,
                              out_dir=(self.run.renders / "test") if write else None, progress=progress)
         return res
@@ -677,7 +460,7 @@ class RGBTrainer(EpochSampler):
         """Evaluate on the held-out views, write metrics.json (and renders); return the metrics."""
         res = self.evaluate(progress=progress)
         return write_metrics(self.run, res, step=self.step, train_time_s=self.train_time,
-                             num_gaussians=self.gaussians.num, background=_eval_background(self.background),
+                             num_gaussians=self.gaussians.num, background=eval_background(self.background),
                              split="test")
 
 
@@ -786,24 +569,33 @@ def _warn_if_outside_cameras(g, ds, path: Path) -> None:
                       f"dataset's cameras; is the file in the dataset's world frame?", stacklevel=3)
 
 
+def _require_strategy(cfg: TrainConfig) -> None:
+    """Densification needs gsplat's DefaultStrategy: fail before any work when it is missing."""
+    if not cfg.densify:
+        return
+    try:
+        from gsplat.strategy import DefaultStrategy  # noqa: F401
+    except ImportError as e:
+        raise RunError(f"densification needs gsplat's DefaultStrategy, which cannot be imported ({e}); "
+                       f"install it with `pip install gsplat==1.5.3`, or pass --no-densify") from None
+
+
 def write_metrics(run: RunFolder, res: Dict[str, Any], *, step: int, train_time_s: Optional[float],
                   num_gaussians: int, background, split: str) -> Dict[str, Any]:
+    """The RGB metrics at the top level of metrics.json (later stages' keys are kept)."""
     metrics = {"split": split, "step": int(step), "psnr": res["psnr"], "ssim": res["ssim"], "n_views": res["n_views"],
                "num_gaussians": int(num_gaussians), "train_time_s": train_time_s,
                "s_per_step": (train_time_s / step) if train_time_s and step else None,
                "background": list(background), "views": res["views"],
                "time": datetime.now().isoformat(timespec="seconds")}
-    if run.metrics.is_file():  # keep the language evaluation next to the RGB metrics
-        import json
-
-        try:
-            old = json.loads(run.metrics.read_text("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            old = {}
-        if isinstance(old, dict) and "language" in old:
-            metrics["language"] = old["language"]
-    atomic_write_json(run.metrics, metrics)
+    update_metrics(run.root, metrics, replace_top=True)
     return metrics
+
+
+def _progress_mode(progress: Optional[bool]) -> Optional[str]:
+    """``progress`` option -> Progress mode: None = bar on a terminal, log lines otherwise;
+    False = off; True = a bar."""
+    return None if progress is None else ("bar" if progress else "off")
 
 
 def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = None, *, resume: bool = False,
@@ -816,6 +608,34 @@ def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = Non
     metrics (or ``{}`` with ``evaluate=False``)."""
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"--out {root}: exists and is not a folder")
+    created = not root.exists()
+    if resume and created:
+        raise RunError(f"--resume: {root} does not exist (nothing to resume)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {root}: cannot create the folder ({e.strerror or e})") from None
+    lock = RunFolder(root).lock()
+    lock.acquire()  # a second writer of the same run folder is refused here
+    try:
+        return _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options)
+    except BaseException:
+        if created and RunFolder(root).is_empty_for_new_run():  # nothing was written: leave no empty folder
+            lock.release()
+            try:
+                (root / ".lock").unlink()
+                root.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
+        lock.release()
+
+
+def _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options) -> Dict[str, Any]:
     if resume:
         if config is not None:
             options = {**{k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)}, **options}
@@ -837,30 +657,3 @@ def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = Non
         return json.loads(trainer.run.metrics.read_text("utf-8"))
     show = trainer.cfg.progress if trainer.cfg.progress is not None else sys.stderr.isatty()
     return trainer.finish(progress=show)
-
-
-# ------------------------------------------------------------------------------------------
-# loading a finished run (render / eval / export)
-
-def load_run(run: PathLike, device: str = "auto", need_data: bool = True):
-    """``(doc, gaussians, dataset or None, checkpoint)`` of a run folder's newest checkpoint."""
-    from langfield.scene import Gaussians
-
-    rf = RunFolder(run)
-    if not rf.root.is_dir():
-        raise RunError(f"{rf.root}: run folder not found")
-    doc = rf.read_config()
-    ck = rf.latest_checkpoint()
-    if ck is None:
-        raise RunError(f"{rf.root}: no checkpoint in {rf.checkpoints} (train first)")
-    ckpt = load_checkpoint(ck)
-    dev = _resolve_device(device)
-    g = Gaussians.from_dict(ckpt.tensors["splats"], requires_grad=False, copy=False).to(dev)
-    ds = None
-    if need_data:
-        cfg = TrainConfig.from_dict(doc["train"])
-        data = Path(doc["data"])
-        if not data.exists():
-            raise RunError(f"the run's dataset {data} is missing (moved or deleted)")
-        ds = _load_dataset(data, replace(cfg, cache_images=False))
-    return doc, g, ds, ckpt
