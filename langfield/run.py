@@ -435,6 +435,7 @@ def load_run(run: PathLike, device: str = "auto", need_data: bool = True):
 # ``from_checkpoint(doc, ckpt, device, requires_grad=False)`` and implements ``activated(t)``
 MODEL_KINDS: Dict[str, Tuple[str, str]] = {
     "gaussians": ("langfield.scene", "Gaussians"),
+    "deformable": ("langfield.dynamic.model", "DeformableGaussians"),
 }
 
 

@@ -1,0 +1,197 @@
+"""Deformable Gaussians: canonical Gaussians + a deformation field, a scene model over time.
+
+:class:`DeformableGaussians` subclasses :class:`langfield.scene.Gaussians`: ``.splats`` holds the
+*canonical* Gaussians (gsplat names, so ``DefaultStrategy``, the viewer, ``export`` and 3D
+selection keep working), ``.deform`` the :class:`~langfield.dynamic.field.DeformationField`.
+``activated(t)`` adds the field's deltas at ``t`` (means, raw quaternion, log-scales,
+optionally opacity logit and DC colour); ``t=None`` or ``deform_enabled=False`` (the static
+warm-up) gives the canonical Gaussians. A zero field renders the canonical scene exactly.
+
+Time-sensitive language (:mod:`langfield.dynamic.language`): optional ``K`` state prototypes
+per Gaussian (``states`` [N, K, L]) mixed by a small network (``mixer``) of the deformation
+feature at ``t``: ``softmax(mixer(feature(x, t))) @ states``. When present, the latents the
+renderer gets are ``[time-agnostic levels..., state]``: the run's levels plus a ``state``
+level, so :class:`~langfield.field.LanguageField` queries it like any level. ``.lang`` (used
+by 3D selection) gives the state channel at ``.time`` (set it with :meth:`set_time`).
+
+Checkpoints: tensors ``splats`` (canonical), ``deform`` (the field's state dict), and with
+time-sensitive language ``states`` / ``mixer``; config.json ``model``: ``{"kind":
+"deformable", "deform": DeformConfig, "states": {"k": K, "hidden": H} | None}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from langfield.dynamic.field import DeformConfig, DeformationField
+from langfield.scene import Activated, Gaussians
+
+__all__ = ["DeformableGaussians", "StateMixer", "MODEL_KIND"]
+
+MODEL_KIND = "deformable"
+
+
+class StateMixer(nn.Module):
+    """Weights [N, K] of the K state prototypes from the deformation feature [N, D]."""
+
+    def __init__(self, feature_dim: int, k: int, hidden: int = 32):
+        super().__init__()
+        self.k, self.hidden, self.feature_dim = int(k), int(hidden), int(feature_dim)
+        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, k))
+
+    def forward(self, feature: Tensor) -> Tensor:
+        return torch.softmax(self.net(feature), -1)
+
+
+class DeformableGaussians(Gaussians):
+    """See the module docstring. ``DeformableGaussians(means, quats, scales, opacities, sh0,
+    shN=None, lang=None, *, deform, ...)``; :meth:`from_gaussians` wraps static Gaussians."""
+
+    def __init__(self, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh0: Tensor,
+                 shN: Optional[Tensor] = None, lang: Optional[Tensor] = None, requires_grad: bool = True,
+                 copy: bool = True, *, deform: Optional[DeformationField] = None):
+        super().__init__(means, quats, scales, opacities, sh0, shN, lang, requires_grad=requires_grad, copy=copy)
+        if deform is None:
+            deform = DeformationField.for_points(self.splats["means"].detach())
+        self.deform = deform.to(self.splats["means"].device)
+        self.deform_enabled = True
+        self.states: Optional[nn.Parameter] = None
+        self.mixer: Optional[StateMixer] = None
+        self.time = 0.0
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_gaussians(cls, g: Gaussians, cfg: Optional[DeformConfig] = None,
+                       requires_grad: bool = True) -> "DeformableGaussians":
+        d = g.to_dict()
+        field = DeformationField.for_points(d["means"], cfg)
+        return cls(d["means"], d["quats"], d["scales"], d["opacities"], d["sh0"], d["shN"], d.get("lang"),
+                   requires_grad=requires_grad, copy=True, deform=field)
+
+    def set_states(self, states: Optional[Tensor], mixer: Optional[StateMixer] = None,
+                   requires_grad: bool = True) -> "DeformableGaussians":
+        """Time-sensitive language: prototypes [N, K, L] and their mixer (None removes them)."""
+        if states is None:
+            self.states, self.mixer = None, None
+            return self
+        if states.ndim != 3 or states.shape[0] != self.num:
+            raise ValueError(f"states must be [N, K, L] with N = {self.num}, got {tuple(states.shape)}")
+        if mixer is None:
+            mixer = StateMixer(self.deform.cfg.hidden, int(states.shape[1]))
+        self.states = nn.Parameter(states.detach().to(self.device).clone(), requires_grad=requires_grad)
+        self.mixer = mixer.to(self.device)
+        return self
+
+    def set_time(self, t: float) -> "DeformableGaussians":
+        self.time = float(t)
+        return self
+
+    # ---- the scene-model interface --------------------------------------------------------
+    def deformation(self, t: float):
+        return self.deform(self.splats["means"], float(t))
+
+    def state_weights(self, t: float, feature: Optional[Tensor] = None) -> Tensor:
+        if self.mixer is None:
+            raise ValueError("the model has no time-sensitive states")
+        if feature is None:
+            feature = self.deformation(t).feature
+        return self.mixer(feature)
+
+    def state_latents(self, t: float, feature: Optional[Tensor] = None) -> Tensor:
+        """The time-sensitive latents [N, L] at ``t``."""
+        w = self.state_weights(t, feature)
+        return torch.einsum("nk,nkl->nl", w, self.states)
+
+    def activated(self, t: Optional[float] = None) -> Activated:
+        sp = self.splats
+        static_lang = sp["lang"] if "lang" in sp else None
+        if t is None or not self.deform_enabled:
+            a = super().activated(None)
+            if self.states is not None and static_lang is not None:
+                a.lang = torch.cat([static_lang, self.state_latents(0.0 if t is None else t)], -1)
+            return a
+        d = self.deform(sp["means"], float(t))
+        opac = sp["opacities"] if d.opacities is None else sp["opacities"] + d.opacities
+        sh0 = sp["sh0"] if d.sh0 is None else sp["sh0"] + d.sh0[:, None, :]
+        lang = static_lang
+        if self.states is not None and static_lang is not None:
+            lang = torch.cat([static_lang, self.state_latents(t, d.feature)], -1)
+        return Activated(means=sp["means"] + d.means, quats=sp["quats"] + d.quats, scales=torch.exp(sp["scales"] + d.scales),
+                         opacities=torch.sigmoid(opac), sh=torch.cat([sh0, sp["shN"]], 1), sh_degree=self.sh_degree,
+                         lang=lang)
+
+    @property
+    def lang(self) -> Optional[Tensor]:
+        base = self.splats["lang"] if "lang" in self.splats else None
+        if base is None or self.states is None:
+            return base
+        with torch.no_grad():
+            return torch.cat([base, self.state_latents(self.time)], -1)
+
+    @torch.no_grad()
+    def deformed(self, t: float) -> Gaussians:
+        """Plain Gaussians at time ``t`` (e.g. to export one moment as a PLY)."""
+        a = self.activated(t)
+        q = a.quats
+        d = {"means": a.means, "quats": q, "scales": torch.log(a.scales), "opacities": torch.logit(a.opacities, 1e-6),
+             "sh0": a.sh[:, :1], "shN": a.sh[:, 1:]}
+        if "lang" in self.splats:
+            d["lang"] = self.splats["lang"]
+        return Gaussians.from_dict({k: v.detach().clone() for k, v in d.items()}, requires_grad=False, copy=False)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def model_config(self) -> Dict[str, Any]:
+        st = None
+        if self.states is not None:
+            st = {"k": int(self.states.shape[1]), "hidden": self.mixer.hidden, "latent_dim": int(self.states.shape[2])}
+        return {"kind": MODEL_KIND, "deform": self.deform.cfg.to_dict(), "states": st}
+
+    def model_tensors(self) -> Dict[str, Any]:
+        """The tensors a checkpoint needs besides ``splats``: ``deform`` (+ ``states``, ``mixer``)."""
+        out: Dict[str, Any] = {"deform": {k: v.detach() for k, v in self.deform.state_dict().items()}}
+        if self.states is not None:
+            out["states"] = {"prototypes": self.states.detach()}
+            out["mixer"] = {k: v.detach() for k, v in self.mixer.state_dict().items()}
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, doc: Mapping[str, Any], ckpt, device=None,
+                        requires_grad: bool = False) -> "DeformableGaussians":
+        """The deformable model of a run checkpoint (``langfield.run.model_from_checkpoint``);
+        the field's options come from the checkpoint's config (else config.json ``model``)."""
+        from langfield.run import RunError
+
+        model = (ckpt.config.get("model") if isinstance(ckpt.config, Mapping) else None) or doc.get("model") or {}
+        t = ckpt.tensors
+        if "deform" not in t:
+            raise RunError(f"{getattr(ckpt, 'path', 'checkpoint')}: a deformable run's checkpoint has no 'deform' "
+                           f"tensors")
+        try:
+            cfg = DeformConfig.from_dict(model.get("deform") or {})
+            field = DeformationField(cfg)
+            field.load_state_dict(t["deform"])
+        except (ValueError, TypeError, RuntimeError, KeyError) as e:
+            raise RunError(f"config.json model.deform: {str(e).splitlines()[0]}") from None
+        s = t["splats"]
+        s = {k[len("splats."):] if k.startswith("splats.") else k: v for k, v in s.items()}
+        g = cls(s["means"], s["quats"], s["scales"], s["opacities"], s["sh0"], s.get("shN"), s.get("lang"),
+                requires_grad=requires_grad, copy=False, deform=field)
+        st = model.get("states")
+        if st and "states" in t and "mixer" in t:
+            mixer = StateMixer(cfg.hidden, int(st["k"]), int(st.get("hidden", 32)))
+            try:
+                mixer.load_state_dict(t["mixer"])
+            except RuntimeError as e:
+                raise RunError(f"checkpoint mixer: {str(e).splitlines()[0]}") from None
+            g.set_states(t["states"]["prototypes"], mixer, requires_grad=requires_grad)
+        if not requires_grad:
+            for p in g.parameters():
+                p.requires_grad_(False)
+        return g.to(device) if device is not None else g
+
+    def extra_repr(self) -> str:
+        k = 0 if self.states is None else int(self.states.shape[1])
+        return super().extra_repr() + f", deform={self.deform.cfg.kind}, states={k}"
