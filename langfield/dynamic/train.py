@@ -1,0 +1,355 @@
+"""The dynamic RGB stage: time-stamped frames -> deformable Gaussians, in a resumable run folder.
+
+:class:`DynamicTrainer` is :class:`langfield.train.rgb.RGBTrainer` with a deformable scene model:
+the same losses, learning rates, gsplat ``DefaultStrategy`` densification of the *canonical*
+Gaussians (fed with the render's ``meta``), checkpoints in ``RUN/checkpoints`` through
+``RunFolder.store("rgb")``, the run lock and progress lines. What it adds:
+
+* each step renders its camera at the frame's time (``Cameras.from_frame`` carries it);
+* a static warm-up (``warmup`` steps with the deformation off: the canonical Gaussians learn
+  the scene as a static one first, as 4DGS' coarse stage);
+* the field's own Adam (plane grid and head: ``grid_lr`` / ``mlp_lr``, decaying
+  exponentially to ``lr_final`` times over the run) and 4DGS' plane regularisers
+  (``tv_weight`` total variation of the spatial planes, ``time_smooth_weight`` smoothness
+  along t);
+* checkpoints carry the field (``deform``), its Adam state (``deform_optim``) and config.json
+  the model (``"model": {"kind": "deformable", "deform": ...}``) and these options
+  (``"dynamic"``). Resuming on the CPU backend gives the same parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from langfield.dynamic.field import DeformConfig, DeformationField
+from langfield.dynamic.model import DeformableGaussians
+from langfield.io.checkpoint import atomic_write_json
+from langfield.render.model import render
+from langfield.run import NonFiniteError, RunError, RunFolder
+from langfield.train.config import TrainConfig
+from langfield.train.rgb import RGBTrainer, _lr_means
+from langfield.train.sampler import exp_decay
+
+__all__ = ["DynamicConfig", "DynamicTrainer", "train_dynamic", "DYNAMIC_RESUME_MAY_CHANGE"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass
+class DynamicConfig:
+    """Options of the deformation (stored in config.json ``dynamic``)."""
+
+    deform: str = "hexplane"
+    """``hexplane`` (space-time plane grid + MLP head) or ``mlp`` (positional encoding + MLP)."""
+    resolutions: tuple = (32, 64)
+    time_resolution: int = 24
+    features: int = 16
+    hidden: int = 64
+    layers: int = 1
+    deform_opacity: bool = False
+    deform_color: bool = False
+    warmup: Optional[int] = None
+    """Static steps before the deformation is switched on; default min(3000, steps // 5)."""
+    grid_lr: float = 1.6e-3
+    mlp_lr: float = 1.6e-4
+    lr_final: float = 0.1
+    """The field's learning rates decay exponentially to this fraction of their start."""
+    tv_weight: float = 1e-4
+    time_smooth_weight: float = 1e-3
+
+    def resolved(self, steps: int) -> "DynamicConfig":
+        c = replace(self)
+        if c.warmup is None:
+            c.warmup = min(3000, steps // 5)
+        return c
+
+    def validate(self) -> None:
+        self.deform_config().validate()
+        if self.warmup is not None and self.warmup < 0:
+            raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
+        for k in ("grid_lr", "mlp_lr", "lr_final"):
+            if not getattr(self, k) > 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(self, k)}")
+        for k in ("tv_weight", "time_smooth_weight"):
+            if not getattr(self, k) >= 0:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(self, k)}")
+
+    def deform_config(self) -> DeformConfig:
+        return DeformConfig(kind=self.deform, resolutions=tuple(int(r) for r in self.resolutions),
+                            time_resolution=self.time_resolution, features=self.features, hidden=self.hidden,
+                            layers=self.layers, opacity=self.deform_opacity, color=self.deform_color)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["resolutions"] = [int(r) for r in self.resolutions]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "DynamicConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown dynamic options {unknown}")
+        kw = dict(d)
+        if "resolutions" in kw:
+            kw["resolutions"] = tuple(int(r) for r in kw["resolutions"])
+        return cls(**kw)
+
+
+DYNAMIC_RESUME_MAY_CHANGE = ()
+
+
+class DynamicTrainer(RGBTrainer):
+    """See the module docstring. Build with :meth:`create_dynamic` or :meth:`resume_dynamic`."""
+
+    _pending: Optional[DynamicConfig] = None
+
+    def __init__(self, run: RunFolder, data: Path, cfg: TrainConfig, dataset, device: torch.device):
+        super().__init__(run, data, cfg, dataset, device)
+        dcfg = type(self)._pending
+        if dcfg is None:
+            dcfg = DynamicConfig.from_dict(run.read_config().get("dynamic") or {}) if run.config.is_file() \
+                else DynamicConfig()
+        self.dcfg = dcfg.resolved(cfg.steps)
+        self.deform_opt: Optional[torch.optim.Optimizer] = None
+        self._pending_deform: Optional[Dict[str, Tensor]] = None
+        if not getattr(dataset, "has_time", False):
+            raise RunError(f"{data}: the dataset has no frame times; train it as a static scene (without --dynamic)")
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def create_dynamic(cls, data: PathLike, out: PathLike, cfg: TrainConfig, dcfg: DynamicConfig, *,
+                       overwrite: bool = False, dataset=None) -> "DynamicTrainer":
+        try:
+            dcfg.validate()
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        cls._pending = dcfg
+        try:
+            return cls.create(data, out, cfg, overwrite=overwrite, dataset=dataset)
+        finally:
+            cls._pending = None
+
+    @classmethod
+    def resume_dynamic(cls, out: PathLike, data: Optional[PathLike] = None,
+                       overrides: Optional[Mapping[str, Any]] = None,
+                       dynamic_overrides: Optional[Mapping[str, Any]] = None, *, dataset=None) -> "DynamicTrainer":
+        rf = RunFolder(out)
+        if rf.config.is_file():
+            doc = rf.read_config()
+            if (doc.get("model") or {}).get("kind") != "deformable":
+                raise RunError(f"{rf.config}: not a dynamic run (model kind "
+                               f"{(doc.get('model') or {}).get('kind', 'gaussians')!r}); resume it without --dynamic")
+            stored = DynamicConfig.from_dict(doc.get("dynamic") or {})
+            want = replace(stored, **dict(dynamic_overrides or {}))
+            diff = [k for k in stored.to_dict() if stored.to_dict()[k] != want.to_dict()[k]
+                    and k not in DYNAMIC_RESUME_MAY_CHANGE]
+            if diff:
+                raise RunError(f"--resume: dynamic options differ from the stored run: {', '.join(diff)}")
+            cls._pending = stored
+        try:
+            return cls.resume(out, data, overrides, dataset=dataset)
+        finally:
+            cls._pending = None
+
+    def _init_optim(self) -> None:
+        g = self.gaussians
+        if not isinstance(g, DeformableGaussians):
+            raw = {k: v.detach() for k, v in g.splats.items()}
+            if self._pending_deform is not None:
+                field = DeformationField(DeformConfig.from_dict(self._pending_deform_cfg))
+                field.load_state_dict(self._pending_deform)
+            else:
+                field = DeformationField.for_points(raw["means"], self.dcfg.deform_config())
+            g = DeformableGaussians(raw["means"], raw["quats"], raw["scales"], raw["opacities"], raw["sh0"],
+                                    raw["shN"], raw.get("lang"), requires_grad=True, copy=False, deform=field)
+            self.gaussians = g.to(self.device)
+        super()._init_optim()
+        d = self.gaussians.deform
+        groups = []
+        planes = list(d.planes)
+        if planes:
+            groups.append({"params": planes, "lr": self._deform_lrs()[0], "name": "grid"})
+        groups.append({"params": list(d.trunk.parameters()) + list(d.out.parameters()), "lr": self._deform_lrs()[1],
+                       "name": "mlp"})
+        self.deform_opt = torch.optim.Adam(groups, eps=1e-15)
+
+    def _deform_lrs(self):
+        c = self.dcfg
+        s = max(self.step - c.warmup, 0)
+        total = max(self.cfg.steps - c.warmup, 1)
+        return (exp_decay(c.grid_lr, c.lr_final, s, total), exp_decay(c.mlp_lr, c.lr_final, s, total))
+
+    def _write_config(self, resumed_from: Optional[int] = None) -> None:
+        super()._write_config(resumed_from)
+        doc = self.run.read_config()
+        doc["model"] = self.gaussians.model_config()
+        doc["dynamic"] = self.dcfg.to_dict()
+        doc["dataset"]["time_range"] = [0.0, 1.0]
+        atomic_write_json(self.run.config, doc)
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def state_tensors(self) -> Dict[str, Any]:
+        out = super().state_tensors()
+        out.update(self.gaussians.model_tensors())
+        st = self.deform_opt.state_dict()["state"]
+        if st:
+            out["deform_optim"] = {str(k): {n: v for n, v in s.items() if isinstance(v, Tensor)} for k, s in st.items()}
+        return out
+
+    def _params_finite(self) -> bool:
+        return super()._params_finite() and all(bool(torch.isfinite(p).all()) for p in self.gaussians.deform.parameters())
+
+    def save_checkpoint(self) -> Path:
+        if not self._params_finite():
+            raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), self.step,
+                                 self.last_ckpt_step)
+        g = self.gaussians
+        cfg = {"stage": "rgb", "train": self.cfg.to_dict(), "dynamic": self.dcfg.to_dict(), "model": g.model_config(),
+               "sampler_pos": self.pos, "train_time_s": self.train_time, "num_gaussians": g.num,
+               "sh_degree": g.sh_degree, "lang_dim": 0, "num": g.num, "background": self.background}
+        p = self.run.store("rgb", self.cfg.keep_checkpoints).save(self.state_tensors(), cfg, self.step)
+        self.last_ckpt_step = self.step
+        return p
+
+    def _load_state(self, ckpt) -> None:
+        t = ckpt.tensors
+        if "deform" not in t:
+            raise RunError(f"{self.run.checkpoints}: checkpoint {ckpt.step} has no deformation field")
+        self._pending_deform = t["deform"]
+        self._pending_deform_cfg = ((ckpt.config.get("model") or {}).get("deform")
+                                    or self.dcfg.deform_config().to_dict())
+        try:
+            super()._load_state(ckpt)  # -> _init_optim wraps the Gaussians with the stored field
+        finally:
+            self._pending_deform = None
+        st = t.get("deform_optim", {})
+        if st:
+            sd = self.deform_opt.state_dict()
+            sd["state"] = {int(k): {n: v.to(self.device) for n, v in s.items()} for k, s in st.items()}
+            self.deform_opt.load_state_dict(sd)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def train_step(self) -> Dict[str, float]:
+        from langfield.eval.views import composite_on
+        from langfield.train.losses import rgb_loss
+
+        cfg, dc = self.cfg, self.dcfg
+        step = self.step
+        g = self.gaussians
+        params = g.splats
+        g.deform_enabled = step >= dc.warmup
+        i = self._next_index()
+        cams = self._cams[i]
+        image, alpha = self.ds._cached_rgba(i)
+        bg = self._bg()
+        target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+        for grp in self.optimizers["means"].param_groups:
+            grp["lr"] = _lr_means(cfg, self.scene_scale, step)
+        lr_grid, lr_mlp = self._deform_lrs()
+        for grp in self.deform_opt.param_groups:
+            grp["lr"] = lr_grid if grp["name"] == "grid" else lr_mlp
+        try:
+            out = render(g, cams, sh_degree=self.sh_degree_at(step), background=bg, backend=self.backend,
+                         absgrad=cfg.absgrad)
+        except ValueError as e:
+            if "non-finite" in str(e):
+                raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
+                                     self.last_ckpt_step) from None
+            raise
+        pred, info = out.rgb[0], out.meta
+        if self.strategy is not None:
+            self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
+        loss, _l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
+        if g.deform_enabled and (dc.tv_weight > 0 or dc.time_smooth_weight > 0):
+            loss = loss + g.deform.regularization(dc.tv_weight, dc.time_smooth_weight)
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
+        loss.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if g.deform_enabled:
+            self.deform_opt.step()
+        self.deform_opt.zero_grad(set_to_none=True)
+        if self.strategy is not None:
+            self.strategy.step_post_backward(params, self.optimizers, self.strategy_state, step, info)
+            if cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0 and step < cfg.refine_stop_iter:
+                from gsplat.strategy.ops import reset_opa
+
+                reset_opa(params, self.optimizers, self.strategy_state, value=cfg.prune_opa * 2.0)
+        with torch.no_grad():
+            mse = float(((pred.detach() - target) ** 2).mean())
+        self.step = step + 1
+        return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
+
+    def evaluate(self, write_renders: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
+        self.gaussians.deform_enabled = True
+        return super().evaluate(write_renders, progress)
+
+
+def train_dynamic(data: PathLike, out: PathLike, config: Optional[TrainConfig] = None,
+                  dynamic: Optional[DynamicConfig] = None, *, resume: bool = False, overwrite: bool = False,
+                  hooks: Sequence[Callable[[DynamicTrainer], None]] = (), evaluate: bool = True,
+                  **options) -> Dict[str, Any]:
+    """Train (or resume) a dynamic run: :func:`langfield.train.rgb.train_rgb` with a deformable
+    model. ``options`` are TrainConfig fields; ``dynamic`` the deformation's options (on resume:
+    must equal the stored ones when given). Returns the metrics (held-out (view, time) pairs)."""
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"--out {root}: exists and is not a folder")
+    created = not root.exists()
+    if resume and created:
+        raise RunError(f"--resume: {root} does not exist (nothing to resume)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {root}: cannot create the folder ({e.strerror or e})") from None
+    lock = RunFolder(root).lock()
+    lock.acquire()
+    try:
+        if resume:
+            if config is not None:
+                options = {**{k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)}, **options}
+            dyn = None if dynamic is None else dynamic.to_dict()
+            trainer = DynamicTrainer.resume_dynamic(out, data, options, dyn)
+        else:
+            cfg = replace(config or TrainConfig(), **options)
+            trainer = DynamicTrainer.create_dynamic(data, out, cfg, dynamic or DynamicConfig(), overwrite=overwrite)
+        already = trainer.step >= trainer.cfg.steps
+        trainer.train(hooks=hooks)
+        if trainer.last_ckpt_step != trainer.step:
+            trainer.save_checkpoint()
+        if not evaluate:
+            return {}
+        if already and trainer.run.metrics.is_file():
+            import json
+
+            print(f"langfield: {trainer.run.root} is already trained to step {trainer.step} (raise --steps to "
+                  f"continue)", file=sys.stderr)
+            return json.loads(trainer.run.metrics.read_text("utf-8"))
+        show = trainer.cfg.progress if trainer.cfg.progress is not None else sys.stderr.isatty()
+        res = trainer.finish(progress=show)
+        return res
+    except BaseException:
+        if created and RunFolder(root).is_empty_for_new_run():
+            lock.release()
+            try:
+                (root / ".lock").unlink()
+                root.rmdir()
+            except OSError:
+                pass
+        raise
+    finally:
+        lock.release()
