@@ -569,42 +569,13 @@ class Gaussians(nn.Module):
             d["shN"] = out.to(dt)
         return Gaussians.from_dict(d, requires_grad=self.means.requires_grad, copy=False)
 
-    # ---- IO -----------------------------------------------------------------------
-    def save_ply(self, path, **kwargs) -> None:
-        from .io.ply import write_ply
-
-        write_ply(path, self, **kwargs)
-
-    @classmethod
-    def load_ply(cls, path, **kwargs) -> "Gaussians":
-        from .io.ply import read_ply
-
-        return read_ply(path, **kwargs)
-
-    def save(self, path, config: Optional[dict] = None, step: int = 0) -> str:
-        """Safetensors checkpoint (+ JSON config); see :func:`langfield.io.save_checkpoint`."""
-        from .io.checkpoint import save_checkpoint
-
-        cfg = {"sh_degree": self.sh_degree, "lang_dim": self.lang_dim, "num": self.num}
-        cfg.update(config or {})
-        return save_checkpoint(path, {"splats": self.to_dict()}, cfg, step)
-
+    # ---- IO: langfield.io reads and writes Gaussians (write_ply / read_ply, save_gaussians /
+    # load_gaussians); the scene model imports nothing of io, so the layers read downward.
     @classmethod
     def from_checkpoint(cls, doc, ckpt, device=None, requires_grad: bool = False) -> "Gaussians":
         """The Gaussians of a run checkpoint (``langfield.run.model_from_checkpoint``)."""
         g = cls.from_dict(ckpt.tensors["splats"], requires_grad=requires_grad, copy=False)
         return g.to(device) if device is not None else g
-
-    @classmethod
-    def load(cls, path, requires_grad: bool = True) -> "Gaussians":
-        """From a langfield checkpoint (file or run folder), or a gsplat ``.pt`` checkpoint."""
-        from .io.checkpoint import load_checkpoint, load_gsplat_ckpt
-
-        if str(path).endswith((".pt", ".pth")):
-            return load_gsplat_ckpt(path, requires_grad=requires_grad)[0]
-        ckpt = load_checkpoint(path)
-        tensors = ckpt.tensors.get("splats", ckpt.tensors)
-        return cls.from_dict(tensors, requires_grad=requires_grad, copy=False)
 
     def extra_repr(self) -> str:
         return f"num={self.num}, sh_degree={self.sh_degree}, lang_dim={self.lang_dim}, device={self.device}"

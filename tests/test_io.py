@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from langfield.io.checkpoint import load_gaussians, save_gaussians
 from plyfile import PlyData, PlyElement
 
 from langfield.io import (CheckpointError, PlyError, latest_checkpoint, load_checkpoint, load_gsplat_ckpt, read_ply,
@@ -438,10 +440,10 @@ def test_checkpoint_errors(tmp_path):
 
 def test_gaussians_save_load(tmp_path):
     g = Gaussians.from_dict(_params(9, 2, lang_dim=4))
-    path = g.save(tmp_path / "ck", config={"note": "hi"}, step=5)
+    path = save_gaussians(tmp_path / "ck", g, config={"note": "hi"}, step=5)
     ck = load_checkpoint(path)
     assert ck.config["sh_degree"] == 2 and ck.config["lang_dim"] == 4 and ck.config["note"] == "hi"
-    g2 = Gaussians.load(tmp_path / "ck")
+    g2 = load_gaussians(tmp_path / "ck")
     for k, v in g.to_dict().items():
         assert torch.equal(v, g2.splats[k].detach()), k
 
@@ -454,7 +456,7 @@ def test_load_gsplat_ckpt(tmp_path):
     assert step == 2999 and g.sh_degree == 3
     for k, v in p.items():
         assert torch.equal(g.splats[k].detach(), v)
-    assert Gaussians.load(tmp_path / "ckpt_2999_rank0.pt").num == 11
+    assert load_gaussians(tmp_path / "ckpt_2999_rank0.pt").num == 11
     # appearance-optimised checkpoints have features/colors instead of sh0/shN
     app = {k: v for k, v in p.items() if k not in ("sh0", "shN")}
     app.update(features=torch.zeros(11, 32), colors=torch.zeros(11, 3))

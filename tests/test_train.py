@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from langfield.io.ply import write_ply
+
 from langfield.cli import main
 from langfield.io import load_checkpoint, read_ply
 from langfield.train.config import TrainConfig
@@ -81,7 +83,7 @@ def test_train_cli_reaches_psnr_bar_and_writes_run(scene, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     # a file in another world frame (here: moved 1 km away) is flagged
     far = g.transformed(torch.tensor([[1.0, 0, 0, 1000.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]))
-    far.save_ply(tmp_path / "far.ply")
+    write_ply(tmp_path / "far.ply", far)
     with pytest.warns(UserWarning, match="in view of any of the dataset's cameras"):
         train_rgb(scene, tmp_path / "far", steps=0, init_ply=str(tmp_path / "far.ply"), progress=False,
                   save_renders=False)
@@ -92,7 +94,7 @@ def test_train_cli_reaches_psnr_bar_and_writes_run(scene, tmp_path, capsys):
     T = torch.eye(4, dtype=torch.float64)
     T[:3] = torch.tensor(Rt, dtype=torch.float64)
     T[:3] *= 0.25
-    g.transformed(T).save_ply(tmp_path / "ns.ply")
+    write_ply(tmp_path / "ns.ply", g.transformed(T))
     (tmp_path / "dataparser_transforms.json").write_text(json.dumps({"transform": Rt, "scale": 0.25}))
     mn = train_rgb(scene, tmp_path / "ns", steps=0, init_ply=str(tmp_path / "ns.ply"), progress=False,
                    init_ply_transform=str(tmp_path / "dataparser_transforms.json"), save_renders=False)

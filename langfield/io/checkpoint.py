@@ -41,7 +41,7 @@ from torch import Tensor
 __all__ = ["Checkpoint", "CheckpointError", "CheckpointNotFoundError", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint", "latest_valid_checkpoint", "verify_checkpoint", "quarantine_checkpoint",
            "load_gsplat_ckpt", "atomic_write_bytes", "atomic_write_json", "flatten_tensors", "unflatten_tensors",
-           "safetensors_problem", "file_digest", "process_umask"]
+           "safetensors_problem", "file_digest", "process_umask", "save_gaussians", "load_gaussians"]
 
 PathLike = Union[str, os.PathLike]
 FORMAT = "langfield-checkpoint"
@@ -436,7 +436,7 @@ def load_gsplat_ckpt(path: PathLike, device: Union[str, torch.device] = "cpu", r
     """Gaussians from a gsplat ``simple_trainer`` checkpoint (``{"step": ..., "splats":
     state_dict}`` saved with ``torch.save``), read with ``weights_only=True`` only.
     Returns ``(gaussians, step)``."""
-    from ..scene import Gaussians
+    from langfield.scene import Gaussians  # io reads scenes: scene never imports io
 
     p = Path(path)
     if not p.exists():
@@ -462,3 +462,22 @@ def load_gsplat_ckpt(path: PathLike, device: Union[str, torch.device] = "cpu", r
     except (TypeError, ValueError):
         step = 0
     return g.to(device), step
+
+
+def save_gaussians(path: PathLike, gaussians, config: Optional[Mapping[str, Any]] = None, step: int = 0) -> str:
+    """A safetensors checkpoint of ``gaussians`` (+ JSON config with ``sh_degree``, ``lang_dim``,
+    ``num`` and ``config``); returns the tensors path."""
+    cfg = {"sh_degree": gaussians.sh_degree, "lang_dim": gaussians.lang_dim, "num": gaussians.num}
+    cfg.update(config or {})
+    return save_checkpoint(path, {"splats": gaussians.to_dict()}, cfg, step)
+
+
+def load_gaussians(path: PathLike, requires_grad: bool = True):
+    """Gaussians from a langfield checkpoint (file or folder: its newest) or a gsplat ``.pt``."""
+    from langfield.scene import Gaussians
+
+    if str(path).endswith((".pt", ".pth")):
+        return load_gsplat_ckpt(path, requires_grad=requires_grad)[0]
+    ckpt = load_checkpoint(path)
+    tensors = ckpt.tensors.get("splats", ckpt.tensors)
+    return Gaussians.from_dict(tensors, requires_grad=requires_grad, copy=False)

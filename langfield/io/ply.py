@@ -38,6 +38,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from langfield.maths import SH_C0, sh_degree_from_bases
+from langfield.scene import Gaussians
+
 __all__ = ["PlyError", "PlyLayout", "read_ply", "write_ply", "read_points_ply", "write_points_ply",
            "standard_property_names"]
 
@@ -145,8 +148,6 @@ def read_ply(path: PathLike, *, device: Union[str, torch.device] = "cpu", requir
     """
     from plyfile import PlyListProperty
 
-    from ..scene import SH_C0, Gaussians, sh_degree_from_bases
-
     path = Path(path)
     ply = _read_plydata(path)
     names_el = [el.name for el in ply.elements]
@@ -234,8 +235,6 @@ def read_ply(path: PathLike, *, device: Union[str, torch.device] = "cpu", requir
 
 
 def _values_by_name(g, normals: bool) -> dict:
-    from ..scene import SH_C0
-
     n = g.num
     d = {}
     means = g.means.detach().cpu().float().numpy()
@@ -340,8 +339,6 @@ def read_points_ply(path: PathLike) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     rgb float32 [N, 3] in [0, 1] or None)``. Colours come from ``red green blue`` (uchar:
     /255, float: as is) or, for Gaussian files, from the DC SH term. Raises :class:`PlyError`
     for a file without points (naming it)."""
-    from ..scene import SH_C0
-
     path = Path(path)
     ply = _read_plydata(path)
     if "vertex" not in [el.name for el in ply.elements]:
@@ -409,8 +406,6 @@ def _unpack_111011(v: np.ndarray) -> np.ndarray:
 
 
 def _read_compressed(path: Path, ply, requires_grad: bool):
-    from ..scene import Gaussians, SH_C0
-
     try:
         chunk = ply["chunk"].data
         vert = ply["vertex"].data
