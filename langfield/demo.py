@@ -122,6 +122,33 @@ def cli_demo(
         overwrite: start again (OUT/data and OUT/run are deleted first).
         quiet: no progress bars.
     """
-    run_demo(out, steps=steps, lang_steps=lang_steps, views=views, size=size, device=device,
-             text_encoder=text_encoder, overwrite=overwrite, quiet=quiet)
+    from langfield.train.cli import _fail, _os_reason, _plain_warnings
+
+    _plain_warnings()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out {out} is a file; the demo writes a folder (OUT/data, OUT/run)")
+    if steps < 1 or lang_steps < 1 or views < 2:
+        raise _fail(f"--steps and --lang-steps must be >= 1 and --views >= 2 (got {steps}, {lang_steps}, {views})")
+    from langfield.scenes.make import parse_size
+
+    try:
+        parse_size(size)  # before anything is made or removed
+    except ValueError as e:
+        raise _fail(f"--size: {e}") from None
+    from langfield.features import WeightsError
+    from langfield.run import NonFiniteError, RunError
+    from langfield.train.language import LanguageError
+
+    try:
+        run_demo(out, steps=steps, lang_steps=lang_steps, views=views, size=size, device=device,
+                 text_encoder=text_encoder, overwrite=overwrite, quiet=quiet)
+    except (RunError, NonFiniteError, LanguageError, WeightsError) as e:
+        raise _fail(str(e).splitlines()[0]) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or out}: {_os_reason(e)} (rerun the demo to continue from what is done)") from None
+    except KeyboardInterrupt:
+        print(f"\nlangfield: interrupted; run the same command again to continue (every step resumes)",
+              file=__import__("sys").stderr)
+        return 130
     return 0

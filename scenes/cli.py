@@ -72,10 +72,12 @@ def scenes_make(
 
     from langfield.scenes.make import SceneExistsError, make_scene
 
+    from langfield.train.cli import CliError  # one line on stderr, exit status 2
+
     if name not in SCENES:
-        raise SystemExit(f"langfield scenes make: unknown scene {name!r}; known scenes: {', '.join(SCENES)}")
+        raise CliError(f"langfield scenes make: unknown scene {name!r}; known scenes: {', '.join(SCENES)}")
     if points < 1:
-        raise SystemExit("langfield scenes make: --points must be >= 1")
+        raise CliError("langfield scenes make: --points must be >= 1")
     try:
         res = make_scene(name, out, kind=kind, views=views, frames=frames, size=size, seed=seed, fov=fov, aa=aa,
                          camera=camera, test_every=test_every, formats=formats, workers=workers, progress=True,
@@ -84,7 +86,10 @@ def scenes_make(
         print(f"langfield scenes make: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
-        raise SystemExit(f"langfield scenes make: {e}")
+        raise CliError(f"langfield scenes make: {e}") from None
+    except OSError as e:  # a read-only or full --out
+        raise CliError(f"langfield scenes make: --out {out}: cannot write {e.filename or out} "
+                       f"({e.strerror or e})") from None
     t = res["timings"]
     print(f"wrote {t['views']} views of {name!r} ({res['kind']}, {res['width']}x{res['height']}) to {out} "
           f"in {t['total_s']:.1f} s (render {t['render_s']:.1f} s, {t['views'] / max(t['render_s'], 1e-9):.1f} views/s)")

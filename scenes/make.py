@@ -53,6 +53,9 @@ def clear_outputs(out: Union[str, Path]) -> List[str]:
 DEFAULT_FOV = {"multiview": 50.0, "rgbd": 65.0, "dynamic": 50.0}
 
 
+MIN_SIZE = 8  # pixels per side: smaller images are of no use to train on (and 1x1 breaks the shadow rays)
+
+
 def parse_size(size: Union[str, Sequence[int]]) -> Tuple[int, int]:
     """'256x192' (width x height) or (w, h) -> (w, h); ValueError on anything else."""
     if isinstance(size, str):
@@ -62,8 +65,8 @@ def parse_size(size: Union[str, Sequence[int]]) -> Tuple[int, int]:
         w, h = int(parts[0]), int(parts[1])
     else:
         w, h = (int(v) for v in size)
-    if w < 1 or h < 1 or w > 8192 or h > 8192:
-        raise ValueError(f"bad size {w}x{h}: width and height must be in 1..8192")
+    if w < MIN_SIZE or h < MIN_SIZE or w > 8192 or h > 8192:
+        raise ValueError(f"bad size {w}x{h}: width and height must be in {MIN_SIZE}..8192")
     return w, h
 
 

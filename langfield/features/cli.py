@@ -9,7 +9,38 @@ from .base import WeightsError
 from .factory import EXTRACTORS, make_extractor, make_text_encoder  # noqa: F401 (the old import path)
 from .models import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, clip_weights_cached  # noqa: F401
 
-__all__ = ["cli_extract", "make_extractor", "make_text_encoder", "EXTRACTORS"]
+__all__ = ["cli_extract", "make_extractor", "make_text_encoder", "EXTRACTORS", "labels_problem"]
+
+_LABELS_INSTEAD = ("the labels extractor works on `langfield scenes make` datasets (ground-truth label maps); "
+                   "for other data use dense-clip (fast) or sam-clip (LangSplat) instead")
+
+
+def labels_problem(ds) -> Optional[str]:
+    """Why the ``labels`` extractor cannot run on the dataset ``ds`` (one line naming what is
+    missing and what to use instead), or None when every frame has its label maps and the
+    dataset its labels.json. Only file names are checked (cheap), before any work starts."""
+    root = Path(getattr(ds, "root", "."))
+    frames = list(ds.frames)
+    if not frames:
+        return None
+    without = [f for f in frames if not isinstance(getattr(f, "extras", {}).get("label_paths"), dict)]
+    if without:
+        name = without[0].name or Path(without[0].image_path).name
+        return (f"{root}: {len(without)} of {len(frames)} frames have no ground-truth label maps (no 'label_paths' "
+                f"in the dataset, e.g. frame {name!r}); {_LABELS_INSTEAD}")
+    if not (root / "labels.json").is_file():
+        return f"{root / 'labels.json'}: not found (label id -> name per level); {_LABELS_INSTEAD}"
+    missing = []
+    for f in frames:
+        paths = f.extras["label_paths"]
+        for level in ("subpart", "part", "whole"):
+            rel = paths.get(level)
+            if not isinstance(rel, str) or not (root / rel).is_file():
+                missing.append(f"{root / rel}" if isinstance(rel, str) else f"{f.name}: no {level!r} map")
+    if missing:
+        return (f"{root}: {len(missing)} label map file(s) missing (e.g. {missing[0]}); regenerate the scene, or "
+                f"{_LABELS_INSTEAD.split('; ')[1]}")
+    return None
 
 
 def cli_extract(
@@ -77,6 +108,11 @@ def cli_extract(
         return 2
     if split != "all":
         ds = ds.split(split) if split == "train" else ds.test
+    if extractor == "labels":
+        problem = labels_problem(ds)
+        if problem:
+            print(f"langfield extract: --extractor labels: {problem}", file=sys.stderr)
+            return 2
     try:
         ex = make_extractor(extractor, clip_model=clip_model, clip_pretrained=clip_pretrained,
                             clip_checkpoint=clip_checkpoint, sam_model=sam_model, sam_checkpoint=sam_checkpoint,
@@ -98,6 +134,13 @@ def cli_extract(
         return 2
     except CacheCorruptError as e:
         print(f"langfield extract: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # a dataset the extractor cannot read (e.g. a label id missing from labels.json)
+        print(f"langfield extract: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a read-only run folder
+        print(f"langfield extract: {e.filename or Path(run) / 'features'}: {e.strerror or e} (the cache entries "
+              f"written so far are kept; rerun to continue)", file=sys.stderr)
         return 2
     text = cache.text_config
     if text["type"] == "offline":

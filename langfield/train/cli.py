@@ -7,6 +7,7 @@ Options left unset on ``train --resume`` keep the run's stored values; see
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional
 
@@ -139,6 +140,7 @@ def cli_train(
         label_merge: labels: per-view probability of merging a region into a neighbour.
         overwrite_language: train the language stage again (its files are moved aside).
     """
+    _plain_warnings()
     from langfield.run import NonFiniteError, RunError
     from langfield.train.rgb import train_rgb
 
@@ -170,11 +172,15 @@ def cli_train(
         from dataclasses import replace as _replace
 
         try:
-            _replace(lang_base, **lang_given).validate()
+            lang_cfg = _replace(lang_base, **lang_given)
+            lang_cfg.validate()
         except ValueError as e:
             raise _fail(str(e)) from None
+        _check_weights(lang_cfg)
         if stored_lang is not None:
             lang_base = None  # train_language keeps the stored options (unset ones are not passed)
+    if features == "labels":  # label maps missing: say so now, not after the whole RGB stage
+        _check_labels(data, allow_outside)
     rgb_done = False
     if features is not None and not overwrite and (Path(out) / "config.json").is_file():
         rgb_done = _rgb_finished(Path(out), data, steps)
@@ -210,14 +216,81 @@ def cli_train(
 
     try:
         train_language(out, lang_base, resume=resume, overwrite=overwrite_language or overwrite, **lang_given)
-    except (LanguageError, WeightsError) as e:
-        raise _fail(str(e)) from None
+    except (LanguageError, WeightsError, RunError) as e:
+        raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+    except OSError as e:  # a full disk or a read-only run folder during the language stage
+        raise _fail(f"{e.filename or out}: {_os_reason(e)} (run folder {out}; the checkpoints there are intact; "
+                    f"continue with --features {features} --resume)") from None
     except KeyboardInterrupt:
         print(f"\nlangfield: interrupted; continue the language stage with: langfield train {data} --out {out} "
               f"--features {features} --resume", file=sys.stderr)
         return 130
     print(f"language field ready: langfield query {out} \"the red mug\"  |  langfield view {out}")
     return 0
+
+
+def _os_reason(e: OSError) -> str:
+    from langfield.train.rgb import os_reason
+
+    return os_reason(e)
+
+
+def _check_labels(data: Path, allow_outside: bool) -> None:
+    """--features labels on a dataset without ground-truth label maps: a one-line error now."""
+    from langfield.data import load_dataset
+    from langfield.features.cli import labels_problem
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the RGB stage reports the dataset's own warnings
+            ds = load_dataset(data, allow_outside=allow_outside, normalize=False)
+    except Exception:  # a bad dataset is reported by the RGB stage with its own message
+        return
+    problem = labels_problem(ds)
+    if problem:
+        raise _fail(f"--features labels: {problem}")
+
+
+def _check_weights(cfg) -> None:
+    """The model weights the language stage will load, checked for presence before the RGB
+    stage (their contents are checked when they load)."""
+    from langfield.features import WeightsError
+    from langfield.features.models import check_sam_checkpoint, clip_weights_cached, hub_reachable
+
+    needs_clip = cfg.features in ("sam-clip", "dense-clip") or cfg.text_encoder == "clip"
+    try:
+        if cfg.features == "sam-clip":
+            check_sam_checkpoint(cfg.sam_model, cfg.sam_checkpoint)
+    except (WeightsError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if not needs_clip:
+        return
+    if cfg.clip_checkpoint:
+        if not Path(cfg.clip_checkpoint).expanduser().is_file():
+            raise _fail(f"--clip-checkpoint {cfg.clip_checkpoint}: not found (an open_clip checkpoint file for "
+                        f"{cfg.clip_model})")
+        return
+    try:
+        cached = clip_weights_cached(cfg.clip_model, cfg.clip_pretrained)
+    except Exception:  # an unknown model or tag: load_clip names it when the stage starts
+        return
+    if cached is False and not hub_reachable():
+        raise _fail(f"--features {cfg.features}: CLIP weights {cfg.clip_model}/{cfg.clip_pretrained} are not on "
+                    f"this machine and huggingface.co cannot be reached; pass --clip-checkpoint PATH"
+                    + (", or --text-encoder offline" if cfg.features == "labels" else ""))
+
+
+def _plain_warnings() -> None:
+    """Warnings as one line each (``langfield: warning: ...``), not Python's two-line format
+    with a source line: a user reads them, not a developer. Set for the rest of the process
+    when a command runs as ``langfield`` (not when a test calls the function)."""
+    if Path(sys.argv[0]).name not in ("langfield", "cli.py", "__main__.py"):
+        return
+
+    def fmt(message, category, filename, lineno, line=None):
+        return f"langfield: warning: {message}\n"
+
+    warnings.formatwarning = fmt
 
 
 def _rgb_finished(out: Path, data: Path, steps: Optional[int]) -> bool:
@@ -272,6 +345,7 @@ def cli_render(
         out: output folder (default RUN/renders/<views>).
         device: auto, cpu or cuda.
     """
+    _plain_warnings()
     from langfield.run import RunError, load_run
     from langfield.eval.views import eval_background, evaluate_views
 
@@ -279,12 +353,20 @@ def cli_render(
         doc, g, ds, ckpt = load_run(run, device=device)
     except (RunError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise _fail(f"--out {out} is a file; renders go into a folder")
     idx = _parse_views(views, ds)
+    if not idx:
+        raise _fail(f"{run}: the dataset has no {views} views; pass --views train, all or frame indices "
+                    f"(0..{len(ds) - 1})")
     name = views if views in ("test", "train", "all") else "views"
     dest = Path(out) if out is not None else Path(run) / "renders" / name
     bg = eval_background(doc.get("dataset", {}).get("background", "white"))
-    res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
-                         backend=doc["train"].get("backend", "auto"), out_dir=dest, progress=sys.stderr.isatty())
+    try:
+        res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
+                             backend=doc["train"].get("backend", "auto"), out_dir=dest, progress=sys.stderr.isatty())
+    except OSError as e:
+        raise _fail(f"--out {dest}: cannot write {e.filename or 'the renders'} ({_os_reason(e)})") from None
     print(f"rendered {len(idx)} views (step {ckpt.step}) -> {dest}"
           + (f"; PSNR {res['psnr']:.2f} dB" if res["psnr"] is not None else ""))
     return 0
@@ -322,6 +404,7 @@ def cli_eval(
         reference: the reference (ground-truth) TUM trajectory for --trajectory.
         max_diff: largest timestamp difference (s) for associating --trajectory and --reference poses.
     """
+    _plain_warnings()
     from langfield.run import RunError, RunFolder, load_run
     from langfield.eval.views import eval_background, evaluate_views
 
@@ -349,13 +432,16 @@ def cli_eval(
             raise _fail(f"{run}: the dataset has no held-out views to evaluate")
         rf = RunFolder(run)
         bg = eval_background(doc.get("dataset", {}).get("background", "white"))
-        res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
-                             backend=doc["train"].get("backend", "auto"),
-                             out_dir=(rf.renders / "test") if renders else None, progress=sys.stderr.isatty())
         from langfield.train.rgb import write_metrics  # the RGB metrics' one writer
 
-        m = write_metrics(rf, res, step=ckpt.step, train_time_s=ckpt.config.get("train_time_s"), num_gaussians=g.num,
-                          background=bg, split="test")
+        try:
+            res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
+                                 backend=doc["train"].get("backend", "auto"),
+                                 out_dir=(rf.renders / "test") if renders else None, progress=sys.stderr.isatty())
+            m = write_metrics(rf, res, step=ckpt.step, train_time_s=ckpt.config.get("train_time_s"),
+                              num_gaussians=g.num, background=bg, split="test")
+        except OSError as e:
+            raise _fail(f"{e.filename or rf.metrics}: {_os_reason(e)} (nothing of the run was changed)") from None
         print(f"step {ckpt.step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} on {m['n_views']} held-out views "
               f"-> {rf.metrics}")
         from langfield.field import latest_language_checkpoint
@@ -375,6 +461,8 @@ def cli_eval(
                      progress=sys.stderr.isatty())
     except (QueriesError, FieldError) as e:
         raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or run}: {_os_reason(e)}") from None
     return 0
 
 
@@ -396,6 +484,7 @@ def cli_export(
         normalized: keep langfield's normalised world (skip the inverse of the dataset transform).
         no_language: leave the language latents out (a plain RGB 3DGS file).
     """
+    _plain_warnings()
     import numpy as np
 
     from langfield.field import FieldError, LanguageField
@@ -419,22 +508,28 @@ def cli_export(
     T = np.asarray(doc.get("dataset", {}).get("transform", np.eye(4).tolist()), dtype=np.float64)
     if not normalized and not np.allclose(T, np.eye(4)):
         g = g.transformed(np.linalg.inv(T))
-    ply.parent.mkdir(parents=True, exist_ok=True)
-    write_ply(ply, g)
+    try:
+        ply.parent.mkdir(parents=True, exist_ok=True)
+        write_ply(ply, g)
+    except OSError as e:
+        raise _fail(f"--ply {ply}: cannot write it ({_os_reason(e)})") from None
     extra = ""
     if lang:
         from langfield.io.checkpoint import atomic_write_json
 
-        atomic_write_json(ply.with_suffix(".json"), {"format": "langfield-ply", "run": str(Path(run).resolve()),
-                                                     "step": field.step, "language": {
-                                                         "levels": field.levels, "latent_dim": field.latent_dim,
-                                                         "text": (doc.get("language") or {}).get("text"),
-                                                         "codec": {"kind": field.codec.kind}},
-                                                     "normalized": bool(normalized)})
         from langfield.codec import codec_file
 
         stem = Path(codec_file(field.codec.kind)).stem
-        field.codec.save(ply.with_name(f"{ply.stem}.{stem}.safetensors"))
+        try:
+            atomic_write_json(ply.with_suffix(".json"), {
+                "format": "langfield-ply", "run": str(Path(run).resolve()), "step": field.step, "language": {
+                    "levels": field.levels, "latent_dim": field.latent_dim,
+                    "text": (doc.get("language") or {}).get("text"), "codec": {"kind": field.codec.kind}},
+                "normalized": bool(normalized)})
+            field.codec.save(ply.with_name(f"{ply.stem}.{stem}.safetensors"))
+        except OSError as e:
+            raise _fail(f"--ply {ply}: cannot write its sidecar {e.filename or ply.with_suffix('.json')} "
+                        f"({_os_reason(e)})") from None
         extra = (f" with {g.lang.shape[1]} language channels (+ {ply.with_suffix('.json').name}, "
                  f"{ply.stem}.{stem}.*)")
     print(f"exported {g.num} Gaussians (step {field.step}){extra} -> {ply}")

@@ -325,7 +325,13 @@ class RGBTrainer(EpochSampler):
         cfg = {"stage": "rgb", "train": self.cfg.to_dict(), "sampler_pos": self.pos, "train_time_s": self.train_time,
                "num_gaussians": self.gaussians.num, "sh_degree": self.gaussians.sh_degree, "lang_dim": 0,
                "num": self.gaussians.num, "background": self.background}
-        p = self.run.store("rgb", self.cfg.keep_checkpoints).save(self.state_tensors(), cfg, self.step)
+        try:
+            p = self.run.store("rgb", self.cfg.keep_checkpoints).save(self.state_tensors(), cfg, self.step)
+        except OSError as e:  # a full disk, a read-only folder: the older checkpoints are untouched
+            kept = (f"the checkpoint of step {self.last_ckpt_step} is intact" if self.last_ckpt_step is not None
+                    else "no checkpoint had been written yet")
+            raise RunError(f"cannot write the checkpoint of step {self.step} into {self.run.checkpoints} "
+                           f"({os_reason(e)}); {kept}; free space or fix the folder, then --resume") from None
         self.last_ckpt_step = self.step
         return p
 
@@ -519,6 +525,8 @@ def _gaussians_from_ply(path: Path, ds, sh_degree: int, frame: Optional[np.ndarr
     from langfield.io.ply import PlyError, read_ply
     from langfield.scene import Gaussians, num_sh_bases
 
+    if path.is_dir():
+        raise RunError(f"--init-ply: {path} is a folder; give a .ply file")
     if not path.is_file():
         raise RunError(f"--init-ply: {path} not found")
     try:
@@ -529,6 +537,11 @@ def _gaussians_from_ply(path: Path, ds, sh_degree: int, frame: Optional[np.ndarr
         raise RunError(f"--init-ply: {path}: {e}") from None
     if g.num == 0:
         raise RunError(f"--init-ply: {path} holds no Gaussians")
+    bad = nonfinite_ply_properties(g)
+    if bad:
+        lst = ", ".join(f"{name} in {count}" for name, count in bad[:8]) + (", ..." if len(bad) > 8 else "")
+        raise RunError(f"--init-ply: {path}: non-finite values (NaN or infinite) in property {lst} of its "
+                       f"{g.num} Gaussians; training cannot start from them: fix or drop those vertices") from None
     degree = g.sh_degree
     d = {k: v.detach() for k, v in g.splats.items() if k != "lang"}
     k = num_sh_bases(sh_degree) - 1
@@ -547,6 +560,37 @@ def _gaussians_from_ply(path: Path, ds, sh_degree: int, frame: Optional[np.ndarr
             raise RunError(f"--init-ply: cannot move {path} into the dataset's frame: {e}") from None
     _warn_if_outside_cameras(g, ds, path)
     return g, degree
+
+
+_PLY_COLUMNS = {"means": ["x", "y", "z"], "quats": [f"rot_{i}" for i in range(4)],
+                "scales": [f"scale_{i}" for i in range(3)], "opacities": ["opacity"]}
+
+
+def nonfinite_ply_properties(g) -> list:
+    """``[(PLY property name, number of Gaussians with a non-finite value), ...]`` of the
+    standard 3DGS layout (x y z, f_dc_*, f_rest_* channel-major, opacity, scale_*, rot_*)."""
+    out = []
+    for key in ("means", "sh0", "shN", "opacities", "scales", "quats"):  # the file's order
+        t = g.splats[key] if key in g.splats else None
+        if t is None:
+            continue
+        x = t.detach().reshape(t.shape[0], -1) if t.dim() > 1 else t.detach()[:, None]
+        if x.numel() == 0:
+            continue
+        counts = (~torch.isfinite(x)).sum(0).tolist()
+        if not any(counts):
+            continue
+        if key in _PLY_COLUMNS:
+            names = _PLY_COLUMNS[key]
+        elif key == "sh0":
+            names = [f"f_dc_{c}" for c in range(x.shape[1])]
+        elif key == "shN":  # [N, K, 3] stored channel-major in the file: f_rest_{c * K + k}
+            k = t.shape[1]
+            names = [f"f_rest_{c * k + j}" for j in range(k) for c in range(3)]
+        else:  # pragma: no cover (every key above is named)
+            names = []
+        out += [(names[i] if i < len(names) else f"{key}[{i}]", int(c)) for i, c in enumerate(counts) if c]
+    return out
 
 
 def _warn_if_outside_cameras(g, ds, path: Path) -> None:
@@ -592,6 +636,15 @@ def write_metrics(run: RunFolder, res: Dict[str, Any], *, step: int, train_time_
     return metrics
 
 
+def os_reason(e: OSError) -> str:
+    """An OSError's reason in words, without Python's prefix: "No space left on device"."""
+    import errno
+
+    if e.errno == errno.EFBIG:
+        return "file too large: the file size limit or the disk is full"
+    return e.strerror or str(e) or type(e).__name__
+
+
 def _progress_mode(progress: Optional[bool]) -> Optional[str]:
     """``progress`` option -> Progress mode: None = bar on a terminal, log lines otherwise;
     False = off; True = a bar."""
@@ -619,9 +672,16 @@ def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = Non
     except OSError as e:
         raise RunError(f"--out {root}: cannot create the folder ({e.strerror or e})") from None
     lock = RunFolder(root).lock()
-    lock.acquire()  # a second writer of the same run folder is refused here
     try:
-        return _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options)
+        lock.acquire()  # a second writer of the same run folder is refused here
+    except OSError as e:
+        raise RunError(f"--out {root}: cannot take the run folder's lock {lock.path} ({os_reason(e)})") from None
+    try:
+        try:
+            return _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options)
+        except OSError as e:  # config, metrics or renders that cannot be written (checkpoints: save_checkpoint)
+            raise RunError(f"{e.filename or root}: {os_reason(e)} (run folder {root}; its checkpoints are "
+                           f"written atomically, the ones there are intact)") from None
     except BaseException:
         if created and RunFolder(root).is_empty_for_new_run():  # nothing was written: leave no empty folder
             lock.release()
