@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Cameras", "RenderOutput", "render"]
+__all__ = ["Cameras", "CameraCache", "RenderOutput", "render"]
 
 
 @dataclass
@@ -92,6 +92,20 @@ class Cameras:
         sl = slice(i, i + 1) if isinstance(i, int) else i
         return Cameras(self.viewmats[sl], self.Ks[sl], self.width, self.height,
                        None if self.times is None else self.times[sl])
+
+
+class CameraCache(dict):
+    """``frame index -> Cameras`` of a dataset, made on first use, so a trainer's list of views
+    may grow (new frames get their cameras when first drawn)."""
+
+    def __init__(self, frames, device):
+        super().__init__()
+        self.frames, self.device = frames, device
+
+    def __missing__(self, i: int) -> "Cameras":
+        cam = Cameras.from_frame(self.frames[i], self.device)
+        self[i] = cam
+        return cam
 
 
 @dataclass

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from langfield.codec import codec_file, fit_codec, load_codec
 from langfield.io.checkpoint import atomic_write_json
-from langfield.render.model import Cameras, render
+from langfield.render.model import CameraCache, render
 from langfield.run import RunError, RunFolder, open_dataset, resolve_device
 from langfield.train.progress import Progress
 from langfield.train.sampler import EpochSampler
@@ -296,7 +296,7 @@ class LanguageTrainer(EpochSampler):
         t0 = time.perf_counter()
         self.targets = _Targets(self.cache, names, sizes, self.codec, self.levels, self.device)
         self.log(f"[language] targets for {len(names)} views encoded in {time.perf_counter() - t0:.1f} s")
-        self._cams = {i: Cameras.from_frame(self.ds.frames[i], self.device) for i in self.train_idx}
+        self._cams = CameraCache(self.ds.frames, self.device)
         self._write_config()
 
     def _frame_name(self, i: int) -> str:
