@@ -155,6 +155,39 @@ LF_API int lf_rasterize_bwd(
 // computed, which skips most of the work (frozen geometry, e.g. training
 // language features on a fixed scene). The CUDA library needs all three.
 
+// ------------------------------------------------- sparse channels (codebook)
+// Every Gaussian carries K (channel, weight) pairs into L output channels
+// (sp_idx in [0, L), or -1 for an unused pair; e.g. the top-k coefficients of
+// a sparse codebook, level offsets included). The blend is exactly the dense
+// one of lf_rasterize_fwd with colors[c,g,:] = scatter(sp_idx, sp_w) (same
+// alpha, skip and stop rules, background 0), but a (pixel, Gaussian) pair
+// costs K scattered adds instead of L. sp_idx / sp_w are [C,N,K].
+LF_API int lf_rasterize_sparse_fwd(
+    int C, int N, int K, int L, int width, int height, int tile_size,
+    int tile_width, int tile_height,
+    const float *means2d,       // [C,N,2]
+    const float *conics,        // [C,N,3]
+    const int32_t *sp_idx,      // [C,N,K]
+    const float *sp_w,          // [C,N,K]
+    const float *opacities,     // [C,N]
+    const int32_t *tile_offsets, const int32_t *flatten_ids, int64_t n_isects,
+    float *render,              // out [C,H,W,L]
+    float *render_alphas,       // out [C,H,W]
+    int32_t *last_ids,          // out [C,H,W]
+    void *stream);
+// Gradient of the weights only (geometry and opacities are constants here):
+// v_sp_w[c,g,j] += sum_pixels alpha T v_render[pixel, sp_idx[c,g,j]].
+LF_API int lf_rasterize_sparse_bwd(
+    int C, int N, int K, int L, int width, int height, int tile_size,
+    int tile_width, int tile_height,
+    const float *means2d, const float *conics, const int32_t *sp_idx,
+    const float *opacities,
+    const int32_t *tile_offsets, const int32_t *flatten_ids, int64_t n_isects,
+    const int32_t *last_ids,      // [C,H,W] from forward
+    const float *v_render,        // [C,H,W,L]
+    float *v_sp_w,                // out [C,N,K]
+    void *stream);
+
 #ifdef __cplusplus
 }
 #endif

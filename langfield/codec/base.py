@@ -70,6 +70,7 @@ class LanguageCodec(Protocol):
 # kind -> (module, class name, file stem in the run folder)
 CODECS: Dict[str, Tuple[str, str, str]] = {
     "autoencoder": ("langfield.codec.autoencoder", "SceneAutoencoder", "autoencoder"),
+    "codebook": ("langfield.codec.codebook", "CodebookCodec", "codebook"),
 }
 
 

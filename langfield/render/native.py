@@ -18,7 +18,7 @@ from torch import Tensor
 
 from langfield.render._build import load_library
 
-__all__ = ["project", "sh", "isect", "rasterize", "NativeError"]
+__all__ = ["project", "sh", "isect", "rasterize", "rasterize_sparse", "NativeError"]
 
 
 class NativeError(RuntimeError):
@@ -234,3 +234,74 @@ def rasterize(means2d, conics, colors, opacities, backgrounds, width, height, ti
               flatten_ids, absgrad=False):
     return _Rasterize.apply(means2d, conics, colors, opacities, backgrounds, int(width), int(height),
                             int(tile_size), tile_offsets, flatten_ids, bool(absgrad))
+
+
+# ------------------------------------------------------- sparse channels
+_SPARSE_SIGNATURES = {
+    "lf_rasterize_sparse_fwd": [ctypes.c_int] * 9 + [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_void_p] * 4,
+    "lf_rasterize_sparse_bwd": [ctypes.c_int] * 9 + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 4,
+}
+
+
+def _sparse_lib(t: Tensor):
+    """The library with the sparse entry points' ctypes signatures set (once per library)."""
+    lib = _lib(t)
+    if not getattr(lib, "_lf_sparse_ready", False):
+        for name, args in _SPARSE_SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = args
+            fn.restype = ctypes.c_int
+        lib._lf_sparse_ready = True
+    return lib
+
+
+class _RasterizeSparse(torch.autograd.Function):
+    """lf_rasterize_sparse_fwd / _bwd: K (channel, weight) pairs per Gaussian blended into
+    ``n_channels`` outputs; the backward gives the weights' gradient (geometry is constant)."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, sp_idx, sp_w, opacities, width, height, tile_size, tile_offsets,
+                flatten_ids, n_channels):
+        C, N, K = sp_w.shape
+        dev = sp_w.device
+        th, tw = tile_offsets.shape[1], tile_offsets.shape[2]
+        ins = [_c(means2d), _c(conics), _c(opacities)]
+        idx_ = sp_idx.detach().to(torch.int32).contiguous()
+        w_ = _c(sp_w)
+        tile_offsets = tile_offsets.contiguous()
+        flatten_ids = flatten_ids.contiguous()
+        render = torch.empty((C, height, width, n_channels), dtype=torch.float32, device=dev)
+        alphas = torch.empty((C, height, width), dtype=torch.float32, device=dev)
+        last_ids = torch.empty((C, height, width), dtype=torch.int32, device=dev)
+        lib = _sparse_lib(sp_w)
+        _check(lib, lib.lf_rasterize_sparse_fwd(C, N, K, n_channels, width, height, tile_size, tw, th, _p(ins[0]),
+                                                _p(ins[1]), _p(idx_), _p(w_), _p(ins[2]), _p(tile_offsets),
+                                                _p(flatten_ids), flatten_ids.numel(), _p(render), _p(alphas),
+                                                _p(last_ids), _stream(sp_w)), "rasterize_sparse forward")
+        ctx.meta = (width, height, tile_size, n_channels)
+        ctx.save_for_backward(*ins, idx_, w_, tile_offsets, flatten_ids, last_ids)
+        ctx.mark_non_differentiable(alphas, last_ids)
+        return render, alphas.unsqueeze(-1), last_ids
+
+    @staticmethod
+    def backward(ctx, v_render, v_alphas, v_last):
+        means2d, conics, opacities, idx, w, tile_offsets, flatten_ids, last_ids = ctx.saved_tensors
+        width, height, tile_size, n_channels = ctx.meta
+        C, N, K = w.shape
+        th, tw = tile_offsets.shape[1], tile_offsets.shape[2]
+        v_w = torch.zeros_like(w)
+        if v_render is not None:
+            lib = _sparse_lib(w)
+            _check(lib, lib.lf_rasterize_sparse_bwd(C, N, K, n_channels, width, height, tile_size, tw, th,
+                                                    _p(means2d), _p(conics), _p(idx), _p(opacities),
+                                                    _p(tile_offsets), _p(flatten_ids), flatten_ids.numel(),
+                                                    _p(last_ids), _p(_c(v_render)), _p(v_w), _stream(w)),
+                   "rasterize_sparse backward")
+        return None, None, None, v_w, None, None, None, None, None, None, None
+
+
+def rasterize_sparse(means2d, conics, sp_idx, sp_w, opacities, width, height, tile_size, tile_offsets, flatten_ids,
+                     n_channels):
+    """Native twin of :func:`langfield.render.reference.rasterize_sparse` (gradients: ``sp_w`` only)."""
+    return _RasterizeSparse.apply(means2d, conics, sp_idx, sp_w, opacities, int(width), int(height),
+                                  int(tile_size), tile_offsets, flatten_ids, int(n_channels))

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["project", "sh", "isect", "rasterize"]
+__all__ = ["project", "sh", "isect", "rasterize", "rasterize_sparse"]
 
 ALPHA_THRESHOLD = 1.0 / 255.0
 ALPHA_MAX = 0.999
@@ -449,3 +449,30 @@ def rasterize(
     render_alphas = (1.0 - T_img)[..., None]
     last_ids = to_image(last_full).to(torch.int32)
     return render_colors, render_alphas, last_ids
+
+
+# ------------------------------------------------------- sparse channels
+def rasterize_sparse(
+    means2d: Tensor,  # [C,N,2]
+    conics: Tensor,  # [C,N,3]
+    sp_idx: Tensor,  # [C,N,K] int: channel of each pair, -1 = unused
+    sp_w: Tensor,  # [C,N,K] weights
+    opacities: Tensor,  # [C,N]
+    width: int,
+    height: int,
+    tile_size: int,
+    tile_offsets: Tensor,
+    flatten_ids: Tensor,
+    n_channels: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sparse channels: every Gaussian carries K (channel, weight) pairs of ``n_channels``
+    output channels; a pixel's channel d is ``sum_i alpha_i T_i sum_{j: idx_ij = d} w_ij``.
+    Defined as the dense blend of the scattered weights (:func:`rasterize` with
+    ``colors[c, g, idx] += w``; the native sparse op must equal it). Background 0.
+    Returns ``render [C,H,W,n_channels], render_alphas [C,H,W,1], last_ids [C,H,W]``."""
+    C, N, K = sp_w.shape
+    idx = sp_idx.to(torch.int64)
+    ok = idx >= 0
+    dense = torch.zeros(C, N, int(n_channels), dtype=sp_w.dtype, device=sp_w.device)
+    dense = dense.scatter_add(-1, idx.clamp_min(0), torch.where(ok, sp_w, torch.zeros_like(sp_w)))
+    return rasterize(means2d, conics, dense, opacities, None, width, height, tile_size, tile_offsets, flatten_ids)

@@ -56,7 +56,7 @@ class LangConfig:
     """Options of the language stage (stored in ``RUN/config.json`` under ``language.config``)."""
 
     features: FeatureKind = "labels"
-    codec: Literal["autoencoder"] = "autoencoder"
+    codec: Literal["autoencoder", "codebook"] = "autoencoder"
     """The language codec (``langfield.codec``): what each Gaussian carries and how targets,
     loss and decoding are defined."""
     steps: int = 3_000

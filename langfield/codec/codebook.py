@@ -1,0 +1,349 @@
+"""Sparse-codebook language codec (LangSplatV2-style): no decoder at query time.
+
+A global **codebook** ``C [L, in_dim]`` of L unit CLIP-space vectors (one codebook shared by all
+levels, as LangSplatV2 shares its global dictionary) and, per Gaussian and level, **sparse
+coefficients** ``w [L]`` with at most ``topk`` non-zero entries, non-negative and summing to 1.
+The renderer blends the coefficients like any channels (dense L channels, or the sparse
+``(index, weight)`` path of :mod:`langfield.render.sparse`), so a pixel's coefficient vector
+``z [L]`` is a convex-like mix of the Gaussians' sparse weights, and the pixel's CLIP feature is
+``normalize(z @ C)``. A text query never materialises per-pixel 512-D features:
+``<normalize(z C), e> = z (C e) / sqrt(z G z)`` with ``G = C C^T [L, L]`` (:meth:`decode_scores`).
+
+What the Gaussians store (``lang``, ``levels * L`` channels): the **weights themselves**, already
+sparse (k non-zeros per level, on the probability simplex), so every consumer that renders
+``lang`` as-is (queries, eval, viewer, export, 3D selection) gets the right coefficients
+unchanged. The language stage trains them as free tensors and keeps them on that set with
+:meth:`CodebookCodec.project_` after every optimiser step (top-k of each level's vector, then the
+Euclidean projection of those k values onto the probability simplex; entries outside the top-k
+are set to 0). :meth:`activate` is the logits view of the same set (top-k of the logits,
+softmax over them): ``activate(log(w)) == w`` for projected weights.
+
+Fitting (:meth:`CodebookCodec.fit`): the codebook is **k-means** (spherical, k-means++ seeding,
+cosine assignment, normalised means) of the cached features of every level, and **fixed
+afterwards** (LangSplatV2 learns it jointly; here the per-Gaussian coefficients are the only
+trained tensors, which keeps the language stage's resume exact and the codebook a pure function
+of the features and the seed). ``targets(x)`` are the L2-normalised features themselves
+(``target_dim = in_dim``) and :meth:`loss` is LangSplatV2's loss in CLIP space: the decoded
+render against the target, ``|f - t|_1 + (1 - cos(f, t))`` averaged over the valid pixels.
+
+Files: ``save(path)`` writes ``<stem>.safetensors`` (the codebook) + ``<stem>.json``
+(configuration and fit report) atomically through :mod:`langfield.io.checkpoint`; no pickle.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Dict, Iterable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from langfield.codec.base import CodecError
+
+__all__ = ["CodebookCodec", "kmeans_codebook", "project_topk_simplex", "topk_softmax"]
+
+FORMAT = "langfield-codebook"
+PathLike = Union[str, os.PathLike]
+
+
+# ------------------------------------------------------------------------------------------
+# sparse weights
+
+def project_topk_simplex(v: Tensor, k: int) -> Tensor:
+    """Each row of ``v [..., L]`` -> its nearest point (Euclidean, among the rows' top-k
+    entries) on the probability simplex with at most ``k`` non-zeros: the ``k`` largest entries
+    are projected onto the simplex (sort-based, exact), the others become 0. A row of equal
+    values keeps its first ``k`` entries at ``1/k``. Non-finite entries count as very small."""
+    L = v.shape[-1]
+    k = max(1, min(int(k), L))
+    x = torch.nan_to_num(v.float(), nan=-1e30, posinf=1e30, neginf=-1e30)
+    top, idx = torch.topk(x, k, dim=-1, sorted=True)  # descending
+    css = top.cumsum(-1) - 1.0
+    r = torch.arange(1, k + 1, device=v.device, dtype=top.dtype)
+    cond = top - css / r > 0
+    rho = cond.to(torch.int64).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
+    theta = css.gather(-1, rho) / (rho + 1).to(top.dtype)
+    w = (top - theta).clamp_min(0)
+    out = torch.zeros_like(x)
+    out.scatter_(-1, idx, w)
+    return out.to(v.dtype)
+
+
+def topk_softmax(logits: Tensor, k: int) -> Tensor:
+    """Sparse top-k softmax over the last axis: the ``k`` largest logits get softmax weights
+    (summing to 1), the rest 0. ``[..., L] -> [..., L]``."""
+    L = logits.shape[-1]
+    k = max(1, min(int(k), L))
+    top, idx = torch.topk(logits, k, dim=-1)
+    return torch.zeros_like(logits).scatter(-1, idx, torch.softmax(top, -1))
+
+
+# ------------------------------------------------------------------------------------------
+# k-means
+
+def kmeans_codebook(x: Tensor, L: int, *, iters: int = 30, seed: int = 0) -> Tuple[Tensor, Dict[str, Any]]:
+    """Spherical k-means of unit rows ``x [M, D]`` into ``L`` unit centres (k-means++ seeding
+    from a seeded generator, cosine assignment, normalised means; an empty cluster is re-seeded
+    at the point worst served by its centre). Deterministic for a seed on one device.
+    Returns ``(centres [L, D], {"iters", "mean_cos"})``."""
+    M, D = x.shape
+    g = torch.Generator(device="cpu").manual_seed(int(seed) + 0xC0DE)
+    dev = x.device
+    first = int(torch.randint(M, (1,), generator=g))
+    centres = [x[first]]
+    best = (x @ x[first]).clamp(-1, 1)  # max cosine to a chosen centre
+    for _ in range(1, L):
+        d2 = (2.0 - 2.0 * best).clamp_min(0)  # squared chord distance of unit vectors
+        tot = float(d2.sum())
+        if tot <= 1e-12:  # fewer distinct points than centres: repeat points (re-seeded below)
+            j = int(torch.randint(M, (1,), generator=g))
+        else:
+            u = float(torch.rand((), generator=g)) * tot
+            j = int(torch.searchsorted(d2.double().cumsum(0), torch.tensor([u], dtype=torch.float64,
+                                                                           device=dev)).clamp_max(M - 1))
+        centres.append(x[j])
+        best = torch.maximum(best, (x @ x[j]).clamp(-1, 1))
+    C = torch.stack(centres)
+    it = 0
+    for it in range(1, iters + 1):
+        sims = x @ C.t()  # [M, L]
+        s, a = sims.max(-1)
+        newC = torch.zeros_like(C).index_add_(0, a, x)
+        counts = torch.bincount(a, minlength=L)
+        empty = (counts == 0).nonzero().reshape(-1)
+        if len(empty):
+            order = torch.argsort(s)  # worst-served points first
+            newC[empty] = x[order[:len(empty)]] if M >= len(empty) else x[order].repeat(len(empty), 1)[:len(empty)]
+        newC = F.normalize(newC, dim=-1)
+        shift = float((newC - C).abs().max())
+        C = newC
+        if shift < 1e-6 and not len(empty):
+            break
+    mean_cos = float((x @ C.t()).max(-1).values.mean())
+    return C, {"iters": it, "mean_cos": mean_cos}
+
+
+# ------------------------------------------------------------------------------------------
+
+class CodebookCodec(nn.Module):
+    """The sparse-codebook codec (see the module docstring). ``codebook [L, in_dim]`` (unit
+    rows) is a frozen parameter; ``topk`` the non-zeros per Gaussian and level."""
+
+    kind = "codebook"
+
+    def __init__(self, codebook: Tensor, topk: int = 4, temperature: float = 0.05):
+        super().__init__()
+        codebook = torch.as_tensor(codebook)
+        if codebook.ndim != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+            raise CodecError(f"codebook: expected [L, in_dim], got {tuple(codebook.shape)}")
+        if not 1 <= int(topk) <= codebook.shape[0]:
+            raise CodecError(f"codebook: topk must be in 1..{codebook.shape[0]} (the codebook size), got {topk}")
+        if not bool(torch.isfinite(codebook).all()):
+            raise CodecError("codebook: non-finite entries")
+        self.codebook = nn.Parameter(F.normalize(codebook.float(), dim=-1), requires_grad=False)
+        self.topk = int(topk)
+        self.temperature = float(temperature)
+        self.report: Dict[str, Any] = {}
+
+    # -- shapes ---------------------------------------------------------------------------
+    @property
+    def in_dim(self) -> int:
+        return int(self.codebook.shape[1])
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.codebook.shape[0])
+
+    @property
+    def target_dim(self) -> int:
+        return self.in_dim
+
+    # -- sparse weights -------------------------------------------------------------------
+    def activate(self, logits: Tensor) -> Tensor:
+        """Per-level logits ``[..., n*L]`` (or ``[..., L]``) -> sparse top-k softmax weights."""
+        L = self.latent_dim
+        if logits.shape[-1] % L:
+            raise ValueError(f"activate: {logits.shape[-1]} channels are not a multiple of the codebook size {L}")
+        x = logits.reshape(*logits.shape[:-1], -1, L)
+        return topk_softmax(x, self.topk).reshape(logits.shape)
+
+    @torch.no_grad()
+    def project_(self, lang: Tensor) -> Tensor:
+        """In place: every level of ``lang [N, n*L]`` onto the k-sparse probability simplex
+        (what the language stage applies after each optimiser step). Returns ``lang``."""
+        L = self.latent_dim
+        if lang.shape[-1] % L:
+            raise ValueError(f"project_: {lang.shape[-1]} channels are not a multiple of the codebook size {L}")
+        x = lang.reshape(*lang.shape[:-1], -1, L)
+        lang.copy_(project_topk_simplex(x, self.topk).reshape(lang.shape))
+        return lang
+
+    def sparse(self, lang: Tensor) -> Tuple[Tensor, Tensor]:
+        """``lang [N, n*L]`` -> ``(idx int32 [N, n*k], w [N, n*k])``: the top-k (index, weight)
+        pairs of every level, indices into the ``n*L`` channels (level offset included), for
+        :func:`langfield.render.sparse.render_sparse`. Exact for projected weights."""
+        from langfield.render.sparse import sparse_topk
+
+        return sparse_topk(lang, self.latent_dim, self.topk)
+
+    # -- the codec interface ----------------------------------------------------------------
+    def encode(self, x: Tensor) -> Tensor:
+        """Features ``[..., in_dim]`` -> sparse top-k softmax weights ``[..., L]`` over the
+        codebook (cosine similarities / ``temperature``)."""
+        x = _check_last(x, self.in_dim, "encode")
+        C = self.codebook
+        s = F.normalize(x.to(C.device, C.dtype), dim=-1) @ C.t()
+        return topk_softmax(s / self.temperature, self.topk)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Coefficients ``[..., L]`` -> ``normalize(z @ codebook)`` ``[..., in_dim]``."""
+        z = _check_last(z, self.latent_dim, "decode")
+        C = self.codebook
+        return F.normalize(z.to(C.device, C.dtype) @ C, dim=-1)
+
+    @torch.no_grad()
+    def decode_scores(self, z: Tensor, emb: Tensor) -> Tensor:
+        """Cosines ``<decode(z), e_k>`` for ``z [n, L]``, ``emb [K, in_dim]`` (unit rows) ->
+        ``[n, K]``: ``z (C e^T) / sqrt(z G z^T)`` with ``G = C C^T``; ``L*K + L*L``
+        multiply-adds per row, no ``[n, in_dim]`` features (norm clamped at 1e-12 like
+        ``F.normalize``)."""
+        z = _check_last(z, self.latent_dim, "decode_scores")
+        C = self.codebook
+        z = z.to(C.device, C.dtype).reshape(-1, self.latent_dim)
+        emb = emb.to(device=C.device, dtype=C.dtype)
+        A = C @ emb.t()  # [L, K]
+        G = self._gram()
+        dots = z @ A
+        nrm = ((z @ G) * z).sum(-1).clamp_min(0).sqrt().clamp_min(1e-12)
+        return dots / nrm[:, None]
+
+    def _gram(self) -> Tensor:
+        C = self.codebook
+        key = (C.data_ptr(), C.device, C._version)
+        if getattr(self, "_gram_key", None) != key:
+            self._gram_cache = C @ C.t()
+            self._gram_key = key
+        return self._gram_cache
+
+    @torch.no_grad()
+    def targets(self, x: Tensor) -> Tensor:
+        """2D supervision in CLIP space: the L2-normalised features."""
+        x = _check_last(x, self.in_dim, "targets")
+        return F.normalize(x.to(self.codebook.device, self.codebook.dtype), dim=-1)
+
+    def loss(self, pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        """One level: rendered coefficients ``pred [H, W, L]`` decoded to CLIP space against
+        ``target [H, W, in_dim]``: mean over the valid pixels of ``|f - t|_1 + 1 - cos(f, t)``
+        (``f = normalize(pred @ codebook)``); 0 when no pixel is valid."""
+        v = valid.reshape(-1)
+        n = v.sum()
+        p = pred.reshape(-1, pred.shape[-1])[v]
+        if p.shape[0] == 0:
+            return pred.sum() * 0.0
+        t = target.reshape(-1, target.shape[-1])[v].to(pred.dtype)
+        f = F.normalize(p @ self.codebook.to(pred.dtype), dim=-1)
+        l1 = (f - t).abs().sum(-1)
+        cos = (f * t).sum(-1) / t.norm(dim=-1).clamp_min(1e-12)
+        return (l1 + (1.0 - cos)).sum() / n.clamp_min(1)
+
+    # -- fitting ---------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, features: Union[Tensor, Iterable[Tensor]], *, latent_dim: int = 64, seed: int = 0,
+            device: Union[str, torch.device, None] = "auto", progress: bool = False, topk: int = 4,
+            steps: int = 30, max_vectors: Optional[int] = 200_000, holdout: float = 0.1,
+            temperature: float = 0.05, **_ignored: Any) -> Tuple["CodebookCodec", Dict[str, Any]]:
+        """k-means codebook of ``latent_dim`` entries on the features (every level of every
+        training image; at most ``max_vectors``, a seeded uniform sample; ``holdout`` of them
+        held out). ``steps``: k-means iterations at most (the language stage passes its
+        ``ae_steps``; capped at 100). Options of other codecs (``batch_size``, ``lr``) are
+        accepted and ignored. Returns ``(codec, report)``; the report holds ``train_cos`` /
+        ``heldout_cos`` (mean cosine of a vector to the decoded top-k encoding)."""
+        from langfield.codec.autoencoder import collect_features
+        from langfield.run import resolve_device
+
+        t0 = time.perf_counter()
+        dev = resolve_device(device, error=ValueError)
+        L = int(latent_dim)
+        if L < 1:
+            raise CodecError(f"codebook: the codebook size must be >= 1, got {L}")
+        if not 1 <= int(topk) <= L:
+            raise CodecError(f"codebook: --topk must be in 1..{L} (the codebook size), got {topk}")
+        x = collect_features(features, max_vectors=max_vectors, seed=seed)
+        M = x.shape[0]
+        g = torch.Generator().manual_seed(int(seed))
+        perm = torch.randperm(M, generator=g)
+        n_hold = min(int(round(M * float(holdout))), M - 1) if holdout > 0 and M > 1 else 0
+        hold, train = x[perm[:n_hold]], x[perm[n_hold:]]
+        iters = max(1, min(int(steps), 100))
+        C, km = kmeans_codebook(train.to(dev), L, iters=iters, seed=seed)
+        codec = cls(C, topk=int(topk), temperature=temperature).to(dev)
+        report: Dict[str, Any] = {
+            "train_cos": _recon_cos(codec, train[:200_000]), "heldout_cos": _recon_cos(codec, hold) if n_hold else None,
+            "steps": int(km["iters"]), "kmeans_mean_cos": km["mean_cos"], "seconds": time.perf_counter() - t0,
+            "n_train": int(len(train)), "n_heldout": int(n_hold), "latent_dim": L, "topk": int(topk),
+            "seed": int(seed), "device": str(dev), "codebook": "k-means, fixed",
+        }
+        codec.report = report
+        return codec.eval(), report
+
+    # -- files -----------------------------------------------------------------------------
+    def save(self, path: PathLike) -> str:
+        """``<stem>.safetensors`` (the codebook) + ``<stem>.json``, atomically. Returns the
+        ``.safetensors`` path."""
+        from langfield.io.checkpoint import save_checkpoint
+
+        cfg = {"format": FORMAT, "version": 1,
+               "model": {"in_dim": self.in_dim, "latent_dim": self.latent_dim, "topk": self.topk,
+                         "temperature": self.temperature},
+               "report": self.report}
+        return save_checkpoint(_stem_path(path), {"codebook": self.codebook.detach().cpu().contiguous()}, config=cfg,
+                               step=int(self.report.get("steps", 0)))
+
+    @classmethod
+    def load(cls, path: PathLike, device: Union[str, torch.device] = "cpu") -> "CodebookCodec":
+        from langfield.io.checkpoint import CheckpointError, load_checkpoint
+
+        ck = load_checkpoint(_stem_path(path), device="cpu")
+        cfg = ck.config
+        if cfg.get("format") != FORMAT:
+            raise CheckpointError(f"{ck.path}: not a langfield codebook (format {cfg.get('format')!r})")
+        m = cfg.get("model") or {}
+        C = ck.tensors.get("codebook")
+        if not isinstance(C, Tensor) or C.ndim != 2:
+            raise CheckpointError(f"{ck.path}: field 'codebook': expected an [L, in_dim] tensor")
+        if int(m.get("latent_dim", -1)) != C.shape[0] or int(m.get("in_dim", -1)) != C.shape[1]:
+            raise CheckpointError(f"{ck.path}: field 'model': sizes {m.get('latent_dim')}x{m.get('in_dim')} do not "
+                                  f"match the codebook {tuple(C.shape)}")
+        try:
+            codec = cls(C, topk=int(m.get("topk", 4)), temperature=float(m.get("temperature", 0.05)))
+        except CodecError as e:
+            raise CheckpointError(f"{ck.path}: {e}") from None
+        codec.codebook.data.copy_(C.float())  # exactly the stored values (no renormalisation drift)
+        codec.report = dict(cfg.get("report") or {})
+        return codec.to(device).eval()
+
+
+@torch.no_grad()
+def _recon_cos(codec: CodebookCodec, x: Tensor, batch: int = 65536) -> float:
+    tot, n = 0.0, 0
+    dev = codec.codebook.device
+    for i in range(0, len(x), batch):
+        xb = F.normalize(x[i:i + batch].to(dev), dim=-1)
+        tot += float((codec.decode(codec.encode(xb)) * xb).sum(-1).double().sum())
+        n += len(xb)
+    return tot / max(n, 1)
+
+
+def _stem_path(path: PathLike) -> str:
+    p = os.fspath(path)
+    return p if p.endswith((".safetensors", ".json")) else p + ".safetensors"
+
+
+def _check_last(x: Tensor, d: int, what: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(x)
+    if x.ndim < 1 or x.shape[-1] != d:
+        raise ValueError(f"{what}: expected [..., {d}], got {tuple(x.shape)}")
+    return x

@@ -1,0 +1,220 @@
+"""The sparse-codebook language mode (issue #15): the codec, the sparse channel path of the
+renderer against dense rendering of the same coefficients (forward and gradients, CPU library
+and torch reference), queries without a decoder, training on the tabletop scene against the
+query bars, and a saved run's queries after a reload."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from langfield.codec import codec_class, codec_file, fit_codec, load_codec
+from langfield.codec.codebook import CodebookCodec, kmeans_codebook, project_topk_simplex, topk_softmax
+from langfield.render import rasterization
+from langfield.render.sparse import dense_from_sparse, rasterize_sparse, render_sparse, sparse_topk
+from langfield.render.synthetic import random_scene
+
+
+def sparse_weights(N, levels, L, k, seed):
+    """Random coefficients with exactly k non-zeros per level on the simplex."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.zeros(N, levels, L)
+    for lv in range(levels):
+        idx = torch.argsort(torch.rand(N, L, generator=g), dim=1)[:, :k]
+        val = torch.rand(N, k, generator=g) + 0.05
+        w[:, lv].scatter_(1, idx, val / val.sum(1, keepdim=True))
+    return w.reshape(N, levels * L)
+
+
+def dense_and_meta(s, weights, backend):
+    col = weights.clone().requires_grad_(True)
+    out, alpha, meta = rasterization(s.means, s.quats, s.scales, s.opacities, col, s.viewmats, s.Ks, s.width,
+                                     s.height, backend=backend)
+    return col, out, alpha, meta
+
+
+def sparse_from_meta(meta, idx, w, n, backend):
+    return rasterize_sparse(meta["means2d"].detach(), meta["conics"].detach(), idx, w, meta["opacities"].detach(),
+                            meta["width"], meta["height"], meta["tile_size"], meta["isect_offsets"],
+                            meta["flatten_ids"], n, backend=backend)
+
+
+# ------------------------------------------------------------------ sparse = dense
+@pytest.mark.parametrize("C", [1, 3])
+@pytest.mark.parametrize("L,levels", [(64, 2), (128, 1)])
+@pytest.mark.parametrize("k", [1, 2, 4, 8])
+def test_sparse_render_equals_dense_forward_and_gradient(C, L, levels, k):
+    s = random_scene(300, C=C, width=45, height=34, D=3, seed=7 * C + k + L)
+    n = levels * L
+    weights = sparse_weights(300, levels, L, k, seed=k + L)
+    col, dense, dense_alpha, meta = dense_and_meta(s, weights, "cpu")
+    idx, w = sparse_topk(weights, L, k)
+    w = w.clone().requires_grad_(True)
+    sp, sp_alpha, _ = sparse_from_meta(meta, idx, w, n, "cpu")
+    assert sp.shape == dense.shape == (C, s.height, s.width, n)
+    scale = float(dense.detach().abs().max())
+    assert scale > 0.1  # the scene is drawn
+    assert float((sp - dense).detach().abs().max()) <= 1e-6 * scale
+    assert torch.equal(sp_alpha, dense_alpha)
+    G = torch.randn(dense.shape, generator=torch.Generator().manual_seed(1))
+    (dense * G).sum().backward()
+    (sp * G).sum().backward()
+    ref = col.grad.gather(1, idx.long())  # the dense gradient at the pairs
+    gscale = float(ref.abs().max())
+    assert gscale > 0
+    # the dense backward recovers T back to front (division by 1 - alpha): up to 3e-5 of the scale off
+    # the float64 truth here, where the sparse backward (front to back, as the forward) stays within
+    # 1e-6 (test_sparse_native_equals_torch_reference)
+    assert float((w.grad - ref).abs().max()) <= 1e-4 * gscale, float((w.grad - ref).abs().max())
+
+
+@pytest.mark.parametrize("k", [1, 3, 5, 6, 7])
+def test_sparse_native_equals_torch_reference(k):
+    s = random_scene(200, C=2, width=33, height=29, D=3, seed=k)
+    L = 64
+    weights = sparse_weights(200, 1, L, k, seed=100 + k)
+    idx, w = sparse_topk(weights, L, k)
+    _, _, _, meta = dense_and_meta(s, weights, "cpu")
+    wn = w.clone().requires_grad_(True)
+    wt = w.clone().requires_grad_(True)
+    a, aa, _ = sparse_from_meta(meta, idx, wn, L, "cpu")
+    b, ab, _ = sparse_from_meta(meta, idx, wt, L, "torch")
+    assert float((a - b).detach().abs().max()) <= 2e-6 and float((aa - ab).detach().abs().max()) <= 2e-6
+    G = torch.rand(a.shape, generator=torch.Generator().manual_seed(2))
+    (a * G).sum().backward()
+    (b * G).sum().backward()
+    assert float((wn.grad - wt.grad).abs().max()) <= 1e-4 * float(wt.grad.abs().max())
+    # against the float64 reference: the native sparse gradient is float32-accurate
+    m = {n: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for n, v in meta.items()}
+    w64 = w.detach().double().requires_grad_(True)
+    r64, _, _ = sparse_from_meta(m, idx, w64, L, "torch")
+    (r64 * G.double()).sum().backward()
+    assert float((a.detach().double() - r64.detach()).abs().max()) <= 1e-6
+    assert float((wn.grad.double() - w64.grad).abs().max()) <= 2e-6 * float(w64.grad.abs().max())
+
+
+def test_sparse_unused_pairs_and_duplicates():
+    s = random_scene(150, C=1, width=30, height=20, D=3, seed=3)
+    L = 16
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, L, (150, 3), generator=g, dtype=torch.int32)
+    idx[::4, 2] = -1  # unused pair
+    idx[1::4, 1] = idx[1::4, 0]  # the same channel twice: the weights add
+    w = torch.rand(150, 3, generator=g)
+    dense = dense_from_sparse(idx, w, L)
+    _, ref, _, meta = dense_and_meta(s, dense, "cpu")
+    out, _, _ = sparse_from_meta(meta, idx, w, L, "cpu")
+    assert float((out - ref.detach()).abs().max()) <= 1e-5 * float(ref.detach().abs().max())
+    with pytest.raises(ValueError, match=r"channel indices must be in \[-1, 16\)"):
+        sparse_from_meta(meta, idx.clamp_max(L - 1) + 1, w, L, "cpu")
+    with pytest.raises(ValueError, match="weights only"):
+        rasterize_sparse(meta["means2d"].detach().requires_grad_(True), meta["conics"], idx, w, meta["opacities"], 30, 20, 16,
+                         meta["isect_offsets"], meta["flatten_ids"], L, backend="cpu")
+
+
+def test_render_sparse_of_a_model_equals_render_language():
+    from langfield.render.model import Cameras, render
+    from langfield.scene import Gaussians
+
+    s = random_scene(250, C=2, width=40, height=30, D=3, seed=11)
+    L, k, levels = 32, 4, 3
+    lang = sparse_weights(250, levels, L, k, seed=5)
+    g = Gaussians(s.means, F.normalize(s.quats, dim=-1), s.scales.log(), torch.logit(s.opacities),
+                  torch.rand(250, 1, 3), torch.zeros(250, 0, 3), lang=lang)
+    cams = Cameras(s.viewmats, s.Ks, s.width, s.height)
+    dense = render(g, cams, colors=False, language=True, backend="cpu")
+    idx, w = sparse_topk(g.lang, L, k)
+    a = render_sparse(g, cams, idx, w, levels * L, backend="cpu")  # own projection
+    full = render(g, cams, language=True, depth=True, backend="cpu")
+    b = render_sparse(g, cams, idx, w, levels * L, meta=full.meta)  # the colour pass's projection and tiles
+    for o in (a, b):
+        assert float((o.lang - dense.lang).abs().max()) <= 1e-6
+        assert float((o.alpha - dense.alpha).abs().max()) <= 1e-6
+    assert float((b.lang - full.lang).abs().max()) <= 1e-6
+
+
+# ------------------------------------------------------------------ the codec
+def test_projection_and_activation():
+    v = torch.tensor([[0.3, -1.0, 2.0, 0.1, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
+    p = project_topk_simplex(v, 2)
+    assert torch.allclose(p.sum(-1), torch.ones(3)) and bool((p >= 0).all())
+    assert int((p > 0).sum(-1).max()) <= 2
+    # row 0: top-2 = (2.0, 0.5) -> projection (1, 0); row 2: (5, 4) -> (1, 0)
+    assert torch.allclose(p[0], torch.tensor([0, 0, 1.0, 0, 0])) and torch.allclose(p[2], torch.tensor([1.0, 0, 0, 0, 0]))
+    assert torch.allclose(p[1].sort().values[-2:], torch.tensor([0.5, 0.5]))
+    q = project_topk_simplex(torch.tensor([[0.5, 0.45, 0.0, 0.2]]), 3)  # top-3 sum 1.15: each loses 0.05
+    assert torch.allclose(q, torch.tensor([[0.45, 0.4, 0.0, 0.15]]), atol=1e-6)
+    assert torch.allclose(project_topk_simplex(q, 3), q, atol=1e-7)  # idempotent
+    w = topk_softmax(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2)
+    e = math.exp(1.0)
+    assert torch.allclose(w, torch.tensor([[0.0, e / (1 + e), 1 / (1 + e), 0.0]]))
+    codec = CodebookCodec(F.normalize(torch.randn(8, 16), dim=-1), topk=3)
+    lang = project_topk_simplex(torch.rand(5, 2, 8), 3).reshape(5, 16)
+    assert torch.allclose(codec.activate(lang.clamp_min(1e-30).log()), lang, atol=1e-6)  # log is the logits view
+
+
+def test_codec_decode_scores_targets_loss_and_files(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(6, 32, generator=g), dim=-1)
+    lab = torch.randint(0, 6, (600,), generator=g)
+    x = centres[lab] + 0.05 * torch.randn(600, 32, generator=g)
+    ceiling = float((F.normalize(x, dim=-1) * centres[lab]).sum(-1).mean())  # cosine to the true centres
+    codec, rep = fit_codec("codebook", [x[:300], x[300:]], latent_dim=12, seed=0, device="cpu", topk=2)
+    assert isinstance(codec, CodebookCodec) and codec.kind == "codebook" and codec_class("codebook") is CodebookCodec
+    assert (codec.in_dim, codec.latent_dim, codec.target_dim, codec.topk) == (32, 12, 32, 2)
+    # k-means finds the 6 clusters: as close as the true centres (0.96 here)
+    assert rep["heldout_cos"] > ceiling - 0.005 and rep["train_cos"] > ceiling - 0.005, (rep, ceiling)
+    z = codec.encode(x[:50])
+    assert z.shape == (50, 12) and int((z > 0).sum(-1).max()) <= 2 and torch.allclose(z.sum(-1), torch.ones(50))
+    # decode_scores == decode @ emb.T, for any (dense) coefficients
+    zz = torch.rand(40, 12, generator=g)
+    emb = F.normalize(torch.randn(5, 32, generator=g), dim=-1)
+    assert torch.allclose(codec.decode_scores(zz, emb), codec.decode(zz) @ emb.t(), atol=1e-5)
+    t = codec.targets(x[:4] * 3)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(4))
+    # loss: 0 at the truth, positive elsewhere, valid pixels only, gradient to the coefficients
+    pred = torch.zeros(2, 2, 12)
+    pred[..., 0] = 1.0
+    target = codec.decode(pred)
+    valid = torch.tensor([[True, True], [False, True]])
+    assert float(codec.loss(pred, target, valid)) == pytest.approx(0.0, abs=1e-5)
+    p2 = pred.clone()
+    p2[1, 0] = torch.rand(12)  # an invalid pixel does not count
+    assert float(codec.loss(p2, target, valid)) == pytest.approx(0.0, abs=1e-5)
+    p3 = pred.clone().requires_grad_(True)
+    bad = codec.decode(torch.eye(12)[[1, 1, 1, 1]].reshape(2, 2, 12))
+    loss = codec.loss(p3, bad, valid)
+    loss.backward()
+    assert float(loss.detach()) > 0.1 and float(p3.grad.abs().sum()) > 0 and float(p3.grad[1, 0].abs().sum()) == 0
+    assert float(codec.loss(pred, target, torch.zeros(2, 2, dtype=torch.bool))) == 0.0
+    # files: safetensors + json, exact round trip
+    path = codec.save(tmp_path / "codebook")
+    assert path.endswith(".safetensors") and codec_file("codebook") == "codebook.safetensors"
+    back = load_codec(tmp_path / "codebook", "codebook")
+    assert torch.equal(back.codebook, codec.codebook) and back.topk == 2 and back.report["n_train"] == rep["n_train"]
+    assert torch.equal(back.decode_scores(zz, emb), codec.decode_scores(zz, emb))
+    doc = json.loads((tmp_path / "codebook.json").read_text())
+    assert doc["config"]["format"] == "langfield-codebook"
+    # a file of another kind, bad sizes: one-line errors naming the file
+    from langfield.io.checkpoint import CheckpointError, save_checkpoint
+
+    save_checkpoint(str(tmp_path / "bad.safetensors"), {"codebook": torch.rand(4, 8)},
+                    config={"format": "langfield-codebook", "model": {"in_dim": 9, "latent_dim": 4}})
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: field 'model'"):
+        load_codec(tmp_path / "bad", "codebook")
+    with pytest.raises(CheckpointError, match="not a langfield codebook"):
+        from langfield.codec.autoencoder import SceneAutoencoder
+
+        SceneAutoencoder(32, (8,), 3, (8,)).save(tmp_path / "ae")
+        load_codec(tmp_path / "ae", "codebook")
+    with pytest.raises(ValueError, match="topk must be in 1..12"):
+        fit_codec("codebook", [x], latent_dim=12, topk=13, device="cpu")
+
+
+def test_kmeans_with_fewer_distinct_points_than_entries():
+    x = F.normalize(torch.eye(5, 16), dim=-1).repeat(20, 1)
+    C, rep = kmeans_codebook(x, 8, iters=10, seed=1)
+    assert C.shape == (8, 16) and torch.isfinite(C).all()
+    assert rep["mean_cos"] == pytest.approx(1.0, abs=1e-6)  # every point has its exact centre
