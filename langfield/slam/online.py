@@ -1,0 +1,290 @@
+"""The online mapper: RGB-D frames in, a (language) Gaussian map and camera poses out.
+
+::
+
+    from langfield.data.rgbd import make_frame
+    from langfield.slam import Mapper, SlamConfig
+
+    mapper = Mapper(SlamConfig(width=320, height=240))
+    for i, (rgb, raw_depth, t) in enumerate(camera):          # your driver's loop
+        frame = make_frame(rgb, raw_depth, K, timestamp=t, depth_scale=1000.0, index=i)
+        info = mapper.step(frame)                              # track, maybe map
+        print(info["index"], info["is_keyframe"], info["gaussians"])
+        c2w = info["pose"]                                     # [4, 4] camera-to-world (numpy)
+    gaussians = mapper.gaussians()                             # a langfield.scene.Gaussians
+
+Each :meth:`Mapper.step` tracks the frame against the map (:mod:`langfield.slam.tracker`,
+from a constant-velocity prediction), decides whether it is a keyframe
+(:mod:`langfield.slam.keyframes`) and, if so, grows the map from its depth and optimises a
+window of keyframes (:mod:`langfield.slam.mapper`). Everything runs in the calling thread and
+is deterministic for a given seed (the random older keyframes come from a seeded generator):
+the same frames give the same map, and :meth:`Mapper.state` / :meth:`Mapper.from_state`
+carry the whole state (map, Adam moments, keyframes, trajectory, generator) for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from langfield.maths import inv_rigid
+from langfield.render.model import Cameras, render
+from langfield.slam.keyframes import Keyframe, KeyframeConfig, choose_window, is_keyframe
+from langfield.slam.mapper import GaussianMap, MapperConfig, lrs_of, prune_mask, seed_gaussians
+from langfield.slam.tracker import TrackerConfig, constant_velocity, track
+
+__all__ = ["SlamConfig", "Mapper", "prepare_frame"]
+
+
+@dataclass
+class SlamConfig:
+    """Online mapping settings. ``width``/``height``: working size (frames are resized to it;
+    None keeps the frames' size). ``init_pose``: "gt" starts the map at the first frame's
+    ground-truth pose when the frame has one (the map and trajectory then live in the
+    dataset's frame), "identity" at the origin."""
+
+    width: Optional[int] = 320
+    height: Optional[int] = 240
+    seed: int = 0
+    init_pose: str = "gt"
+    backend: str = "auto"
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    mapper: MapperConfig = field(default_factory=MapperConfig)
+    keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"width": self.width, "height": self.height, "seed": self.seed, "init_pose": self.init_pose,
+                "backend": self.backend, "tracker": self.tracker.to_dict(), "mapper": self.mapper.to_dict(),
+                "keyframes": self.keyframes.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SlamConfig":
+        d = dict(d)
+        return cls(width=d.get("width"), height=d.get("height"), seed=int(d.get("seed", 0)),
+                   init_pose=str(d.get("init_pose", "gt")), backend=str(d.get("backend", "auto")),
+                   tracker=TrackerConfig.from_dict(d.get("tracker", {})),
+                   mapper=MapperConfig.from_dict(d.get("mapper", {})),
+                   keyframes=KeyframeConfig.from_dict(d.get("keyframes", {})))
+
+
+def prepare_frame(frame, width: Optional[int], height: Optional[int]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(image [h, w, 3] float in [0, 1], depth [h, w] metres, K [3, 3])`` of an
+    :class:`~langfield.data.rgbd.RGBDFrame` at the working size: integer factors average
+    colour and valid depth (a block with a hole stays a hole), other sizes resample (area for
+    colour, nearest for depth); K is scaled to match (pixel centres at +0.5)."""
+    image = torch.from_numpy(np.asarray(frame.color)).float() / 255.0
+    depth = torch.from_numpy(np.asarray(frame.depth, dtype=np.float32))
+    K = torch.from_numpy(np.asarray(frame.K, dtype=np.float64)).float()
+    H, W = depth.shape
+    w, h = width or W, height or H
+    if (w, h) == (W, H):
+        return image, depth, K
+    if W % w == 0 and H % h == 0 and W // w == H // h:
+        from langfield.slam.tracker import pyramid, scale_K
+
+        f = W // w
+        im, d = pyramid(image, depth, f)
+        return im, d, scale_K(K, f)
+    im = F.interpolate(image.permute(2, 0, 1)[None], size=(h, w), mode="area")[0].permute(1, 2, 0).contiguous()
+    d = F.interpolate(depth[None, None], size=(h, w), mode="nearest")[0, 0].contiguous()
+    Ks = K.clone()
+    Ks[0] *= w / W
+    Ks[1] *= h / H
+    return im, d, Ks
+
+
+class Mapper:
+    """Frame-by-frame tracking and mapping (see the module docstring). ``language``: an
+    optional online language head (:class:`langfield.slam.language.OnlineLanguage`)."""
+
+    def __init__(self, config: Optional[SlamConfig] = None, *, language=None, device="cpu"):
+        self.config = config or SlamConfig()
+        self.device = torch.device(device)
+        self.map = GaussianMap(isotropic=self.config.mapper.isotropic, device=self.device)
+        self.keyframes: List[Keyframe] = []
+        self.timestamps: List[float] = []
+        self.names: List[str] = []
+        self.viewmats: List[Tensor] = []  # per frame, world-to-camera as tracked
+        self.keyframe_of_frame: List[int] = []  # -1 or the keyframe's position
+        self.generator = torch.Generator().manual_seed(int(self.config.seed))
+        self.frames_since_kf = 0
+        self.frames = 0
+        self.K: Optional[Tensor] = None
+        self.size: Optional[Tuple[int, int]] = None
+        self.language = language
+        self.timing = {"track_s": 0.0, "map_s": 0.0, "tracked": 0, "mapped": 0, "lang_s": 0.0}
+
+    # ---- the step ---------------------------------------------------------------------------
+    def step(self, frame) -> Dict[str, Any]:
+        """Track ``frame`` (an :class:`~langfield.data.rgbd.RGBDFrame`), map it if it is a
+        keyframe. Returns ``index``, ``timestamp``, ``pose`` (camera-to-world [4, 4] numpy),
+        ``viewmat``, ``is_keyframe``, ``reason``, ``overlap``, ``track_ms``, ``map_ms``,
+        ``iters``, ``coverage``, ``gaussians``, ``keyframes``."""
+        cfg = self.config
+        image, depth, K = prepare_frame(frame, cfg.width, cfg.height)
+        image, depth, K = image.to(self.device), depth.to(self.device), K.to(self.device)
+        h, w = depth.shape
+        if self.size is None:
+            self.size, self.K = (w, h), K
+        elif self.size != (w, h):
+            raise ValueError(f"frame {frame.index}: size {w}x{h} differs from the sequence's {self.size[0]}x"
+                             f"{self.size[1]}")
+        t0 = time.perf_counter()
+        info: Dict[str, Any] = {"index": int(frame.index), "timestamp": float(frame.timestamp), "iters": 0,
+                                "coverage": 1.0}
+        if not self.viewmats:
+            gt = getattr(frame, "camtoworld", None)
+            if cfg.init_pose == "gt" and gt is not None and np.isfinite(gt).all():
+                T = inv_rigid(torch.as_tensor(np.asarray(gt), dtype=torch.float64)).float().to(self.device)
+            else:
+                T = torch.eye(4, device=self.device)
+        else:
+            prev = self.viewmats[-1]
+            prev2 = self.viewmats[-2] if len(self.viewmats) > 1 else None
+            T0 = constant_velocity(prev.double(), None if prev2 is None else prev2.double()).float()
+            res = track(self.map, image, depth, K, T0, cfg.tracker, backend=cfg.backend)
+            T = res.viewmat
+            info.update(iters=res.iters, coverage=res.coverage, track_loss=res.loss)
+        t1 = time.perf_counter()
+        self.timing["track_s"] += t1 - t0
+        self.timing["tracked"] += 1 if self.viewmats else 0
+        last = self.keyframes[-1] if self.keyframes else None
+        kf, reason, overlap = is_keyframe(depth, K, T, last, self.frames_since_kf, info["coverage"], cfg.keyframes)
+        self.viewmats.append(T.detach().clone())
+        self.timestamps.append(float(frame.timestamp))
+        self.names.append(str(getattr(frame, "name", "") or f"frame_{frame.index:06d}"))
+        info.update(is_keyframe=kf, reason=reason, overlap=overlap)
+        map_ms = 0.0
+        if kf:
+            self.keyframes.append(Keyframe(index=len(self.viewmats) - 1, name=self.names[-1],
+                                           timestamp=float(frame.timestamp), viewmat=T.detach().clone(),
+                                           image=image, depth=depth))
+            self.keyframe_of_frame.append(len(self.keyframes) - 1)
+            self.frames_since_kf = 0
+            t2 = time.perf_counter()
+            if self.language is not None:
+                self.language.on_keyframe(self, frame, len(self.keyframes) - 1)
+            self._map_keyframe()
+            map_ms = (time.perf_counter() - t2) * 1000
+            self.timing["map_s"] += map_ms / 1000
+            self.timing["mapped"] += 1
+        else:
+            self.keyframe_of_frame.append(-1)
+            self.frames_since_kf += 1
+        self.frames += 1
+        info.update(pose=inv_rigid(T.double()).cpu().numpy(), viewmat=T.cpu().numpy(), track_ms=(t1 - t0) * 1000,
+                    map_ms=map_ms, gaussians=self.map.num, keyframes=len(self.keyframes))
+        return info
+
+    # ---- mapping ----------------------------------------------------------------------------
+    def _map_keyframe(self) -> None:
+        cfg = self.config.mapper
+        kf = self.keyframes[-1]
+        seed_gaussians(self.map, kf.image, kf.depth, self.K, kf.viewmat, cfg, backend=self.config.backend)
+        iters = cfg.first_iters if len(self.keyframes) == 1 else cfg.iters
+        window = choose_window(len(self.keyframes), cfg.window, cfg.random_older, self.generator)
+        self.optimise(window, iters)
+        self.map.keep(prune_mask(self.map, cfg))
+
+    def optimise(self, window: List[int], iters: int) -> None:
+        """``iters`` mapping iterations over the keyframes ``window`` (one view per iteration,
+        the newest keyframe every other iteration, the rest in turn)."""
+        cfg = self.config.mapper
+        lrs = lrs_of(cfg)
+        w, h = self.size
+        lang = self.language if (self.language is not None and self.language.ready) else None
+        frozen = () if lang is not None else ("lang",)
+        order = []
+        others = window[:-1]
+        for it in range(iters):
+            if it % 2 == 0 or not others:
+                order.append(window[-1])
+            else:
+                order.append(others[(it // 2) % len(others)])
+        for ki in order:
+            kf = self.keyframes[ki]
+            self.map.zero_grad()
+            out = render(self.map, Cameras(kf.viewmat[None], self.K[None], w, h), depth=True,
+                         language=lang is not None, backend=self.config.backend, validate=False)
+            valid = kf.depth > 0
+            nv = max(1, int(valid.sum()))
+            loss = (out.rgb[0] - kf.image).abs().mean() + \
+                cfg.w_depth * ((out.depth[0] - kf.depth).abs() * valid).sum() / nv
+            if lang is not None:
+                loss = loss + cfg.w_lang * lang.loss(out.lang[0], ki)
+            loss.backward()
+            self.map.adam_step(lrs, frozen=frozen)
+
+    # ---- results ----------------------------------------------------------------------------
+    def poses_c2w(self) -> np.ndarray:
+        """[F, 4, 4] camera-to-world of every frame so far (keyframes refined by mapping)."""
+        if not self.viewmats:
+            return np.zeros((0, 4, 4))
+        return inv_rigid(torch.stack(self.viewmats).double()).cpu().numpy()
+
+    def gaussians(self, with_lang: bool = True):
+        """The map as :class:`langfield.scene.Gaussians`."""
+        return self.map.to_gaussians(with_lang=with_lang)
+
+    def render(self, viewmat, K=None, width: Optional[int] = None, height: Optional[int] = None,
+               language: bool = False):
+        """Render the map now (e.g. for a query while mapping)."""
+        K = self.K if K is None else torch.as_tensor(K, dtype=torch.float32)
+        w, h = self.size if width is None else (width, height)
+        with torch.no_grad():
+            return render(self.map, Cameras.of(viewmat, K, w, h, device=self.device), depth=True, language=language,
+                          backend=self.config.backend)
+
+    # ---- state ------------------------------------------------------------------------------
+    def state(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
+        """``(tensors, config)`` holding everything :meth:`from_state` needs to continue exactly."""
+        t = self.map.state_tensors()
+        nf = len(self.viewmats)
+        t["viewmats"] = torch.stack(self.viewmats).contiguous() if nf else torch.zeros((0, 4, 4))
+        t["timestamps"] = torch.tensor(self.timestamps, dtype=torch.float64)
+        t["keyframe_of_frame"] = torch.tensor(self.keyframe_of_frame, dtype=torch.int64)
+        for i, kf in enumerate(self.keyframes):
+            t[f"kf{i}.viewmat"] = kf.viewmat.contiguous()
+            t[f"kf{i}.image"] = kf.image.contiguous()
+            t[f"kf{i}.depth"] = kf.depth.contiguous()
+        t["generator"] = self.generator.get_state().contiguous()
+        if self.K is not None:
+            t["K"] = self.K.contiguous()
+        cfg = {"slam": self.config.to_dict(), "map": self.map.state_config(), "frames": self.frames,
+               "frames_since_kf": self.frames_since_kf, "names": list(self.names),
+               "keyframes": [{"index": kf.index, "name": kf.name, "timestamp": kf.timestamp} for kf in self.keyframes],
+               "size": list(self.size) if self.size else None, "timing": dict(self.timing)}
+        if self.language is not None:
+            lt, lc = self.language.state()
+            t.update({f"lang.{k}": v for k, v in lt.items()})
+            cfg["language"] = lc
+        return t, cfg
+
+    @classmethod
+    def from_state(cls, tensors: Dict[str, Tensor], cfg: Dict[str, Any], *, language=None,
+                   device="cpu") -> "Mapper":
+        m = cls(SlamConfig.from_dict(cfg["slam"]), language=language, device=device)
+        m.map = GaussianMap.from_state(tensors, cfg["map"], device=device)
+        m.viewmats = [v.clone() for v in tensors["viewmats"]]
+        m.timestamps = [float(v) for v in tensors["timestamps"]]
+        m.keyframe_of_frame = [int(v) for v in tensors["keyframe_of_frame"]]
+        m.names = list(cfg["names"])
+        m.frames = int(cfg["frames"])
+        m.frames_since_kf = int(cfg["frames_since_kf"])
+        m.size = tuple(cfg["size"]) if cfg.get("size") else None  # type: ignore[assignment]
+        m.K = tensors.get("K")
+        m.timing = dict(cfg.get("timing") or m.timing)
+        m.generator.set_state(tensors["generator"].clone())
+        for i, k in enumerate(cfg["keyframes"]):
+            m.keyframes.append(Keyframe(index=int(k["index"]), name=str(k["name"]), timestamp=float(k["timestamp"]),
+                                        viewmat=tensors[f"kf{i}.viewmat"].clone(), image=tensors[f"kf{i}.image"].clone(),
+                                        depth=tensors[f"kf{i}.depth"].clone()))
+        if language is not None and "language" in cfg:
+            language.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("lang.")}, cfg["language"])
+        return m

@@ -1,0 +1,288 @@
+"""Camera tracking through the renderer.
+
+A frame's world-to-camera pose is optimised as ``se3_exp(delta) @ T_init`` (left update on
+SE(3), so rotations stay rotations) with Levenberg-Marquardt steps on the 6-vector ``delta``,
+minimising
+
+    L1(rgb) + w_depth * L1(depth)      (Huber cores: quadratic below 0.02 / 1 cm)
+
+over the pixels the map already explains (rendered alpha above ``alpha_thresh`` and a valid
+measured depth; pixels whose depth residual is far beyond the median are dropped as outliers),
+coarse to fine over an image pyramid. Each level stops on a convergence test (the update
+size, after the step size has been halved on every non-improving step, falls below
+``tol_trans`` metres and ``tol_rot`` radians, or the loss stops changing) instead of a fixed
+iteration count; the best pose seen is kept. The camera-pose gradient comes from the
+renderer's kernels (:func:`langfield.render.render` with ``cameras.viewmats`` requiring grad).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from langfield.maths import inv_rigid, se3_exp, se3_log
+from langfield.render.model import Cameras, render
+
+__all__ = ["TrackerConfig", "TrackResult", "track", "pyramid", "constant_velocity", "pose_error"]
+
+
+@dataclass
+class TrackerConfig:
+    """Tracking settings. ``levels``: downsampling factors, coarse to fine; ``max_iters`` per
+    level (a safety cap; levels normally stop on the convergence test)."""
+
+    levels: Tuple[int, ...] = (4, 2, 1)
+    max_iters: Tuple[int, ...] = (30, 30, 30)
+    w_depth: float = 1.0
+    huber_rgb: float = 0.02  # L1 beyond these residuals, quadratic inside
+    huber_depth: float = 0.01  # metres
+    alpha_thresh: float = 0.9
+    coverage_alpha: float = 0.5  # coverage = share of valid-depth pixels with alpha above this
+    cap_rgb: float = 0.2  # per-pixel costs are truncated here (outliers, and pixels the map does not cover,
+    cap_depth: float = 0.1  # cost the cap: metres)
+    tol_trans: float = 1e-5
+    tol_rot: float = 1e-5
+    rel_tol: float = 1e-3  # a level ends after two accepted steps that lower the loss by less than this share
+    abs_tol: float = 1e-7  # ... or by less than this
+    max_rejects: int = 4  # a level ends after this many rejected steps in a row
+    min_pixels: int = 30
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["levels"], d["max_iters"] = list(self.levels), list(self.max_iters)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrackerConfig":
+        d = dict(d)
+        for k in ("levels", "max_iters"):
+            if k in d:
+                d[k] = tuple(int(v) for v in d[k])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrackResult:
+    viewmat: Tensor  # [4, 4] world-to-camera
+    loss: float
+    iters: int
+    iters_per_level: List[int] = field(default_factory=list)
+    converged: bool = True
+    coverage: float = 0.0  # share of valid-depth pixels the map explained at the end
+
+
+def pyramid(image: Tensor, depth: Tensor, factor: int) -> Tuple[Tensor, Tensor]:
+    """``image`` [H, W, 3] box-averaged and ``depth`` [H, W] averaged over valid pixels (a
+    block with any invalid pixel becomes invalid, 0) by an integer ``factor``."""
+    if factor == 1:
+        return image, depth
+    H, W = depth.shape
+    h, w = H // factor, W // factor
+    im = image[:h * factor, :w * factor].permute(2, 0, 1)[None]
+    im = F.avg_pool2d(im, factor)[0].permute(1, 2, 0).contiguous()
+    d = depth[:h * factor, :w * factor][None, None]
+    valid = (d > 0).float()
+    cnt = F.avg_pool2d(valid, factor)
+    dm = F.avg_pool2d(d * valid, factor) / cnt.clamp_min(1e-8)
+    dm = torch.where(cnt > 0.999, dm, torch.zeros_like(dm))
+    return im, dm[0, 0].contiguous()
+
+
+def scale_K(K: Tensor, factor: int) -> Tensor:
+    """Intrinsics of an image downsampled by ``factor`` (pixel centres at +0.5: K / factor)."""
+    Kf = K.clone()
+    Kf[:2] = Kf[:2] / factor
+    return Kf
+
+
+def rigid(T: Tensor) -> Tensor:
+    """The nearest rigid transform (rotation projected on SO(3) by SVD, in float64) of
+    [..., 4, 4]: products of float poses drift off SO(3), and extrapolating a pose that is not
+    rigid amplifies the drift frame after frame."""
+    Td = T.double()
+    U, _, Vh = torch.linalg.svd(Td[..., :3, :3])
+    d = torch.sign(torch.linalg.det(U @ Vh))
+    D = torch.ones(Td.shape[:-2] + (3,), dtype=Td.dtype, device=Td.device)
+    D[..., 2] = d
+    out = torch.zeros_like(Td)
+    out[..., :3, :3] = U @ torch.diag_embed(D) @ Vh
+    out[..., :3, 3] = Td[..., :3, 3]
+    out[..., 3, 3] = 1.0
+    return out.to(T.dtype)
+
+
+def constant_velocity(prev: Optional[Tensor], prev2: Optional[Tensor]) -> Optional[Tensor]:
+    """Constant-velocity prediction of the next world-to-camera pose from the last two
+    (rigid by construction)."""
+    if prev is None:
+        return None
+    if prev2 is None:
+        return rigid(prev)
+    p, p2 = rigid(prev).double(), rigid(prev2).double()
+    rel = p @ inv_rigid(p2)  # motion from prev2 to prev (in the camera frame of prev)
+    return rigid(rel @ p).to(prev.dtype)
+
+
+def pose_error(T_est: Tensor, T_ref: Tensor) -> Tuple[float, float]:
+    """(translation error in metres of the camera centre, rotation error in degrees) between
+    two world-to-camera poses."""
+    E = T_est.double() @ inv_rigid(T_ref.double())
+    c_est = inv_rigid(T_est.double())[:3, 3]
+    c_ref = inv_rigid(T_ref.double())[:3, 3]
+    R = E[:3, :3]
+    vee = torch.stack([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+    ang = torch.atan2(0.5 * vee.norm(), 0.5 * (R.trace() - 1))
+    return float((c_est - c_ref).norm()), math.degrees(float(ang))
+
+
+def _grad_xy(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Central differences (one-sided at the borders) along x (width) and y (height) of
+    [H, W, ...] images."""
+    gx = torch.zeros_like(x)
+    gy = torch.zeros_like(x)
+    gx[:, 1:-1] = 0.5 * (x[:, 2:] - x[:, :-2])
+    gx[:, 0] = x[:, 1] - x[:, 0]
+    gx[:, -1] = x[:, -1] - x[:, -2]
+    gy[1:-1] = 0.5 * (x[2:] - x[:-2])
+    gy[0] = x[1] - x[0]
+    gy[-1] = x[-1] - x[-2]
+    return gx, gy
+
+
+def _huber(r: Tensor, delta: float) -> Tensor:
+    """Huber loss scaled to equal ``|r| - delta / 2`` beyond ``delta`` (an L1 loss with a
+    quadratic core, so Gauss-Newton steps converge near the optimum)."""
+    a = r.abs()
+    return torch.where(a < delta, 0.5 * r * r / delta, a - 0.5 * delta)
+
+
+def _evaluate(model, T: Tensor, K: Tensor, w: int, h: int, image: Tensor, depth: Tensor, cfg: "TrackerConfig",
+              backend: str, need_grad: bool):
+    """Loss at pose ``T`` (and, with ``need_grad``, its exact gradient on the twist through
+    the renderer and a Gauss-Newton matrix from the rendered images' warp Jacobian)."""
+    delta = torch.zeros(6, requires_grad=need_grad)
+    Tp = se3_exp(delta) @ T if need_grad else T
+    with torch.set_grad_enabled(need_grad):
+        out = render(model, Cameras(Tp[None], K[None], w, h), depth=True, backend=backend, validate=False)
+        rgb, alpha, dr = out.rgb[0], out.alpha[0], out.depth[0]
+        with torch.no_grad():
+            valid = depth > 0
+            nvalid = max(1, int(valid.sum()))
+            cov = float(((alpha > cfg.coverage_alpha) & valid).sum()) / nvalid
+            cover = (alpha > cfg.alpha_thresh) & valid
+        r_rgb = rgb - image
+        r_d = dr - depth
+        e_c = _huber(r_rgb, cfg.huber_rgb).mean(-1)
+        e_d = _huber(r_d, cfg.huber_depth)
+        with torch.no_grad():
+            mask = cover & (e_c < cfg.cap_rgb) & (e_d < cfg.cap_depth)  # pixels that carry a gradient
+            n = int(mask.sum())
+        if n < cfg.min_pixels:
+            return None
+        # truncated costs: an uncovered or outlying pixel costs the cap, so no pose gains by hiding pixels
+        cost = torch.where(mask, e_c + cfg.w_depth * e_d, torch.full_like(e_c, cfg.cap_rgb + cfg.w_depth * cfg.cap_depth))
+        loss = (cost * valid).sum() / nvalid
+    if not need_grad:
+        return float(loss), None, None, cov
+    loss.backward()
+    g = delta.grad.detach().double()
+    with torch.no_grad():
+        # warp Jacobian of the rendered images w.r.t. a left twist on the world-to-camera pose
+        vv, uu = torch.nonzero(mask, as_tuple=True)
+        Z = dr.detach()[vv, uu].clamp_min(1e-6)
+        fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
+        X = (uu.float() + 0.5 - cx) / fx * Z
+        Y = (vv.float() + 0.5 - cy) / fy * Z
+        zeros = torch.zeros_like(Z)
+        ones = torch.ones_like(Z)
+        # dP/dxi = [I | -[P]x]  -> rows for X, Y, Z: [N, 6]
+        dX = torch.stack([ones, zeros, zeros, zeros, Z, -Y], -1)
+        dY = torch.stack([zeros, ones, zeros, -Z, zeros, X], -1)
+        dZ = torch.stack([zeros, zeros, ones, Y, -X, zeros], -1)
+        du = (fx / Z)[:, None] * dX - (fx * X / (Z * Z))[:, None] * dZ
+        dv = (fy / Z)[:, None] * dY - (fy * Y / (Z * Z))[:, None] * dZ
+        gxi, gyi = _grad_xy(rgb.detach())
+        gxd, gyd = _grad_xy(dr.detach())
+        Jc = -(gxi[vv, uu][:, :, None] * du[:, None, :] + gyi[vv, uu][:, :, None] * dv[:, None, :])  # [N, 3, 6]
+        Jd = dZ - (gxd[vv, uu][:, None] * du + gyd[vv, uu][:, None] * dv)  # [N, 6]
+        eps_c, eps_d = cfg.huber_rgb, cfg.huber_depth
+        wc = 1.0 / (3 * nvalid * r_rgb.detach()[vv, uu].abs().clamp_min(eps_c))  # IRLS weights of the L1 terms
+        wd = cfg.w_depth / (nvalid * r_d.detach()[vv, uu].abs().clamp_min(eps_d))
+        Jc = Jc.double()
+        Jd = Jd.double()
+        H = torch.einsum("nci,nc,ncj->ij", Jc, wc.double(), Jc) + torch.einsum("ni,n,nj->ij", Jd, wd.double(), Jd)
+    return float(loss.detach()), g, H, cov
+
+
+def track(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: Optional[TrackerConfig] = None, *,
+          backend: str = "auto") -> TrackResult:
+    """Optimise the world-to-camera pose of one frame (``image`` [H, W, 3] in [0, 1], ``depth``
+    [H, W] metres, 0 invalid, ``K`` [3, 3]) against the map ``model`` from ``T_init`` [4, 4].
+
+    Each iteration renders the map at the current pose, takes the exact gradient of the
+    masked L1 loss on the twist (through the renderer) and steps ``-(H + lambda diag H)^-1 g``
+    with H the Gauss-Newton matrix of the IRLS-weighted residuals (from the rendered images'
+    warp Jacobian); a step that raises the loss is undone and lambda raised
+    (Levenberg-Marquardt). A level ends when the step is below ``tol_trans`` / ``tol_rot`` or
+    lambda saturates. Returns the best pose (:class:`TrackResult`)."""
+    cfg = cfg or TrackerConfig()
+    T_cur = T_init.detach().float().clone()
+    iters_all: List[int] = []
+    total = 0
+    last_loss = float("inf")
+    converged = True
+    coverage = 0.0
+    for li, f in enumerate(cfg.levels):
+        im_l, d_l = pyramid(image, depth, f)
+        K_l = scale_K(K.float(), f)
+        h, w = d_l.shape
+        max_it = cfg.max_iters[min(li, len(cfg.max_iters) - 1)]
+        ev = _evaluate(model, T_cur, K_l, w, h, im_l, d_l, cfg, backend, True)
+        it = 1
+        level_conv = False
+        if ev is None:
+            iters_all.append(it)
+            total += it
+            converged = False
+            continue
+        loss, g, H, coverage = ev
+        lam = 1e-3
+        tol_t, tol_r = cfg.tol_trans * f, cfg.tol_rot * f
+        flat = 0
+        rejected = 0
+        while it < max_it:
+            A = H + lam * torch.diag(H.diagonal().clamp_min(1e-12))
+            step = -torch.linalg.solve(A, g)
+            T_new = (se3_exp(step.float()) @ T_cur).detach()
+            small = float(step[:3].norm()) < tol_t and float(step[3:].norm()) < tol_r
+            ev = _evaluate(model, T_new, K_l, w, h, im_l, d_l, cfg, backend, True)
+            it += 1
+            if ev is not None and ev[0] <= loss:
+                rel = (loss - ev[0]) / max(loss, 1e-12)
+                if loss - ev[0] < cfg.abs_tol:
+                    rel = 0.0
+                T_cur = T_new
+                loss, g, H, coverage = ev
+                lam = max(lam / 3.0, 1e-4)
+                rejected = 0
+                flat = flat + 1 if rel < cfg.rel_tol else 0
+                if small or flat >= 2:
+                    level_conv = True
+                    break
+            else:
+                lam *= 8.0
+                rejected += 1
+                if small or rejected >= cfg.max_rejects:
+                    level_conv = True
+                    break
+        iters_all.append(it)
+        total += it
+        converged = converged and level_conv
+        last_loss = loss
+    return TrackResult(viewmat=rigid(T_cur), loss=last_loss, iters=total, iters_per_level=iters_all, converged=converged,
+                       coverage=coverage)
