@@ -17,6 +17,7 @@ COMMANDS: Dict[str, Union[Target, Dict[str, Target]]] = {
     "build": ("langfield.render._build", "cli_build"),
     "process": ("langfield.data.process", "cli_process"),
     "train": ("langfield.train.cli", "cli_train"),
+    "train-dynamic": ("langfield.dynamic.cli", "cli_train_dynamic"),
     "render": ("langfield.train.cli", "cli_render"),
     "eval": ("langfield.train.cli", "cli_eval"),
     "export": ("langfield.train.cli", "cli_export"),
@@ -24,6 +25,7 @@ COMMANDS: Dict[str, Union[Target, Dict[str, Target]]] = {
     "query": ("langfield.query_cli", "cli_query"),
     "demo": ("langfield.demo", "cli_demo"),
     "view": ("langfield.viewer.app", "cli_view"),
+    "slam": ("langfield.slam.cli", "cli_slam"),
     "scenes": {
         "list": ("langfield.scenes.cli", "scenes_list"),
         "make": ("langfield.scenes.cli", "scenes_make"),
@@ -35,12 +37,14 @@ HELP = {
     "process": "structure from motion (pycolmap) on a folder of images without poses -> a COLMAP dataset",
     "demo": "the whole pipeline on the built-in tabletop scene, offline, in a few minutes on a CPU",
     "train": "train a Gaussian scene (and with --features its language field) on a dataset",
+    "train-dynamic": "train deformable Gaussians (4D) on time-stamped frames; --features adds language over time",
     "render": "render a trained run's views (held-out by default)",
     "eval": "PSNR/SSIM on held-out views and text queries (LERF-ovs protocol, 3D selection) -> metrics.json",
     "query": "text queries on a language field: heatmaps, masks, 3D selection",
     "view": "browser viewer (viser): RGB, depth, language PCA, query heatmaps/masks, 3D selection; follows a training run",
     "export": "export a trained run as a standard 3DGS PLY (with lang_* properties when present)",
     "extract": "2D language features per image (sam-clip | dense-clip | labels) into a resumable cache",
+    "slam": "online RGB-D mapping: track and map a TUM/Replica/7-Scenes/folder sequence into a run (+ language)",
     "scenes": "procedural scenes with exact ground truth: list, make",
 }
 

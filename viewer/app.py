@@ -12,7 +12,10 @@ query, query mask. Controls: query, level (auto or one of the scene's), threshol
 3D (highlights the Gaussians matching the query), the dataset's cameras (click a frustum, or
 pick one from the list), render resolution; frames per second and the Gaussian count are
 shown. A plain 3DGS PLY (no language) opens for RGB viewing; a run that is still training is
-polled every ``reload_every`` seconds for newer checkpoints.
+polled every ``reload_every`` seconds for newer checkpoints. Dynamic runs (deformable
+Gaussians) get a time slider and play/pause (at ``Play fps`` time steps per second over the
+dataset's frame times); colour, queries and 3D selection follow the shown time, and the time is
+shown next to the frame rate.
 
     from langfield.viewer import ViewerApp
     app = ViewerApp("runs/tabletop")          # or a LanguageField, or a .ply
@@ -98,8 +101,18 @@ class ClientSession:
         self.show_cameras.on_update(lambda _e: app.set_frustums_visible(bool(self.show_cameras.value)))
         self.resolution = gui.add_slider("Resolution", 64, max(2048, int(app.max_res)), 32, int(app.max_res),
                                          hint="longest side of a frame at rest, pixels")
+        self.dynamic = FrameRenderer.is_dynamic(field.gaussians)
+        times = sorted({float(c.time) for c in field.cameras if c.time is not None})
+        self.time_step = (1.0 / max(len(times) - 1, 1)) if len(times) > 1 else 1.0 / 24
+        self.time = gui.add_slider("Time", 0.0, 1.0, 0.001, 0.0, hint="the time shown (dynamic scenes)",
+                                   visible=self.dynamic)
+        self.play = gui.add_checkbox("Play", False, hint="advance the time, looping", visible=self.dynamic)
+        self.play_fps = gui.add_slider("Play fps", 1, 30, 1, 8, hint="time steps per second while playing",
+                                       visible=self.dynamic)
+        self._player: Optional[threading.Thread] = None
+        self.play.on_update(lambda _e: self._on_play())
         self.message = gui.add_markdown("")
-        for h in (self.mode, self.query, self.level, self.threshold, self.select, self.resolution):
+        for h in (self.mode, self.query, self.level, self.threshold, self.select, self.resolution, self.time):
             h.on_update(self._on_control)
         self.view.on_update(self._on_view)
         self.worker = RenderWorker(self._render, self._deliver, on_error=self._on_error,
@@ -116,7 +129,20 @@ class ClientSession:
     def _settings(self) -> Settings:
         return Settings(mode=_label_to_mode(self.mode.value), query=str(self.query.value), level=str(self.level.value),
                         threshold=float(self.threshold.value), select=bool(self.select.value),
-                        max_res=int(self.resolution.value), jpeg_quality=self.app.jpeg_quality)
+                        max_res=int(self.resolution.value), jpeg_quality=self.app.jpeg_quality,
+                        time=float(self.time.value) if self.dynamic else None)
+
+    def _on_play(self) -> None:
+        if self.play.value and (self._player is None or not self._player.is_alive()):
+            self._player = threading.Thread(target=self._play_loop, name="langfield-play", daemon=True)
+            self._player.start()
+
+    def _play_loop(self) -> None:
+        """While Play is on: the next time step every 1 / fps seconds (looping at 1)."""
+        while not self.closed and bool(self.play.value):
+            nxt = float(self.time.value) + self.time_step
+            self.set_settings(time=0.0 if nxt > 1.0 + 1e-9 else min(nxt, 1.0))
+            time.sleep(1.0 / max(float(self.play_fps.value), 1.0))
 
     def _on_control(self, event=None) -> None:
         if self._updating:
@@ -165,6 +191,10 @@ class ClientSession:
                     self.select.value = bool(v)
                 elif k == "max_res":
                     self.resolution.value = int(v)
+                elif k == "time":
+                    self.time.value = min(max(float(v), 0.0), 1.0)
+                elif k == "play":
+                    self.play.value = bool(v)
                 else:
                     raise KeyError(k)
         finally:
@@ -218,6 +248,8 @@ class ClientSession:
             return f"**— fps** · {what}"
         fps = self.worker.fps.fps(frame.seconds)
         line = f"**{fps:.1f} fps** · {frame.width}×{frame.height} ({frame.quality}, {frame.seconds * 1e3:.0f} ms)"
+        if self.dynamic and frame.time is not None:
+            line += f" · **t = {frame.time:.3f}**" + (" ▶" if bool(self.play.value) else "")
         extra = []
         if frame.path:
             extra.append(f"{frame.path} relevancy")
@@ -243,6 +275,11 @@ class ClientSession:
 
     def close(self) -> None:
         self.closed = True
+        if hasattr(self, "play"):
+            try:
+                self.play.value = False
+            except Exception:  # the client is gone
+                pass
         self.worker.stop(join=False)
 
 
@@ -373,6 +410,9 @@ class ViewerApp:
             client.camera.look_at = look_at
             client.camera.up_direction = up
         client.flush()
+        sess = self.sessions.get(client.client_id)
+        if sess is not None and sess.dynamic and c.time is not None:  # the camera's own moment
+            sess.set_settings(time=float(c.time))
 
     # -- clients ------------------------------------------------------------------------------
     def _on_connect(self, client) -> None:

@@ -138,6 +138,7 @@ class Settings:
     select: bool = False  # highlight the Gaussians matching the query (3D selection)
     max_res: int = 640  # longest side of a frame at rest, pixels
     jpeg_quality: int = 85
+    time: Optional[float] = None  # dynamic scenes: the time in [0, 1] shown (None: static / t = 0)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class Frame:
     selected: Optional[int] = None  # Gaussians selected in 3D
     seconds: float = 0.0
     viewmat: Optional[np.ndarray] = None
+    time: Optional[float] = None  # the time drawn (dynamic scenes)
     K: Optional[np.ndarray] = None
 
 
@@ -223,19 +225,37 @@ class FrameRenderer:
             return None
         return levels.index(level)
 
-    def _rasterize(self, g, sh_degree: int, viewmat, K, width: int, height: int, extra: Optional[torch.Tensor]):
+    @staticmethod
+    def is_dynamic(g) -> bool:
+        """A scene model that changes over time (deformable Gaussians)."""
+        return hasattr(g, "deform")
+
+    @staticmethod
+    def lang_of(g, t: Optional[float]) -> torch.Tensor:
+        """The per-Gaussian latents of every level at time ``t``: the stored ones, plus for a
+        dynamic model with time-sensitive states its ``state`` level at ``t``."""
+        if getattr(g, "states", None) is not None:
+            with torch.no_grad():
+                return g.activated(0.0 if t is None else float(t)).lang.detach()
+        return g.splats["lang"].detach()
+
+    def _tkey(self, g, t: Optional[float]):
+        return None if getattr(g, "states", None) is None else round(float(t or 0.0), 6)
+
+    def _rasterize(self, g, sh_degree: int, viewmat, K, width: int, height: int, extra: Optional[torch.Tensor],
+                   t: Optional[float] = None):
         from langfield.render.model import Cameras, render
 
-        out = render(g, Cameras.of(viewmat, K, width, height, device=g.device), sh_degree=sh_degree, extra=extra,
+        out = render(g, Cameras.of(viewmat, K, width, height, device=g.device), t=t, sh_degree=sh_degree, extra=extra,
                      depth=True, background=self.background, backend=self.field.backend)
         ex = out.extra[0] if extra is not None else None
         return out.rgb[0].clamp(0, 1), out.depth[0], out.alpha[0], ex
 
     @torch.no_grad()
-    def level_scores(self, g, text: str, li: int) -> torch.Tensor:
+    def level_scores(self, g, text: str, li: int, t: Optional[float] = None) -> torch.Tensor:
         """Each Gaussian's relevancy ``[N]`` to ``text`` at level ``li`` (its latent decoded),
-        cached per Gaussians, text and level."""
-        key = (id(g), text, int(li))
+        cached per Gaussians, text and level (and time, for time-sensitive latents)."""
+        key = (id(g), text, int(li), self._tkey(g, t))
         with self._lock:
             hit = self._gauss_rel.get(key)
             if hit is not None and hit[0] is g:
@@ -246,7 +266,7 @@ class FrameRenderer:
         with f._lock:
             decoder, nl = f.decoder, len(f.levels)
         tq = f.text_query
-        scores = select_gaussians(g.splats["lang"].detach(), decoder, tq.embed(text), tq.canon, level=int(li),
+        scores = select_gaussians(self.lang_of(g, t), decoder, tq.embed(text), tq.canon, level=int(li),
                                   n_levels=nl).scores  # scores only: the threshold is applied by the caller
         with self._lock:
             if len(self._gauss_rel) > 24:
@@ -254,7 +274,8 @@ class FrameRenderer:
             self._gauss_rel[key] = (g, scores)
         return scores
 
-    def selection_mask(self, g, text: str, li: Optional[int], threshold: float) -> torch.Tensor:
+    def selection_mask(self, g, text: str, li: Optional[int], threshold: float,
+                       t: Optional[float] = None) -> torch.Tensor:
         """3D selection: the Gaussians whose relevancy, normalised as the 2D heatmaps are, is
         above ``threshold``. ``li`` None: the level whose 32 best Gaussians score highest
         (:func:`langfield.query.select_gaussians`' choice)."""
@@ -262,27 +283,27 @@ class FrameRenderer:
 
         nl = len(self.field.levels)
         if li is None:
-            per = torch.stack([self.level_scores(g, text, i) for i in range(nl)])
+            per = torch.stack([self.level_scores(g, text, i, t) for i in range(nl)])
             if per.shape[1] == 0:
                 return torch.zeros(0, dtype=torch.bool, device=per.device)
             k = max(1, min(32, per.shape[1]))
             s = per[int(torch.argmax(per.topk(k, dim=1).values.mean(1)))]
         else:
-            s = self.level_scores(g, text, li)
+            s = self.level_scores(g, text, li, t)
         if s.numel() == 0:
             return torch.zeros(0, dtype=torch.bool, device=s.device)
         return normalize_map(s[None, None])[0, 0] > float(threshold)
 
     @torch.no_grad()
-    def gaussian_pca(self, g, li: int, decoder, L: int) -> torch.Tensor:
+    def gaussian_pca(self, g, li: int, decoder, L: int, t: Optional[float] = None) -> torch.Tensor:
         """Per-Gaussian false colours ``[N, 3]``: the first three principal components of the
         decoded features of level ``li``, mapped to [0, 1] (1st..99th percentile)."""
-        key = (id(g), li)
+        key = (id(g), li, self._tkey(g, t))
         with self._lock:
             hit = self._pca.get(key)
             if hit is not None and hit[0] is g:
                 return hit[1]
-        lang = g.splats["lang"].detach()
+        lang = self.lang_of(g, t)
         z = lang[:, li * L:(li + 1) * L]
         N = z.shape[0]
         gen = torch.Generator().manual_seed(0)
@@ -332,6 +353,7 @@ class FrameRenderer:
             messages.append("type a query")
             mode = "rgb"
         li = self._level_index(settings.level, levels)
+        t = settings.time if self.is_dynamic(g) else None
         path = ""
         used_level = None
         n_selected = None
@@ -339,28 +361,28 @@ class FrameRenderer:
         extras: List[torch.Tensor] = []
         sel_mask = None
         if settings.select and text and not problem and wants_query:
-            sel_mask = self.selection_mask(g, text, li, settings.threshold)
+            sel_mask = self.selection_mask(g, text, li, settings.threshold, t)
             n_selected = int(sel_mask.sum())
             extras.append(sel_mask.to(g.device, torch.float32)[:, None])
         exact = mode in ("relevancy", "mask") and quality == "rest" and self.exact_budget > 0
         if mode in ("relevancy", "mask"):
             if exact:
-                lat = g.splats["lang"].detach()
+                lat = self.lang_of(g, t)
                 extras.append(lat if li is None else lat[:, li * L:(li + 1) * L])
             else:
                 # auto level while moving: the level the last exact frame chose, when there was one
                 lf = li if li is not None else self._known_level.get((id(g), text))
                 fast_levels = list(range(len(levels))) if lf is None else [lf]
-                per = torch.stack([self.level_scores(g, text, i) for i in fast_levels], 1)
+                per = torch.stack([self.level_scores(g, text, i, t) for i in fast_levels], 1)
                 extras.append(per.to(g.device, torch.float32))
         elif mode == "pca":
             lp = len(levels) // 2 if li is None else li
-            extras.append(self.gaussian_pca(g, lp, decoder, L))
+            extras.append(self.gaussian_pca(g, lp, decoder, L, t))
             used_level = levels[lp]
         if cancelled():
             raise Cancelled()
         extra = torch.cat(extras, 1).contiguous() if extras else None
-        rgb, depth, alpha, ex = self._rasterize(g, sh, vm, K, width, height, extra)
+        rgb, depth, alpha, ex = self._rasterize(g, sh, vm, K, width, height, extra, t)
         if cancelled():
             raise Cancelled()
         col = 0
@@ -418,7 +440,7 @@ class FrameRenderer:
         img = (out.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         return Frame(image=img, width=width, height=height, mode=mode, quality=quality, message="; ".join(messages),
                      level=used_level, path=path, selected=n_selected, seconds=time.perf_counter() - t0,
-                     viewmat=vm, K=K)
+                     viewmat=vm, K=K, time=t)
 
     @torch.no_grad()
     def _exact_relevancy(self, maps: torch.Tensor, keys: List[str], L: int, valid: torch.Tensor, decoder, text: str,
