@@ -201,6 +201,7 @@ def run_slam(data, out, *, features: str = "none", max_frames: Optional[int] = N
         from langfield.slam.language import OnlineLanguage
 
         language = OnlineLanguage.create(features, seq, device=dev, **(language_options or {}))
+        language.run_dir = rf.root
     rf.root.mkdir(parents=True, exist_ok=True)
     with rf.lock():
         if not resume and overwrite and not rf.is_empty_for_new_run():
