@@ -122,7 +122,7 @@ def cli_demo(
         overwrite: start again (OUT/data and OUT/run are deleted first).
         quiet: no progress bars.
     """
-    from langfield.train.cli import _fail, _os_reason, _plain_warnings
+    from langfield.train.cli import _fail, _os_path, _os_reason, _plain_warnings
 
     _plain_warnings()
     out = Path(out)
@@ -146,7 +146,7 @@ def cli_demo(
     except (RunError, NonFiniteError, LanguageError, WeightsError) as e:
         raise _fail(str(e).splitlines()[0]) from None
     except OSError as e:
-        raise _fail(f"{e.filename or out}: {_os_reason(e)} (rerun the demo to continue from what is done)") from None
+        raise _fail(f"{_os_path(e, out)}: {_os_reason(e)} (rerun the demo to continue from what is done)") from None
     except KeyboardInterrupt:
         print(f"\nlangfield: interrupted; run the same command again to continue (every step resumes)",
               file=__import__("sys").stderr)

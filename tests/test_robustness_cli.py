@@ -224,3 +224,15 @@ def test_demo_refuses_bad_options_before_work(tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     _exit2(["demo", "--out", tmp_path / "f"], capsys, "is a file")
     assert not (tmp_path / "d").exists()
+
+
+def test_os_path_names_the_target_not_the_temporary_file(tmp_path):
+    from langfield.train.rgb import os_path, os_reason
+
+    e = PermissionError(13, "Permission denied", str(tmp_path / ".config.json.xdokli3c.tmp"))
+    assert os_path(e, tmp_path) == tmp_path / "config.json"
+    e = OSError(27, "File too large", str(tmp_path / ".ckpt_0000010.safetensors.a_b9.tmp"))
+    assert os_path(e, tmp_path) == tmp_path / "ckpt_0000010.safetensors"
+    assert "disk is full" in os_reason(e)
+    assert os_path(OSError(28, "No space left on device"), tmp_path / "run") == tmp_path / "run"
+    assert os_path(PermissionError(13, "x", str(tmp_path / "plain.json")), tmp_path) == tmp_path / "plain.json"

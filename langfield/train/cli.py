@@ -219,7 +219,7 @@ def cli_train(
     except (LanguageError, WeightsError, RunError) as e:
         raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     except OSError as e:  # a full disk or a read-only run folder during the language stage
-        raise _fail(f"{e.filename or out}: {_os_reason(e)} (run folder {out}; the checkpoints there are intact; "
+        raise _fail(f"{_os_path(e, out)}: {_os_reason(e)} (run folder {out}; the checkpoints there are intact; "
                     f"continue with --features {features} --resume)") from None
     except KeyboardInterrupt:
         print(f"\nlangfield: interrupted; continue the language stage with: langfield train {data} --out {out} "
@@ -233,6 +233,12 @@ def _os_reason(e: OSError) -> str:
     from langfield.train.rgb import os_reason
 
     return os_reason(e)
+
+
+def _os_path(e: OSError, default) -> Path:
+    from langfield.train.rgb import os_path
+
+    return os_path(e, default)
 
 
 def _check_labels(data: Path, allow_outside: bool) -> None:
@@ -366,7 +372,7 @@ def cli_render(
         res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
                              backend=doc["train"].get("backend", "auto"), out_dir=dest, progress=sys.stderr.isatty())
     except OSError as e:
-        raise _fail(f"--out {dest}: cannot write {e.filename or 'the renders'} ({_os_reason(e)})") from None
+        raise _fail(f"--out {dest}: cannot write {_os_path(e, 'the renders')} ({_os_reason(e)})") from None
     print(f"rendered {len(idx)} views (step {ckpt.step}) -> {dest}"
           + (f"; PSNR {res['psnr']:.2f} dB" if res["psnr"] is not None else ""))
     return 0
@@ -441,7 +447,7 @@ def cli_eval(
             m = write_metrics(rf, res, step=ckpt.step, train_time_s=ckpt.config.get("train_time_s"),
                               num_gaussians=g.num, background=bg, split="test")
         except OSError as e:
-            raise _fail(f"{e.filename or rf.metrics}: {_os_reason(e)} (nothing of the run was changed)") from None
+            raise _fail(f"{_os_path(e, rf.metrics)}: {_os_reason(e)} (nothing of the run was changed)") from None
         print(f"step {ckpt.step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} on {m['n_views']} held-out views "
               f"-> {rf.metrics}")
         from langfield.field import latest_language_checkpoint
@@ -462,7 +468,7 @@ def cli_eval(
     except (QueriesError, FieldError) as e:
         raise _fail(str(e)) from None
     except OSError as e:
-        raise _fail(f"{e.filename or run}: {_os_reason(e)}") from None
+        raise _fail(f"{_os_path(e, run)}: {_os_reason(e)}") from None
     return 0
 
 
@@ -528,7 +534,7 @@ def cli_export(
                 "normalized": bool(normalized)})
             field.codec.save(ply.with_name(f"{ply.stem}.{stem}.safetensors"))
         except OSError as e:
-            raise _fail(f"--ply {ply}: cannot write its sidecar {e.filename or ply.with_suffix('.json')} "
+            raise _fail(f"--ply {ply}: cannot write its sidecar {_os_path(e, ply.with_suffix('.json'))} "
                         f"({_os_reason(e)})") from None
         extra = (f" with {g.lang.shape[1]} language channels (+ {ply.with_suffix('.json').name}, "
                  f"{ply.stem}.{stem}.*)")

@@ -645,6 +645,18 @@ def os_reason(e: OSError) -> str:
     return e.strerror or str(e) or type(e).__name__
 
 
+def os_path(e: OSError, default) -> Path:
+    """The file an OSError is about: the target of an atomic write rather than its temporary
+    file (``.config.json.k2j3.tmp`` -> ``config.json``), else ``default``."""
+    import re
+
+    if not e.filename:
+        return Path(default)
+    f = Path(str(e.filename))
+    m = re.match(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$", f.name)
+    return f.with_name(m.group(1)) if m else f
+
+
 def _progress_mode(progress: Optional[bool]) -> Optional[str]:
     """``progress`` option -> Progress mode: None = bar on a terminal, log lines otherwise;
     False = off; True = a bar."""
@@ -680,7 +692,7 @@ def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = Non
         try:
             return _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options)
         except OSError as e:  # config, metrics or renders that cannot be written (checkpoints: save_checkpoint)
-            raise RunError(f"{e.filename or root}: {os_reason(e)} (run folder {root}; its checkpoints are "
+            raise RunError(f"{os_path(e, root)}: {os_reason(e)} (run folder {root}; its checkpoints are "
                            f"written atomically, the ones there are intact)") from None
     except BaseException:
         if created and RunFolder(root).is_empty_for_new_run():  # nothing was written: leave no empty folder
