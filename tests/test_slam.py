@@ -191,3 +191,12 @@ def test_full_run_with_labels_language(room, tmp_path):
     # the query command works on the mapping run unchanged
     assert main(["query", str(run), "sofa", "--view", "1", "--out", str(tmp_path / "q")]) == 0
     assert (tmp_path / "q" / "query.json").is_file()
+    # the evaluation `langfield eval RUN` calls for a mapping run
+    from langfield.slam.evaluate import evaluate_slam_run, is_slam_run
+
+    assert is_slam_run(run)
+    rep = evaluate_slam_run(run, max_views=4)
+    assert abs(rep["ate_rmse"] - err["rmse"]) < 1e-6 and rep["matched"] == n
+    assert rep["keyframes"]["psnr"] > 20 and rep["other"]["psnr"] > 18  # measured 26.5 / 24.9 dB
+    assert rep["keyframes"]["depth_l1"] < 0.08
+    assert read_metrics(run)["slam_eval"]["ate_rmse"] == rep["ate_rmse"]

@@ -37,7 +37,8 @@ class TrackerConfig:
     level (a safety cap; levels normally stop on the convergence test)."""
 
     levels: Tuple[int, ...] = (4, 2, 1)
-    max_iters: Tuple[int, ...] = (30, 30, 30)
+    max_iters: Tuple[int, ...] = (20, 15, 20)
+    tol_scale: Tuple[float, ...] = (20.0, 5.0, 1.0)  # coarser levels stop on looser step / loss-change tests
     w_depth: float = 1.0
     huber_rgb: float = 0.02  # L1 beyond these residuals, quadratic inside
     huber_depth: float = 0.01  # metres
@@ -51,16 +52,17 @@ class TrackerConfig:
     abs_tol: float = 1e-7  # ... or by less than this
     max_rejects: int = 4  # a level ends after this many rejected steps in a row
     min_pixels: int = 30
+    h_pixels: int = 8192  # pixels used for the Gauss-Newton matrix
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
-        d["levels"], d["max_iters"] = list(self.levels), list(self.max_iters)
+        d["levels"], d["max_iters"], d["tol_scale"] = list(self.levels), list(self.max_iters), list(self.tol_scale)
         return d
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrackerConfig":
         d = dict(d)
-        for k in ("levels", "max_iters"):
+        for k in ("levels", "max_iters", "tol_scale"):
             if k in d:
                 d[k] = tuple(int(v) for v in d[k])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
@@ -192,8 +194,13 @@ def _evaluate(model, T: Tensor, K: Tensor, w: int, h: int, image: Tensor, depth:
     loss.backward()
     g = delta.grad.detach().double()
     with torch.no_grad():
-        # warp Jacobian of the rendered images w.r.t. a left twist on the world-to-camera pose
+        # warp Jacobian of the rendered images w.r.t. a left twist on the world-to-camera pose (H is only
+        # the step's metric: the gradient is exact), on at most h_pixels of the pixels with a gradient
         vv, uu = torch.nonzero(mask, as_tuple=True)
+        if vv.numel() > cfg.h_pixels:
+            sel = torch.arange(0, vv.numel(), vv.numel() / cfg.h_pixels).long()
+            vv, uu = vv[sel], uu[sel]
+        scale = n / vv.numel()
         Z = dr.detach()[vv, uu].clamp_min(1e-6)
         fx, fy, cx, cy = float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])
         X = (uu.float() + 0.5 - cx) / fx * Z
@@ -210,12 +217,11 @@ def _evaluate(model, T: Tensor, K: Tensor, w: int, h: int, image: Tensor, depth:
         gxd, gyd = _grad_xy(dr.detach())
         Jc = -(gxi[vv, uu][:, :, None] * du[:, None, :] + gyi[vv, uu][:, :, None] * dv[:, None, :])  # [N, 3, 6]
         Jd = dZ - (gxd[vv, uu][:, None] * du + gyd[vv, uu][:, None] * dv)  # [N, 6]
-        eps_c, eps_d = cfg.huber_rgb, cfg.huber_depth
-        wc = 1.0 / (3 * nvalid * r_rgb.detach()[vv, uu].abs().clamp_min(eps_c))  # IRLS weights of the L1 terms
-        wd = cfg.w_depth / (nvalid * r_d.detach()[vv, uu].abs().clamp_min(eps_d))
-        Jc = Jc.double()
-        Jd = Jd.double()
-        H = torch.einsum("nci,nc,ncj->ij", Jc, wc.double(), Jc) + torch.einsum("ni,n,nj->ij", Jd, wd.double(), Jd)
+        wc = scale / (3 * nvalid * r_rgb.detach()[vv, uu].abs().clamp_min(cfg.huber_rgb))  # IRLS weights (Huber)
+        wd = scale * cfg.w_depth / (nvalid * r_d.detach()[vv, uu].abs().clamp_min(cfg.huber_depth))
+        Jc2 = Jc.reshape(-1, 6)
+        H = (Jc2 * wc.reshape(-1, 1)).T @ Jc2 + (Jd * wd[:, None]).T @ Jd
+        H = H.double()
     return float(loss.detach()), g, H, cov
 
 
@@ -252,7 +258,10 @@ def track(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: O
             continue
         loss, g, H, coverage = ev
         lam = 1e-3
-        tol_t, tol_r = cfg.tol_trans * f, cfg.tol_rot * f
+        ts = cfg.tol_scale[min(li, len(cfg.tol_scale) - 1)] if li < len(cfg.levels) - 1 else 1.0
+        tol_t, tol_r = cfg.tol_trans * ts, cfg.tol_rot * ts
+        rel_tol = cfg.rel_tol * (ts if li < len(cfg.levels) - 1 else 1.0)
+        need_flat = 1 if li < len(cfg.levels) - 1 else 2
         flat = 0
         rejected = 0
         while it < max_it:
@@ -270,8 +279,8 @@ def track(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: O
                 loss, g, H, coverage = ev
                 lam = max(lam / 3.0, 1e-4)
                 rejected = 0
-                flat = flat + 1 if rel < cfg.rel_tol else 0
-                if small or flat >= 2:
+                flat = flat + 1 if rel < rel_tol else 0
+                if small or flat >= need_flat:
                     level_conv = True
                     break
             else:
