@@ -501,7 +501,7 @@ CASES: List[Case] = [
     Case("query-ply-data-cameras", lambda c: ["query", c.fx.ply, "red mug", "--data", c.fx.data, "--out",
                                               c.work / "out"], "ok"),
     Case("query-stems-differ", lambda c: ["query", c.fx.ply, "query", "?", "--out", c.work / "out"], "ok",
-         check=_check_distinct, quick=True),
+         check=_check_distinct),
     Case("query-10000-chars", lambda c: ["query", c.fx.ply, LONG, "--out", c.work / "out"], "ok", check=_check_long),
     Case("query-ply-exists", lambda c: ["query", c.fx.ply, "red mug", "--ply", _with_file(c, "existing.ply"), "--out",
                                         c.work / "out"], "refuse", ["--ply", "existing.ply", "--overwrite"],
@@ -606,7 +606,7 @@ CASES: List[Case] = [
          ["language/checkpoints/ckpt_0000030", "unreadable checkpoint"], serve=True),
     # --- #12.2: two writers of one run folder; the lock of a killed one is taken over
     Case("train-two-writers-one-folder", _two_writers, "refuse", ["is being written by process"],
-         after=_two_writers_after),
+         after=_two_writers_after, may_write=["run/"]),  # the holder and, after kill -9, the takeover write there
     # --- #12.4, #12.6, #12.11, #12.12: datasets and options
     Case("train-language-resume-keeps-options", lambda c: ["train", c.fx.data_ho, "--out", _copy(c.fx.lang_run,
                                                            c.work / "run"), "--features", "labels", "--resume",
@@ -634,6 +634,11 @@ CASES: List[Case] = [
          ["sparse/0"]),
     Case("train-umask-027", lambda c: ["train", c.fx.data, "--out", c.work / "r", "--steps", "3", "--device", "cpu",
                                        "--quiet"], "ok", ["trained 3 steps"], check=_check_modes, wrap="umask:027"),
+    # --- defects owned elsewhere (see `known`)
+    Case("view-missing-run", lambda c: ["view", c.work / "nope", "--port", "0"], "refuse", ["nope", "not found"],
+         known="viewer/app.py cli_view raises SystemExit(str): exit status 1, not 2"),
+    Case("process-missing-folder", lambda c: ["process", c.work / "nope", "--out", c.work / "x"], "refuse",
+         ["nope", "does not exist"], known="data/process.py cli_process exits with status 1, not 2"),
     # --- #12 cases that behave already
     Case("scenes-make-over-existing", lambda c: ["scenes", "make", "tabletop", "--out", _copy(c.fx.data, c.work / "d"),
                                                  "--views", "2", "--size", "16x16"], "refuse", ["--overwrite"]),
@@ -707,11 +712,11 @@ def run_case(case: Case, fx: Fixtures) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--subset", choices=["all", "quick"], default="all")
-    ap.add_argument("-k", default=None, help="only cases whose name contains this")
+    ap.add_argument("-k", default=None, help="only cases whose name contains this (or one of these, comma-separated)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--strict", action="store_true", help="KNOWN cases count as FAIL")
     args = ap.parse_args(argv)
-    cases = [c for c in CASES if (args.subset == "all" or c.quick) and (args.k is None or args.k in c.name)]
+    cases = [c for c in CASES if (args.subset == "all" or c.quick) and (args.k is None or any(k in c.name for k in args.k.split(",")))]
     root = Path(tempfile.mkdtemp(prefix="langfield-adversarial-"))
     fx = Fixtures(root)
     rows = []
