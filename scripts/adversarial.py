@@ -20,9 +20,15 @@ Prints a table ``case -> ok / FAIL (why)`` and exits 1 on any FAIL. ``known`` ca
 defect owned elsewhere, with its reason) are shown as KNOWN and do not fail the sweep unless
 ``--strict``.
 
-    python scripts/adversarial.py                 # every case (about a minute on 2 cores)
+Special cases: ``wrap="readonly"`` (as root, setpriv drops the capabilities that bypass file
+modes, so a 0555 folder is read-only), ``wrap="fsize:N"`` (RLIMIT_FSIZE with SIGXFSZ ignored:
+writes past N bytes fail with EFBIG, as on a full disk), ``wrap="umask:027"``, ``serve=True``
+(``view``: started, stopped with SIGINT once it serves), ``after`` (a second step, e.g. kill -9
+of a lock holder and the takeover).
+
+    python scripts/adversarial.py                 # every case (about 50; ~10 min on 2 idle cores)
     python scripts/adversarial.py --subset quick  # the pytest wrapper's subset
-    python scripts/adversarial.py -k query --keep # cases whose name contains "query"; keep the folder
+    python scripts/adversarial.py -k query,render --keep  # cases whose name contains one of these; keep the folder
 """
 
 from __future__ import annotations
