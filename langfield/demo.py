@@ -148,7 +148,7 @@ def cli_demo(
     except OSError as e:
         raise _fail(f"{_os_path(e, out)}: {_os_reason(e)} (rerun the demo to continue from what is done)") from None
     except KeyboardInterrupt:
-        print(f"\nlangfield: interrupted; run the same command again to continue (every step resumes)",
+        print("\nlangfield: interrupted; run the same command again to continue (every step resumes)",
               file=__import__("sys").stderr)
         return 130
     return 0
