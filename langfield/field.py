@@ -153,6 +153,7 @@ class LanguageField:
         if ck is None:
             raise FieldError(f"{run}: no readable checkpoint in {rf.checkpoints} (train first)")
         lang_ck = ck_path if stage == "language" else None
+        lang_damaged = lang_ck is None and bool(rf.store("language").steps())
         try:
             g = model_from_checkpoint(doc, ck, dev)
         except RunError as e:
@@ -193,7 +194,7 @@ class LanguageField:
                    source=run, kind="run", step=int(ck.step), stage="language" if decoder is not None else "rgb",
                    backend=backend,
                    info={"background": doc.get("dataset", {}).get("background"), "text": lang_doc.get("text"),
-                         "features": lang_doc.get("features")})
+                         "features": lang_doc.get("features"), "language_damaged": lang_damaged})
         self._ckpt_path = Path(ck_path)
         return self
 
@@ -308,6 +309,10 @@ class LanguageField:
         return self.levels.index(level)
 
     def _require_language(self) -> None:
+        if not self.has_language and self.info.get("language_damaged"):
+            raise NoLanguageError(f"{self.source}: every language checkpoint in "
+                                  f"{Path(self.source) / LANGUAGE_DIR / 'checkpoints'} is damaged (see the warnings); "
+                                  f"train the language stage again with --overwrite-language")
         if not self.has_language:
             raise NoLanguageError(f"{self.source or 'this scene'} has no language field "
                                   f"(train one with `langfield train DATA --out RUN --features labels|sam-clip|dense-clip`)")

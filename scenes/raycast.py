@@ -537,6 +537,10 @@ def trace(sc: TorchScene, o, d, tmax=None, chunk: Optional[int] = None, any_hit:
             ok = _nz(ri < n)
             ri, pr = ri.index_select(0, ok), pr.index_select(0, ok)
         hits.append(_intersect_pairs(sc, rays, tmax, ri, pr))
+    if not hits:  # no ray has a candidate primitive (tiny images can miss everything)
+        if any_hit:
+            return torch.zeros(n, dtype=torch.bool)
+        return tmax[:n].clone(), torch.full((n,), -1, dtype=torch.int64)
     ri = torch.cat([h[0] for h in hits])
     pr = torch.cat([h[1] for h in hits])
     t = torch.cat([h[2] for h in hits])

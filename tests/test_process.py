@@ -185,8 +185,8 @@ def run_cli(*args) -> str:
     """The CLI's exit message (SystemExit) as a string; fails if it exits 0."""
     with pytest.raises(SystemExit) as e:
         cli_main(["process", *map(str, args)])
-    assert e.value.code not in (0, None)
-    return str(e.value.code)
+    assert e.value.code == 2
+    return str(e.value)
 
 
 def test_missing_folder(tmp_path):

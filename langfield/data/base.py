@@ -788,8 +788,8 @@ def inside_root(root: PathLike, p: PathLike, source: PathLike, field_name: str, 
         inside = False
     if not inside:
         shown = value if value is not None else str(p)
-        raise DatasetError(f"{shown!r} leaves the dataset folder {r}; refused (pass allow_outside=True to "
-                           f"load_dataset to read files outside it)", source, field_name)
+        raise DatasetError(f"{shown!r} leaves the dataset folder {r}; refused (the CLI's --allow-outside, or "
+                           f"load_dataset(..., allow_outside=True), reads files outside it)", source, field_name)
     return p
 
 

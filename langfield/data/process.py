@@ -470,7 +470,9 @@ def cli_process(
                        overwrite=overwrite, overlap=overlap, seed=seed, num_threads=num_threads, device=device,
                        verbose=verbose, log=lambda s: print(s, flush=True))
     except ProcessError as e:
-        raise SystemExit(f"langfield process: {e}") from None
+        from langfield.cli import CliError
+
+        raise CliError(f"langfield process: {e}") from None
     except KeyboardInterrupt:
         print("langfield process: interrupted; nothing written", file=sys.stderr)
         return 130

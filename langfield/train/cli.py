@@ -15,6 +15,8 @@ from typing_extensions import Annotated
 
 import tyro
 
+from langfield.cli import CliError
+
 DataArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="DATA")]]
 RunArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="RUN")]]
 
@@ -22,18 +24,6 @@ __all__ = ["cli_train", "cli_render", "cli_eval", "cli_export"]
 
 
 CLI_LANG_LR = 0.01  # the command's default latent learning rate for a new language stage
-
-
-class CliError(SystemExit):
-    """A one-line user error: printed to stderr, exit status 2 (as argument errors)."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
-        print(message, file=sys.stderr)
-
-    def __str__(self) -> str:
-        return self.message
 
 
 def _fail(msg: str) -> "SystemExit":
