@@ -77,6 +77,9 @@ def cli_query(
     overwrite: bool = False,
     data: Optional[Path] = None,
     device: Literal["auto", "cpu", "cuda"] = "auto",
+    time: Optional[float] = None,
+    over_time: bool = False,
+    hold_threshold: float = 0.55,
 ) -> int:
     """Query a language field with text: heatmap over the RGB render, mask and JSON per query
     (LERF relevancy, level chosen by the highest relevancy); optionally select the matching
@@ -98,6 +101,11 @@ def cli_query(
             run folder, instead of the dataset the run recorded). Without it a PLY is seen from 6 views on a
             circle above the scene.
         device: auto, cpu or cuda.
+        time: dynamic runs: the time in [0, 1] to render and query at (default: the view's own time).
+        over_time: dynamic runs: query the view at every frame time of the run's dataset: a relevancy-over-time
+            curve (PNG + JSON), the times where the query holds (best smoothed relevancy >= --hold-threshold) and
+            a mask per time.
+        hold_threshold: over time: the relevancy at which a query holds at a time, in [0, 1].
     """
     from langfield.field import FieldError, LanguageField, NoLanguageError
     from langfield.query import heatmap_overlay, recolor, save_png
@@ -108,6 +116,13 @@ def cli_query(
         raise _fail("an empty query: pass some text, e.g. langfield query RUN \"red mug\"")
     _check_unit("--threshold", threshold)
     _check_unit("--select-threshold", select_threshold)
+    _check_unit("--hold-threshold", hold_threshold)
+    if time is not None:
+        _check_unit("--time", time)
+    if over_time and time is not None:
+        raise _fail("--time and --over-time exclude each other")
+    if over_time and ply is not None:
+        raise _fail("--ply takes one time; use --time with it, not --over-time")
     if ply is not None:
         ply = Path(ply)
         if len(texts) != 1:
@@ -133,6 +148,10 @@ def cli_query(
     if not field.has_language:
         raise _fail(f"{run} has no language field; train one with "
                     f"`langfield train DATA --out {run} --features labels|sam-clip|dense-clip`")
+    dynamic = hasattr(field.gaussians, "deform")
+    if (time is not None or over_time) and not dynamic:
+        raise _fail(f"{'--time' if time is not None else '--over-time'}: {run} is not a dynamic run (its scene does "
+                    f"not change over time)")
     cams = _cameras(field, run, is_ply, data)
     if view is None:
         cam = next((c for c in cams if c.split == "test"), cams[0])
@@ -157,8 +176,14 @@ def cli_query(
     except OSError as e:
         raise _fail(f"cannot create the output folder {dest}: {e.strerror or e}") from None
 
+    if over_time:
+        return _query_over_time(field, cams, cam, texts, dest, li, threshold, hold_threshold, run)
     # ------------------------------------------------------------------ render, query, write
-    r = field.render_camera(cam)
+    t_used = cam.time if time is None else float(time)
+    if dynamic and t_used is not None:
+        field.gaussians.set_time(t_used)  # 3D selection with time-sensitive latents follows the time
+    r = field.render(cam.viewmat, cam.K, cam.width, cam.height, t=t_used) if time is not None \
+        else field.render_camera(cam)
     try:
         results = field.query(r, texts, level="auto" if li is None else li, threshold=threshold)
     except (NoLanguageError, ValueError) as e:
@@ -168,6 +193,8 @@ def cli_query(
     try:
         save_png(dest / "rgb.png", r.rgb)
         report = {"run": str(run), "view": cam.name, "view_index": cam.index, "step": field.step, "queries": []}
+        if dynamic:
+            report["time"] = t_used
         for t, res in zip(texts, results):
             s = query_stem(t)
             save_png(dest / f"{s}_heatmap.png", heatmap_overlay(r.rgb, res.heatmap))
@@ -177,7 +204,7 @@ def cli_query(
                  "mask_pixels": int(res.mask.sum()), "heatmap": f"{s}_heatmap.png", "mask": f"{s}_mask.png"}
             if select_3d or ply is not None:
                 sel = field.select(t, level="auto" if li is None else li, threshold=select_threshold)
-                foot = field.render_selection(sel.mask, cam.viewmat, cam.K, cam.width, cam.height)
+                foot = field.render_selection(sel.mask, cam.viewmat, cam.K, cam.width, cam.height, t=t_used)
                 save_png(dest / f"{s}_select3d.png", heatmap_overlay(r.rgb, foot, mask=foot > 0.5))
                 e.update(selected_gaussians=int(sel.mask.sum()), select_level=None if sel.level is None else
                          field.levels[sel.level], select3d=f"{s}_select3d.png")
@@ -199,8 +226,91 @@ def cli_query(
         atomic_write_json(dest / "query.json", report)
     except OSError as e:
         raise _fail(f"cannot write {getattr(e, 'filename', None) or dest}: {e.strerror or e}") from None
-    print(f"view {cam.name} -> {dest} (heatmaps, masks, query.json)")
+    print(f"view {cam.name}" + (f" at t={t_used:.3f}" if dynamic and t_used is not None else "")
+          + f" -> {dest} (heatmaps, masks, query.json)")
     return 0
+
+
+def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, hold: float, run: Path) -> int:
+    """``--over-time``: the view ``cam`` at every frame time of the run (see cli_query)."""
+    from langfield.io.checkpoint import atomic_write_json
+    from langfield.query import save_png
+
+    times = sorted({float(c.time) for c in cams if c.time is not None})
+    if not times:
+        times = [k / 23 for k in range(24)]
+    curves = {t: [] for t in texts}
+    masks = {t: [] for t in texts}
+    try:
+        for k, tt in enumerate(times):
+            r = field.render(cam.viewmat, cam.K, cam.width, cam.height, t=tt)
+            results = field.query(r, texts, level="auto" if li is None else li, threshold=threshold)
+            for t, res in zip(texts, results):
+                score = float(res.scores[res.level_index])
+                holds = score >= hold
+                m = res.mask if holds else res.mask & False
+                name = f"{query_stem(t)}_t{k:03d}_mask.png"
+                save_png(dest / name, m.float()[..., None].expand(-1, -1, 3))
+                curves[t].append({"time": tt, "score": score, "level": str(res.level), "holds": holds,
+                                  "mask_pixels": int(m.sum()), "mask": name})
+        report = {"run": str(run), "view": cam.name, "step": field.step, "hold_threshold": hold, "times": times,
+                  "queries": []}
+        for t in texts:
+            s = query_stem(t)
+            _curve_png(dest / f"{s}_over_time.png", [c["time"] for c in curves[t]], [c["score"] for c in curves[t]],
+                       hold)
+            held = [c["time"] for c in curves[t] if c["holds"]]
+            report["queries"].append({"text": t, "curve": curves[t], "holds_at": held, "intervals": _intervals(
+                [c["holds"] for c in curves[t]], times), "plot": f"{s}_over_time.png"})
+            print(f"{_short(t)!r}: holds at {len(held)} of {len(times)} times"
+                  + (f" ({', '.join(f'{a:.2f}-{b:.2f}' for a, b in report['queries'][-1]['intervals'])})" if held else ""))
+        atomic_write_json(dest / "query_over_time.json", report)
+    except OSError as e:
+        raise _fail(f"cannot write {getattr(e, 'filename', None) or dest}: {e.strerror or e}") from None
+    print(f"view {cam.name} over {len(times)} times -> {dest} (curves, masks, query_over_time.json)")
+    return 0
+
+
+def _intervals(holds, times):
+    out, start = [], None
+    for h, t in zip(list(holds) + [False], list(times) + [None]):
+        if h and start is None:
+            start = t
+            last = t
+        elif h:
+            last = t
+        elif start is not None:
+            out.append([start, last])
+            start = None
+    return out
+
+
+def _curve_png(path: Path, ts, scores, hold: float, size=(320, 160)) -> None:
+    """A small line plot of relevancy over time (PIL only): the curve, the hold threshold dashed."""
+    from PIL import Image, ImageDraw
+
+    W, H = size
+    im = Image.new("RGB", size, (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    m = 16
+
+    def xy(t, s):
+        return m + (W - 2 * m) * float(t), H - m - (H - 2 * m) * min(max(float(s), 0.0), 1.0)
+
+    d.rectangle([m, m, W - m, H - m], outline=(180, 180, 180))
+    y = xy(0, hold)[1]
+    for x in range(m, W - m, 8):
+        d.line([x, y, x + 4, y], fill=(200, 60, 60))
+    if len(ts) > 1:
+        d.line([xy(t, s) for t, s in zip(ts, scores)], fill=(30, 90, 200), width=2)
+    for t, s in zip(ts, scores):
+        x, yy = xy(t, s)
+        d.ellipse([x - 2, yy - 2, x + 2, yy + 2], fill=(30, 90, 200))
+    d.text((m, 2), "relevancy over time", fill=(0, 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    im.save(tmp, format="PNG")
+    tmp.replace(path)
 
 
 def _cameras(field, run: Path, is_ply: bool, data: Optional[Path]):
