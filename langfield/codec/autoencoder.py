@@ -304,7 +304,7 @@ def fit_autoencoder(features: Union[Tensor, Iterable[Tensor]], *, latent_dim: in
                     decoder_dims: Sequence[int] = (16, 32, 64, 128, 256, 256), encoder_norm: str = "batch",
                     steps: int = 5000, batch_size: int = 256, lr: float = 1e-3, weight_decay: float = 0.0,
                     holdout: float = 0.1, max_vectors: Optional[int] = 1_000_000, seed: int = 0,
-                    device: Union[str, torch.device, None] = "auto", progress: bool = False,
+                    device: Union[str, torch.device, None] = "auto", progress: Optional[bool] = False,
                     ) -> Tuple[SceneAutoencoder, Dict[str, Any]]:
     """Fit a :class:`SceneAutoencoder` to ``features`` (see the module docstring for the data
     handling). Returns ``(model in eval mode, report)`` with the report
@@ -338,11 +338,10 @@ def fit_autoencoder(features: Union[Tensor, Iterable[Tensor]], *, latent_dim: in
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     bs = int(min(batch_size, len(train)))
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from langfield.train.progress import Progress, progress_mode
 
-        bar = tqdm(total=steps, desc="autoencoder", unit="step", dynamic_ncols=True)
+    bar = Progress(steps, desc="autoencoder", mode=progress_mode(progress))
+    bar = bar if bar.active else None
     order = torch.randperm(len(train), generator=g)
     pos = 0
     loss_v = float("nan")
@@ -364,9 +363,9 @@ def fit_autoencoder(features: Union[Tensor, Iterable[Tensor]], *, latent_dim: in
             loss_v = loss.item()
             ema = loss_v if ema is None else 0.98 * ema + 0.02 * loss_v
         if bar is not None:
-            bar.update(1)
             if step % 50 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{ema:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+                bar.set(loss=ema, lr=f"{sched.get_last_lr()[0]:.2e}")
+            bar.update(1)
     if bar is not None:
         bar.close()
     model.eval()

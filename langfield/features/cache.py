@@ -346,7 +346,7 @@ def _diff(a: Optional[Dict[str, Any]], b: Dict[str, Any], prefix: str = "") -> s
     return "; ".join(x for x in out if x)[:500]
 
 
-def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1, progress: bool = True,
+def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1, progress: Optional[bool] = None,
                     indices: Optional[Sequence[int]] = None, overwrite: bool = False,
                     log=print, verify: bool = True) -> FeatureCache:
     """Extract features for the images of a :class:`langfield.data.Dataset` (or any object
@@ -375,11 +375,11 @@ def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1
         log(f"[{extractor.name}] {skipped} of {len(idx)} images already in {cache.folder}: skipped")
     needs_image = getattr(extractor, "needs_image", True)
     bar = None
-    if progress and todo:
-        from tqdm import tqdm
+    if todo:
+        from langfield.train.progress import Progress, progress_mode
 
-        bar = tqdm(total=len(todo), desc=f"features {extractor.name}", unit="img", dynamic_ncols=True)
-    t0 = time.perf_counter()
+        bar = Progress(len(todo), desc=f"features {extractor.name}", unit="img", mode=progress_mode(progress))
+        bar = bar if bar.active else None
     regions = 0
     try:
         for b in range(0, len(todo), max(1, batch_size)):
@@ -392,10 +392,8 @@ def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1
                     regions += sum(v.num_regions for v in fm.levels.values())
             if bar is not None:
                 done = b + len(chunk)
-                post = {"img/s": f"{done / max(time.perf_counter() - t0, 1e-9):.2f}"}
                 if regions:
-                    post["regions/img"] = f"{regions / done:.0f}"
-                bar.set_postfix(post, refresh=False)
+                    bar.set(regions_per_img=f"{regions / done:.0f}")
                 bar.update(len(chunk))
     finally:
         if bar is not None:

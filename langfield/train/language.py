@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -327,8 +326,10 @@ class LanguageTrainer(EpochSampler):
         except CacheMismatchError as e:
             raise LanguageError(f"{e}; --overwrite re-extracts") from None
 
-    def _show(self) -> bool:
-        return self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
+    def _show(self) -> Optional[bool]:
+        """The progress option as the extraction, the codec fit and eval take it (None: a bar on a
+        terminal, plain lines in a log)."""
+        return self.cfg.progress
 
     def _ae_key(self) -> Dict[str, Any]:
         c = self.cfg

@@ -11,7 +11,15 @@ import sys
 import time
 from typing import Any, Dict, Optional, TextIO
 
-__all__ = ["Progress", "format_seconds"]
+__all__ = ["Progress", "format_seconds", "progress_mode"]
+
+
+def progress_mode(progress) -> Optional[str]:
+    """A ``progress`` option -> :class:`Progress` mode: None = a bar on a terminal, plain lines
+    otherwise; True = a bar; False = nothing; a mode string as it is."""
+    if progress is None or isinstance(progress, str):
+        return progress
+    return "bar" if progress else "off"
 
 
 def format_seconds(s: float) -> str:
