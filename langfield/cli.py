@@ -11,18 +11,7 @@ import importlib
 import sys
 from typing import Dict, Tuple, Union
 
-class CliError(SystemExit):
-    """A one-line user error of a command: printed to stderr at once, exit status 2 (as argument
-    errors); ``str(error)`` is the message. Every verb raises it for bad input."""
-
-    def __init__(self, message: str):
-        super().__init__(2)
-        self.message = message
-        print(message, file=sys.stderr)
-
-    def __str__(self) -> str:
-        return self.message
-
+from langfield.errors import CliError  # noqa: E402,F401  (re-exported: every verb raises it)
 
 # verb -> (module, function) or {subverb: (module, function)}
 Target = Tuple[str, str]

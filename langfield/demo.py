@@ -122,7 +122,7 @@ def cli_demo(
         overwrite: start again (OUT/data and OUT/run are deleted first).
         quiet: no progress bars.
     """
-    from langfield.train.cli import _fail, _os_path, _os_reason, _plain_warnings
+    from langfield.errors import fail as _fail, os_path as _os_path, os_reason as _os_reason, plain_warnings as _plain_warnings
 
     _plain_warnings()
     out = Path(out)

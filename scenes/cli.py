@@ -72,7 +72,7 @@ def scenes_make(
 
     from langfield.scenes.make import SceneExistsError, make_scene
 
-    from langfield.cli import CliError  # one line on stderr, exit status 2
+    from langfield.errors import CliError  # one line on stderr, exit status 2
 
     if name not in SCENES:
         raise CliError(f"langfield scenes make: unknown scene {name!r}; known scenes: {', '.join(SCENES)}")

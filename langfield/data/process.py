@@ -470,7 +470,7 @@ def cli_process(
                        overwrite=overwrite, overlap=overlap, seed=seed, num_threads=num_threads, device=device,
                        verbose=verbose, log=lambda s: print(s, flush=True))
     except ProcessError as e:
-        from langfield.cli import CliError
+        from langfield.errors import CliError
 
         raise CliError(f"langfield process: {e}") from None
     except KeyboardInterrupt:

@@ -182,7 +182,7 @@ def _load_lerf(folder: Path) -> QuerySet:
 
 # ------------------------------------------------------------------------------------------
 
-def _match_camera(field_cams, name: str):
+def match_camera(field_cams, name: str):
     stem = Path(name).stem
     for c in field_cams:
         if c.name == name:
@@ -193,7 +193,7 @@ def _match_camera(field_cams, name: str):
     return None
 
 
-def _resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
+def resize_mask(m: np.ndarray, h: int, w: int) -> np.ndarray:
     if m.shape == (h, w):
         return m
     from PIL import Image
@@ -256,7 +256,7 @@ def evaluate_field(field, queries: QuerySet, *, threshold: float = 0.4, three_d:
 
         bar = tqdm(total=len(it), desc="eval queries", unit="view", leave=False)
     for v in it:
-        cam = _match_camera(field.cameras, v.name)
+        cam = match_camera(field.cameras, v.name)
         if cam is None:
             missing_views.append(v.name)
             if bar is not None:
@@ -266,7 +266,7 @@ def evaluate_field(field, queries: QuerySet, *, threshold: float = 0.4, three_d:
         H, W = r.size
         qs = []
         for q in v.queries:
-            gt = _resize_mask(q.mask, H, W)
+            gt = resize_mask(q.mask, H, W)
             if gt.sum() < max(1, min_pixels):
                 skipped_small += 1
                 continue
@@ -393,3 +393,6 @@ def evaluate_run(run: PathLike, queries: PathLike, *, device: str = "auto", out_
     if out_dir is not None:
         log(f"[eval] heatmaps and masks -> {out_dir}; metrics -> {mp}")
     return m
+
+
+_match_camera, _resize_mask = match_camera, resize_mask  # old private names

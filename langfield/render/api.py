@@ -70,6 +70,11 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, need
 _UNSET = object()
 
 
+def backend_ops(backend: str):
+    """The op module (native or torch reference) of a concrete backend."""
+    return _ops(backend)
+
+
 def _ops(backend: str):
     if backend in ("cpu", "cuda"):
         from langfield.render import native

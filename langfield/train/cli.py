@@ -15,7 +15,7 @@ from typing_extensions import Annotated
 
 import tyro
 
-from langfield.cli import CliError
+from langfield.errors import CliError, fail, os_path, os_reason, plain_warnings  # noqa: F401
 
 DataArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="DATA")]]
 RunArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="RUN")]]
@@ -27,7 +27,7 @@ CLI_LANG_LR = 0.01  # the command's default latent learning rate for a new langu
 
 
 def _fail(msg: str) -> "SystemExit":
-    return CliError(f"langfield: {msg}")
+    return fail(msg)
 
 
 def cli_train(
@@ -130,7 +130,7 @@ def cli_train(
         label_merge: labels: per-view probability of merging a region into a neighbour.
         overwrite_language: train the language stage again (its files are moved aside).
     """
-    _plain_warnings()
+    plain_warnings()
     from langfield.run import NonFiniteError, RunError
     from langfield.train.rgb import train_rgb
 
@@ -209,7 +209,7 @@ def cli_train(
     except (LanguageError, WeightsError, RunError) as e:
         raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     except OSError as e:  # a full disk or a read-only run folder during the language stage
-        raise _fail(f"{_os_path(e, out)}: {_os_reason(e)} (run folder {out}; the checkpoints there are intact; "
+        raise _fail(f"{os_path(e, out)}: {os_reason(e)} (run folder {out}; the checkpoints there are intact; "
                     f"continue with --features {features} --resume)") from None
     except KeyboardInterrupt:
         print(f"\nlangfield: interrupted; continue the language stage with: langfield train {data} --out {out} "
@@ -217,18 +217,6 @@ def cli_train(
         return 130
     print(f"language field ready: langfield query {out} \"the red mug\"  |  langfield view {out}")
     return 0
-
-
-def _os_reason(e: OSError) -> str:
-    from langfield.train.rgb import os_reason
-
-    return os_reason(e)
-
-
-def _os_path(e: OSError, default) -> Path:
-    from langfield.train.rgb import os_path
-
-    return os_path(e, default)
 
 
 def _check_labels(data: Path, allow_outside: bool) -> None:
@@ -274,19 +262,6 @@ def _check_weights(cfg) -> None:
         raise _fail(f"--features {cfg.features}: CLIP weights {cfg.clip_model}/{cfg.clip_pretrained} are not on "
                     f"this machine and huggingface.co cannot be reached; pass --clip-checkpoint PATH"
                     + (", or --text-encoder offline" if cfg.features == "labels" else ""))
-
-
-def _plain_warnings() -> None:
-    """Warnings as one line each (``langfield: warning: ...``), not Python's two-line format
-    with a source line: a user reads them, not a developer. Set for the rest of the process
-    when a command runs as ``langfield`` (not when a test calls the function)."""
-    if Path(sys.argv[0]).name not in ("langfield", "cli.py", "__main__.py"):
-        return
-
-    def fmt(message, category, filename, lineno, line=None):
-        return f"langfield: warning: {message}\n"
-
-    warnings.formatwarning = fmt
 
 
 def _rgb_finished(out: Path, data: Path, steps: Optional[int]) -> bool:
@@ -341,7 +316,7 @@ def cli_render(
         out: output folder (default RUN/renders/<views>).
         device: auto, cpu or cuda.
     """
-    _plain_warnings()
+    plain_warnings()
     from langfield.run import RunError, load_run
     from langfield.eval.views import eval_background, evaluate_views
 
@@ -362,7 +337,7 @@ def cli_render(
         res = evaluate_views(g, ds, idx, background=bg, sh_degree=_trained_sh_degree(doc, ckpt, g),
                              backend=doc["train"].get("backend", "auto"), out_dir=dest, progress=sys.stderr.isatty())
     except OSError as e:
-        raise _fail(f"--out {dest}: cannot write {_os_path(e, 'the renders')} ({_os_reason(e)})") from None
+        raise _fail(f"--out {dest}: cannot write {os_path(e, 'the renders')} ({os_reason(e)})") from None
     print(f"rendered {len(idx)} views (step {ckpt.step}) -> {dest}"
           + (f"; PSNR {res['psnr']:.2f} dB" if res["psnr"] is not None else ""))
     return 0
@@ -400,7 +375,7 @@ def cli_eval(
         reference: the reference (ground-truth) TUM trajectory for --trajectory.
         max_diff: largest timestamp difference (s) for associating --trajectory and --reference poses.
     """
-    _plain_warnings()
+    plain_warnings()
     from langfield.run import RunError, RunFolder, load_run
     from langfield.eval.views import eval_background, evaluate_views
 
@@ -437,7 +412,7 @@ def cli_eval(
             m = write_metrics(rf, res, step=ckpt.step, train_time_s=ckpt.config.get("train_time_s"),
                               num_gaussians=g.num, background=bg, split="test")
         except OSError as e:
-            raise _fail(f"{_os_path(e, rf.metrics)}: {_os_reason(e)} (nothing of the run was changed)") from None
+            raise _fail(f"{os_path(e, rf.metrics)}: {os_reason(e)} (nothing of the run was changed)") from None
         print(f"step {ckpt.step}: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} on {m['n_views']} held-out views "
               f"-> {rf.metrics}")
         from langfield.field import latest_language_checkpoint
@@ -458,7 +433,7 @@ def cli_eval(
     except (QueriesError, FieldError) as e:
         raise _fail(str(e)) from None
     except OSError as e:
-        raise _fail(f"{_os_path(e, run)}: {_os_reason(e)}") from None
+        raise _fail(f"{os_path(e, run)}: {os_reason(e)}") from None
     return 0
 
 
@@ -480,7 +455,7 @@ def cli_export(
         normalized: keep langfield's normalised world (skip the inverse of the dataset transform).
         no_language: leave the language latents out (a plain RGB 3DGS file).
     """
-    _plain_warnings()
+    plain_warnings()
     import numpy as np
 
     from langfield.field import FieldError, LanguageField
@@ -508,7 +483,7 @@ def cli_export(
         ply.parent.mkdir(parents=True, exist_ok=True)
         write_ply(ply, g)
     except OSError as e:
-        raise _fail(f"--ply {ply}: cannot write it ({_os_reason(e)})") from None
+        raise _fail(f"--ply {ply}: cannot write it ({os_reason(e)})") from None
     extra = ""
     if lang:
         from langfield.io.checkpoint import atomic_write_json
@@ -524,8 +499,8 @@ def cli_export(
                 "normalized": bool(normalized)})
             field.codec.save(ply.with_name(f"{ply.stem}.{stem}.safetensors"))
         except OSError as e:
-            raise _fail(f"--ply {ply}: cannot write its sidecar {_os_path(e, ply.with_suffix('.json'))} "
-                        f"({_os_reason(e)})") from None
+            raise _fail(f"--ply {ply}: cannot write its sidecar {os_path(e, ply.with_suffix('.json'))} "
+                        f"({os_reason(e)})") from None
         extra = (f" with {g.lang.shape[1]} language channels (+ {ply.with_suffix('.json').name}, "
                  f"{ply.stem}.{stem}.*)")
     print(f"exported {g.num} Gaussians (step {field.step}){extra} -> {ply}")

@@ -52,6 +52,7 @@ from langfield.io.checkpoint import atomic_write_json
 from langfield.render.model import Cameras, render
 from langfield.run import (RUN_ARTEFACTS, RUN_FORMAT, NonFiniteError, RunError, RunFolder, load_run,  # noqa: F401
                            open_dataset, resolve_device, update_metrics)
+from langfield.errors import os_path, os_reason  # noqa: F401
 from langfield.eval.views import composite_on, eval_background, evaluate_views, render_views  # noqa: F401
 from langfield.train.config import TrainConfig, config_diff
 from langfield.train.progress import Progress
@@ -74,7 +75,7 @@ def _frame_alpha(ds, i: int) -> bool:
     return ds._cached_rgba(i)[1] is not None
 
 
-def _lr_means(cfg: TrainConfig, scene_scale: float, step: int) -> float:
+def lr_means(cfg: TrainConfig, scene_scale: float, step: int) -> float:
     """gsplat's ExponentialLR(gamma = final ** (1 / steps)) in closed form."""
     return cfg.means_lr * scene_scale * cfg.means_lr_final ** (step / max(cfg.steps, 1))
 
@@ -228,7 +229,7 @@ class RGBTrainer(EpochSampler):
 
     def _lrs(self) -> Dict[str, float]:
         c = self.cfg
-        return {"means": _lr_means(c, self.scene_scale, self.step), "quats": c.quats_lr, "scales": c.scales_lr,
+        return {"means": lr_means(c, self.scene_scale, self.step), "quats": c.quats_lr, "scales": c.scales_lr,
                 "opacities": c.opacities_lr, "sh0": c.sh0_lr, "shN": c.shN_lr}
 
     def _init_optim(self) -> None:
@@ -388,9 +389,9 @@ class RGBTrainer(EpochSampler):
         image, alpha = self.ds._cached_rgba(i)
         bg = self._bg()
         target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
-        lr_means = _lr_means(cfg, self.scene_scale, step)
+        lr = lr_means(cfg, self.scene_scale, step)
         for g in self.optimizers["means"].param_groups:
-            g["lr"] = lr_means
+            g["lr"] = lr
         try:
             out = render(self.gaussians, cams, sh_degree=self.sh_degree_at(step), background=bg,
                          backend=self.backend, absgrad=cfg.absgrad)
@@ -636,27 +637,6 @@ def write_metrics(run: RunFolder, res: Dict[str, Any], *, step: int, train_time_
     return metrics
 
 
-def os_reason(e: OSError) -> str:
-    """An OSError's reason in words, without Python's prefix: "No space left on device"."""
-    import errno
-
-    if e.errno == errno.EFBIG:
-        return "file too large: the file size limit or the disk is full"
-    return e.strerror or str(e) or type(e).__name__
-
-
-def os_path(e: OSError, default) -> Path:
-    """The file an OSError is about: the target of an atomic write rather than its temporary
-    file (``.config.json.k2j3.tmp`` -> ``config.json``), else ``default``."""
-    import re
-
-    if not e.filename:
-        return Path(default)
-    f = Path(str(e.filename))
-    m = re.match(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$", f.name)
-    return f.with_name(m.group(1)) if m else f
-
-
 def _progress_mode(progress: Optional[bool]) -> Optional[str]:
     """``progress`` option -> Progress mode: None = bar on a terminal, log lines otherwise;
     False = off; True = a bar."""
@@ -729,3 +709,6 @@ def _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options
         return json.loads(trainer.run.metrics.read_text("utf-8"))
     show = trainer.cfg.progress if trainer.cfg.progress is not None else sys.stderr.isatty()
     return trainer.finish(progress=show)
+
+
+_lr_means = lr_means  # old private name, kept for code written against it
