@@ -158,11 +158,16 @@ def quality(args, rows_out):
     from langfield.train.rgb import train_rgb
 
     class Projecting(LL.LanguageTrainer):
+        def _init_params(self, base, ck):
+            super()._init_params(base, ck)
+            if ck is None and hasattr(self.codec, "project_"):  # fresh coefficients: uniform 1/L
+                self.codec.project_(self.gaussians.splats["lang"].data, 0.0)
+
         def train_step(self):
             out = super().train_step()
             project = getattr(self.codec, "project_", None)
             if project is not None:
-                project(self.gaussians.splats["lang"].data)
+                project(self.gaussians.splats["lang"].data, self.step / self.cfg.steps)
             return out
 
     tmp = Path(tempfile.mkdtemp(prefix="lf_bench_codebook_"))

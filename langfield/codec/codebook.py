@@ -12,10 +12,12 @@ The renderer blends the coefficients like any channels (dense L channels, or the
 What the Gaussians store (``lang``, ``levels * L`` channels): the **weights themselves**, already
 sparse (k non-zeros per level, on the probability simplex), so every consumer that renders
 ``lang`` as-is (queries, eval, viewer, export, 3D selection) gets the right coefficients
-unchanged. The language stage trains them as free tensors and keeps them on that set with
-:meth:`CodebookCodec.project_` after every optimiser step (top-k of each level's vector, then the
-Euclidean projection of those k values onto the probability simplex; entries outside the top-k
-are set to 0). :meth:`activate` is the logits view of the same set (top-k of the logits,
+unchanged. The language stage trains them as free tensors (rendered as dense L channels per
+level, so every entry gets its gradient) and keeps them on the simplex with
+:meth:`CodebookCodec.project_` after every optimiser step: the Euclidean projection onto the
+simplex during the first half of the steps (entries can still enter a Gaussian's support), then
+onto its k-sparse part (top-k of each level's vector, those k values projected, the rest 0), so
+the final weights have k non-zeros. :meth:`activate` is the logits view of the same set (top-k of the logits,
 softmax over them): ``activate(log(w)) == w`` for projected weights.
 
 Fitting (:meth:`CodebookCodec.fit`): the codebook is **k-means** (spherical, k-means++ seeding,
@@ -133,7 +135,7 @@ class CodebookCodec(nn.Module):
 
     kind = "codebook"
 
-    def __init__(self, codebook: Tensor, topk: int = 4, temperature: float = 0.05):
+    def __init__(self, codebook: Tensor, topk: int = 4, temperature: float = 0.05, dense_until: float = 0.5):
         super().__init__()
         codebook = torch.as_tensor(codebook)
         if codebook.ndim != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
@@ -145,6 +147,7 @@ class CodebookCodec(nn.Module):
         self.codebook = nn.Parameter(F.normalize(codebook.float(), dim=-1), requires_grad=False)
         self.topk = int(topk)
         self.temperature = float(temperature)
+        self.dense_until = float(dense_until)
         self.report: Dict[str, Any] = {}
 
     # -- shapes ---------------------------------------------------------------------------
@@ -170,14 +173,21 @@ class CodebookCodec(nn.Module):
         return topk_softmax(x, self.topk).reshape(logits.shape)
 
     @torch.no_grad()
-    def project_(self, lang: Tensor) -> Tensor:
-        """In place: every level of ``lang [N, n*L]`` onto the k-sparse probability simplex
-        (what the language stage applies after each optimiser step). Returns ``lang``."""
+    def project_(self, lang: Tensor, progress: float = 1.0) -> Tensor:
+        """In place: every level of ``lang [N, n*L]`` onto the probability simplex, k-sparse once
+        ``progress`` (the training's step / steps) reaches ``dense_until`` (0.5), dense (all L
+        entries may be non-zero; the Euclidean projection zeroes many) before. The language stage
+        calls it once on the fresh (zero) coefficients with ``progress=0`` (-> uniform 1/L: a zero
+        render would give the CLIP-space loss a 1/eps gradient that stalls Adam for thousands of
+        steps) and after every optimiser step with ``step / steps`` (so entries can enter a
+        Gaussian's support while the field forms; the final weights are k-sparse). Deterministic
+        in the step, so a resumed stage projects exactly as an uninterrupted one. Returns ``lang``."""
         L = self.latent_dim
         if lang.shape[-1] % L:
             raise ValueError(f"project_: {lang.shape[-1]} channels are not a multiple of the codebook size {L}")
+        k = self.topk if float(progress) >= self.dense_until else L
         x = lang.reshape(*lang.shape[:-1], -1, L)
-        lang.copy_(project_topk_simplex(x, self.topk).reshape(lang.shape))
+        lang.copy_(project_topk_simplex(x, k).reshape(lang.shape))
         return lang
 
     def sparse(self, lang: Tensor) -> Tuple[Tensor, Tensor]:
@@ -296,7 +306,7 @@ class CodebookCodec(nn.Module):
 
         cfg = {"format": FORMAT, "version": 1,
                "model": {"in_dim": self.in_dim, "latent_dim": self.latent_dim, "topk": self.topk,
-                         "temperature": self.temperature},
+                         "temperature": self.temperature, "dense_until": self.dense_until},
                "report": self.report}
         return save_checkpoint(_stem_path(path), {"codebook": self.codebook.detach().cpu().contiguous()}, config=cfg,
                                step=int(self.report.get("steps", 0)))
@@ -317,7 +327,8 @@ class CodebookCodec(nn.Module):
             raise CheckpointError(f"{ck.path}: field 'model': sizes {m.get('latent_dim')}x{m.get('in_dim')} do not "
                                   f"match the codebook {tuple(C.shape)}")
         try:
-            codec = cls(C, topk=int(m.get("topk", 4)), temperature=float(m.get("temperature", 0.05)))
+            codec = cls(C, topk=int(m.get("topk", 4)), temperature=float(m.get("temperature", 0.05)),
+                        dense_until=float(m.get("dense_until", 0.5)))
         except CodecError as e:
             raise CheckpointError(f"{ck.path}: {e}") from None
         codec.codebook.data.copy_(C.float())  # exactly the stored values (no renormalisation drift)
