@@ -274,3 +274,92 @@ def test_dynamic_resume_is_exact(moving_scene, tmp_path):
                     assert torch.equal(va[n], vb[n]), (group, k, n)
             else:
                 assert torch.equal(va, vb), (group, k)
+
+
+# ------------------------------------------------------------------------------------------ language over time
+
+def test_time_sensitive_metrics_follow_4d_langsplat():
+    from langfield.dynamic.language import time_sensitive_metrics
+
+    a = np.zeros((4, 4), bool)
+    a[:2] = True
+    b = np.zeros((4, 4), bool)
+    b[:1] = True
+    recs = [  # query holds (truth) at frames 1, 2; predicted at 2, 3
+        {"text": "q", "time": 0.0, "pred": False, "gt": False, "pred_mask": None, "gt_mask": None},
+        {"text": "q", "time": 0.3, "pred": False, "gt": True, "pred_mask": None, "gt_mask": a},
+        {"text": "q", "time": 0.6, "pred": True, "gt": True, "pred_mask": b, "gt_mask": a},
+        {"text": "q", "time": 0.9, "pred": True, "gt": False, "pred_mask": b, "gt_mask": None},
+    ]
+    m = time_sensitive_metrics(recs)
+    assert m["acc"] == pytest.approx(0.5)
+    assert m["viou"] == pytest.approx((0.0 + 0.5 + 0.0) / 3)  # IoU 0 where only one side holds
+    assert m["queries"]["q"]["frames_gt"] == [0.3, 0.6]
+
+
+@pytest.fixture(scope="module")
+def dynamic_language_run(tmp_path_factory):
+    """langfield's dynamic scene (one orbiting camera, 24 times, every 4th held out, 48x48),
+    deformable Gaussians, then the time-agnostic and time-sensitive language fields from labels
+    features."""
+    from langfield.dynamic.language import train_dynamic_language
+    from langfield.dynamic.train import train_dynamic
+    from langfield.scenes.make import make_scene
+
+    root = tmp_path_factory.mktemp("dynlang")
+    data = root / "scene"
+    make_scene("dynamic", data, kind="dynamic", camera="orbit", frames=24, test_every=4, size=(48, 48), fov=40.0,
+               max_points=3000)
+    run = root / "run"
+    train_dynamic(data, run, dynamic=_small_dynamic(warmup=60, deform_color=True),
+                  **{**SMALL, "steps": 300, "init_random": 2000})
+    res = train_dynamic_language(run, states=2, steps=150, features="labels", text_encoder="offline", ae_steps=200,
+                                 device="cpu", backend="cpu", progress=False, lr=0.01, log=lambda *_: None)
+    return data, run, res
+
+
+def test_dynamic_language_stage_and_its_metrics(dynamic_language_run):
+    """The language stage over time runs end to end and its metrics are well-formed and recorded.
+    (The issue's bars, Acc >= 0.9 and vIoU >= 0.75, are NOT met yet at this size: see the report.)"""
+    _data, run, res = dynamic_language_run
+    m = res["metrics"]
+    ts, ta = m["time_sensitive"], m["time_agnostic"]
+    print("time-sensitive", ts["acc"], ts["viou"], "time-agnostic", ta["miou"], ta["loc"], "rgb", m["rgb"]["psnr"])
+    assert ts["n_frames"] == 6 and set(ts["queries"]) == {"red light", "green light", "open box", "closed box"}
+    assert 0.0 <= ts["acc"] <= 1.0 and 0.0 <= ts["viou"] <= 1.0 and 0.0 <= ta["miou"] <= 1.0
+    gt = {q: v["frames_gt"] for q, v in ts["queries"].items()}  # truth from the scene's schedule
+    assert all(t < 0.5 for t in gt["red light"]) and all(t >= 0.5 for t in gt["green light"])
+    assert all(0.35 <= t < 0.8 for t in gt["open box"])
+    assert m["rgb"]["n_views"] == 6 and m["rgb"]["psnr"] > 15.0
+    doc = json.loads((run / "metrics.json").read_text())
+    assert doc["dynamic"]["time_sensitive"]["acc"] == ts["acc"]
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["language"]["levels"][-1] == "state" and cfg["model"]["states"]["k"] == 2
+    # the state latents change with time; the time-agnostic ones do not
+    from langfield.field import LanguageField
+
+    f = LanguageField.load(run, device="cpu")
+    a0, a1 = f.gaussians.activated(0.1).lang, f.gaussians.activated(0.9).lang
+    L = cfg["language"]["latent_dim"]
+    assert torch.equal(a0[:, :-L], a1[:, :-L]) and not torch.equal(a0[:, -L:], a1[:, -L:])
+
+
+def test_query_cli_with_time(dynamic_language_run):
+    _data, run, _res = dynamic_language_run
+    out = run.parent / "q"
+    p = subprocess.run([sys.executable, "-m", "langfield.cli", "query", str(run), "green light", "--time", "0.7",
+                        "--level", "state", "--out", str(out), "--device", "cpu"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((out / "query.json").read_text())
+    assert rep["time"] == pytest.approx(0.7) and rep["queries"][0]["level"] == "state"
+    p = subprocess.run([sys.executable, "-m", "langfield.cli", "query", str(run), "green light", "--over-time",
+                        "--level", "state", "--out", str(out), "--device", "cpu"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    ot = json.loads((out / "query_over_time.json").read_text())
+    q = ot["queries"][0]
+    assert len(q["curve"]) == 24 and (out / q["plot"]).is_file()
+    assert all(0.0 <= c["score"] <= 1.0 and c["holds"] == (c["score"] >= 0.55) for c in q["curve"])
+    assert all((out / c["mask"]).is_file() for c in q["curve"])
+    p = subprocess.run([sys.executable, "-m", "langfield.cli", "query", str(run), "box", "--time", "1.5",
+                        "--device", "cpu"], capture_output=True, text=True)
+    assert p.returncode == 2 and "--time 1.5" in p.stderr and "Traceback" not in p.stderr
