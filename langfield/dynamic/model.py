@@ -21,6 +21,7 @@ time-sensitive language ``states`` / ``mixer``; config.json ``model``: ``{"kind"
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -35,15 +36,24 @@ MODEL_KIND = "deformable"
 
 
 class StateMixer(nn.Module):
-    """Weights [N, K] of the K state prototypes from the deformation feature [N, D]."""
+    """Weights [N, K] of the K state prototypes from the deformation feature [N, D] at ``t``
+    and a sinusoidal encoding of ``t`` (``t_freqs`` frequencies), so that a state change
+    without motion (a lamp switching colour) can be learnt as well as one with motion."""
 
-    def __init__(self, feature_dim: int, k: int, hidden: int = 32):
+    def __init__(self, feature_dim: int, k: int, hidden: int = 32, t_freqs: int = 4):
         super().__init__()
-        self.k, self.hidden, self.feature_dim = int(k), int(hidden), int(feature_dim)
-        self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, k))
+        self.k, self.hidden, self.feature_dim, self.t_freqs = int(k), int(hidden), int(feature_dim), int(t_freqs)
+        self.net = nn.Sequential(nn.Linear(feature_dim + 1 + 2 * self.t_freqs, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, k))
 
-    def forward(self, feature: Tensor) -> Tensor:
-        return torch.softmax(self.net(feature), -1)
+    def encode_t(self, t: float, n: int, like: Tensor) -> Tensor:
+        tt = like.new_full((1,), 2.0 * float(t) - 1.0)
+        f = (2.0 ** torch.arange(self.t_freqs, device=like.device, dtype=like.dtype)) * math.pi * tt
+        return torch.cat([tt, f.sin(), f.cos()]).expand(n, -1)
+
+    def forward(self, feature: Tensor, t: float) -> Tensor:
+        x = torch.cat([feature, self.encode_t(t, feature.shape[0], feature)], -1)
+        return torch.softmax(self.net(x), -1)
 
 
 class DeformableGaussians(Gaussians):
@@ -98,7 +108,7 @@ class DeformableGaussians(Gaussians):
             raise ValueError("the model has no time-sensitive states")
         if feature is None:
             feature = self.deformation(t).feature
-        return self.mixer(feature)
+        return self.mixer(feature, t)
 
     def state_latents(self, t: float, feature: Optional[Tensor] = None) -> Tensor:
         """The time-sensitive latents [N, L] at ``t``."""
@@ -146,7 +156,8 @@ class DeformableGaussians(Gaussians):
     def model_config(self) -> Dict[str, Any]:
         st = None
         if self.states is not None:
-            st = {"k": int(self.states.shape[1]), "hidden": self.mixer.hidden, "latent_dim": int(self.states.shape[2])}
+            st = {"k": int(self.states.shape[1]), "hidden": self.mixer.hidden, "t_freqs": self.mixer.t_freqs,
+                  "latent_dim": int(self.states.shape[2])}
         return {"kind": MODEL_KIND, "deform": self.deform.cfg.to_dict(), "states": st}
 
     def model_tensors(self) -> Dict[str, Any]:
@@ -181,7 +192,7 @@ class DeformableGaussians(Gaussians):
                 requires_grad=requires_grad, copy=False, deform=field)
         st = model.get("states")
         if st and "states" in t and "mixer" in t:
-            mixer = StateMixer(cfg.hidden, int(st["k"]), int(st.get("hidden", 32)))
+            mixer = StateMixer(cfg.hidden, int(st["k"]), int(st.get("hidden", 32)), int(st.get("t_freqs", 4)))
             try:
                 mixer.load_state_dict(t["mixer"])
             except RuntimeError as e:
