@@ -125,6 +125,10 @@ def test_kill_and_resume_equals_uninterrupted(room, tmp_path):
 
     with pytest.raises(RunError, match="already holds a run"):
         run_slam(room, tmp_path / "full", **kw)
+    # --overwrite moves the previous run aside and starts again
+    res = run_slam(room, tmp_path / "full", size=None, max_frames=2, quiet=True, overwrite=True)
+    assert res["frames"] == 2 and _state(tmp_path / "full").config["next_index"] == 2
+    assert len(list((tmp_path / "full").glob("replaced-*/slam/ckpt_*.json"))) >= 1
 
 
 def test_full_run_with_labels_language(room, tmp_path):

@@ -30,7 +30,7 @@ def is_slam_run(run) -> bool:
         return False
 
 
-def evaluate_slam_run(run, *, max_views: int = 40, device: str = "cpu", write: bool = True) -> Dict[str, Any]:
+def evaluate_slam_run(run, *, max_views: int = 40, device: str = "auto", write: bool = True) -> Dict[str, Any]:
     """Trajectory and image metrics of a mapping run (see the module docstring); ``max_views``
     keyframes and as many other frames (evenly spaced) are rendered. With ``write`` the result
     goes into metrics.json under "slam_eval"."""
@@ -74,7 +74,9 @@ def evaluate_slam_run(run, *, max_views: int = 40, device: str = "cpu", write: b
     stage, _path, ck = scene_checkpoint(rf.root)
     if ck is None:
         raise RunError(f"{rf.root}: no readable checkpoint")
-    g = model_from_checkpoint(doc, ck, torch.device(device))
+    from langfield.run import resolve_device
+
+    g = model_from_checkpoint(doc, ck, resolve_device(device))
     kf_names = set()
     kp = rf.root / "keyframes.json"
     if kp.is_file():

@@ -78,8 +78,8 @@ def prepare_frame(frame, width: Optional[int], height: Optional[int]) -> Tuple[T
     :class:`~langfield.data.rgbd.RGBDFrame` at the working size: integer factors average
     colour and valid depth (a block with a hole stays a hole), other sizes resample (area for
     colour, nearest for depth); K is scaled to match (pixel centres at +0.5)."""
-    image = torch.from_numpy(np.asarray(frame.color)).float() / 255.0
-    depth = torch.from_numpy(np.asarray(frame.depth, dtype=np.float32))
+    image = torch.from_numpy(np.array(frame.color, dtype=np.float32)) / 255.0  # a copy: frames may be read-only
+    depth = torch.from_numpy(np.array(frame.depth, dtype=np.float32))
     K = torch.from_numpy(np.asarray(frame.K, dtype=np.float64)).float()
     H, W = depth.shape
     w, h = width or W, height or H

@@ -207,7 +207,7 @@ def run_slam(data, out, *, features: str = "none", max_frames: Optional[int] = N
         if not resume and overwrite and not rf.is_empty_for_new_run():
             from langfield.run import RUN_ARTEFACTS
 
-            rf.move_aside(tuple(RUN_ARTEFACTS) + SLAM_ARTEFACTS)
+            rf.move_aside(tuple(dict.fromkeys(tuple(RUN_ARTEFACTS) + SLAM_ARTEFACTS)))
         start = 0
         mapper = None
         if resume:
