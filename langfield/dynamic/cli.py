@@ -1,4 +1,4 @@
-"""``langfield train-dynamic DATA --out RUN``: the dynamic (4D) pipeline from the shell.
+"""``langfield train DATA --out RUN [--dynamic]`` on time-stamped data: the dynamic (4D) pipeline.
 
 Deformable Gaussians on time-stamped data (:func:`langfield.dynamic.train.train_dynamic`),
 then, with ``--features``, the time-agnostic and time-sensitive language fields
@@ -101,9 +101,11 @@ def cli_train_dynamic(
             m = train_dynamic(data, out, dynamic=dyn, overwrite=overwrite, **opts)
     except (RunError, NonFiniteError) as e:
         raise _fail(str(e).splitlines()[0]) from None
-    if m:
+    if m and m.get("psnr") is not None:
         print(f"held-out (view, time) pairs: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} over {m['n_views']} views; "
               f"{m['num_gaussians']:,} Gaussians")
+    elif m:
+        print(f"trained {m.get('step')} steps; the dataset has no held-out views, no metrics")
     if features is not None:
         from langfield.dynamic.language import train_dynamic_language
         from langfield.train.language import LanguageError

@@ -6,6 +6,7 @@ Options left unset on ``train --resume`` keep the run's stored values; see
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -74,6 +75,12 @@ def cli_train(
     label_drop: Optional[float] = None,
     label_merge: Optional[float] = None,
     overwrite_language: bool = False,
+    dynamic: bool = False,
+    static: bool = False,
+    deform: Optional[Literal["hexplane", "mlp"]] = None,
+    warmup: Optional[int] = None,
+    deform_color: bool = False,
+    states: Optional[int] = None,
 ) -> int:
     """Train Gaussians on a dataset (COLMAP, nerfstudio, Blender) into the run folder OUT; with
     --features, then the language stage (2D features -> autoencoder -> per-Gaussian latents of
@@ -129,7 +136,30 @@ def cli_train(
         label_drop: labels: per-view probability of dropping a region.
         label_merge: labels: per-view probability of merging a region into a neighbour.
         overwrite_language: train the language stage again (its files are moved aside).
+        dynamic: deformable Gaussians (4D: a deformation field over time) and, with --features, language over
+            time; automatic when every frame of the data has a time (D-NeRF, nerfstudio with time, HyperNeRF, Neu3D).
+        static: train a static scene even when the data has time.
+        deform: dynamic: the deformation field, hexplane (space-time planes + MLP head, default) or mlp
+            (positional encoding, Deformable-3DGS style).
+        warmup: dynamic: static steps first (default min(3000, steps / 5)).
+        deform_color: dynamic: the field also changes colour over time (states that only change colour).
+        states: dynamic language: state prototypes per Gaussian for time-sensitive queries (default 2).
     """
+    if dynamic and static:
+        raise _fail("--dynamic and --static exclude each other")
+    if not static and (dynamic or _is_dynamic(Path(data), Path(out))):
+        from langfield.dynamic.cli import cli_train_dynamic
+
+        dyn = {k: v for k, v in dict(
+            steps=steps, sh_degree=sh_degree, init_random=init_random, downscale=downscale, device=device,
+            backend=backend, ckpt_every=ckpt_every, seed=seed, no_densify=no_densify or None, resume=resume or None,
+            overwrite=overwrite or None, quiet=quiet or None, features=features, lang_steps=lang_steps,
+            text_encoder=text_encoder, deform=deform, warmup=warmup, deform_color=deform_color or None,
+            states=states).items() if v is not None}
+        if not dynamic:
+            print("langfield: the data has time: training a dynamic (4D) scene (--static for a static one)",
+                  file=sys.stderr)
+        return cli_train_dynamic(data, out, **dyn)
     plain_warnings()
     from langfield.run import NonFiniteError, RunError
     from langfield.train.rgb import train_rgb
@@ -264,6 +294,24 @@ def _check_weights(cfg) -> None:
                     + (", or --text-encoder offline" if cfg.features == "labels" else ""))
 
 
+def _is_dynamic(data: Path, out: Path) -> bool:
+    """A dynamic run to continue, or (for a new run) data whose every frame has a time."""
+    from langfield.run import RunError, RunFolder
+
+    rf = RunFolder(out)
+    if rf.config.is_file():
+        try:
+            return (rf.read_config().get("model") or {}).get("kind") == "deformable"
+        except RunError:
+            return False
+    try:
+        from langfield.data import load_dataset
+
+        return bool(load_dataset(data, cache_images=False).has_time)
+    except Exception:  # the static path reports bad data with its own one-line errors
+        return False
+
+
 def _rgb_finished(out: Path, data: Path, steps: Optional[int]) -> bool:
     """True when ``out`` holds an RGB run on ``data`` trained to its (or the requested) length."""
     from langfield.run import RunError, RunFolder
@@ -300,6 +348,19 @@ def _trained_sh_degree(doc: Dict[str, Any], ckpt, g) -> int:
     from langfield.train.config import trained_sh_degree
 
     return trained_sh_degree(doc.get("train", {}), int(ckpt.config.get("rgb_step", ckpt.step)), g.sh_degree)
+
+
+def _run_kind(run: Path) -> Optional[str]:
+    """"slam" for a mapping run, "deformable" for a dynamic one, else None (a per-scene run)."""
+    from langfield.run import RunError, RunFolder
+
+    try:
+        doc = RunFolder(run).read_config()
+    except RunError:
+        return None
+    if "slam" in doc:
+        return "slam"
+    return (doc.get("model") or {}).get("kind") if (doc.get("model") or {}).get("kind") == "deformable" else None
 
 
 def cli_render(
@@ -392,6 +453,24 @@ def cli_eval(
         return 0
     if run is None:
         raise _fail("give a run folder (or --trajectory EST --reference REF)")
+    kind = _run_kind(Path(run))
+    if kind == "slam" and queries is None:
+        from langfield.slam.evaluate import evaluate_slam_run, format_slam_eval
+
+        try:
+            print(format_slam_eval(evaluate_slam_run(run, device=device)))
+        except (RunError, ValueError, OSError) as e:
+            raise _fail(str(e).splitlines()[0]) from None
+        return 0
+    if kind == "deformable":
+        from langfield.dynamic.language import evaluate_dynamic_run
+
+        try:
+            m = evaluate_dynamic_run(run, queries, device=device, threshold=threshold)
+        except (RunError, ValueError, OSError) as e:
+            raise _fail(str(e).splitlines()[0]) from None
+        print(json.dumps({k: v for k, v in m.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
+        return 0
 
     if queries is None:
         try:
