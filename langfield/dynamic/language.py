@@ -31,11 +31,8 @@ over queries.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -445,7 +442,7 @@ def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Pat
                          log=print, write: bool = True) -> Dict[str, Any]:
     """Metrics of a dynamic run (see the module docstring), merged into ``RUN/metrics.json``
     under ``dynamic`` when ``write``. ``queries``: a ``queries.json`` (default: the dataset's)."""
-    from langfield.eval.language import QuerySet, QueryView, _match_camera, _resize_mask, evaluate_field, \
+    from langfield.eval.language import QuerySet, QueryView, match_camera, resize_mask, evaluate_field, \
         load_queries
     from langfield.field import LanguageField
 
@@ -483,12 +480,12 @@ def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Pat
                 texts = sorted(sensitive)
                 recs = []
                 for v, qv in zip(qdoc["views"], qs.views):
-                    cam = _match_camera(field.cameras, qv.name)
+                    cam = match_camera(field.cameras, qv.name)
                     if cam is None:
                         continue
                     r = field.render_camera(cam)
                     H, W = r.size
-                    gts = {q.text: _resize_mask(q.mask, H, W) for q in qv.queries if q.text in sensitive}
+                    gts = {q.text: resize_mask(q.mask, H, W) for q in qv.queries if q.text in sensitive}
                     res = field.query(r, texts, level=STATE_LEVEL, threshold=threshold)
                     for text, q in zip(texts, res):
                         score = float(q.scores[q.level_index])

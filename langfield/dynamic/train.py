@@ -19,6 +19,8 @@ Gaussians (fed with the render's ``meta``), checkpoints in ``RUN/checkpoints`` t
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 import math
 import sys
@@ -35,12 +37,12 @@ from langfield.io.checkpoint import atomic_write_json
 from langfield.render.model import render
 from langfield.run import NonFiniteError, RunError, RunFolder
 from langfield.train.config import TrainConfig
-from langfield.train.rgb import RGBTrainer, _lr_means
+from langfield.train.rgb import RGBTrainer, lr_means
 from langfield.train.sampler import exp_decay
 
 __all__ = ["DynamicConfig", "DynamicTrainer", "train_dynamic", "DYNAMIC_RESUME_MAY_CHANGE"]
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 
 @dataclass
@@ -253,7 +255,7 @@ class DynamicTrainer(RGBTrainer):
         bg = self._bg()
         target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
         for grp in self.optimizers["means"].param_groups:
-            grp["lr"] = _lr_means(cfg, self.scene_scale, step)
+            grp["lr"] = lr_means(cfg, self.scene_scale, step)
         lr_grid, lr_mlp = self._deform_lrs()
         for grp in self.deform_opt.param_groups:
             grp["lr"] = lr_grid if grp["name"] == "grid" else lr_mlp

@@ -394,5 +394,3 @@ def evaluate_run(run: PathLike, queries: PathLike, *, device: str = "auto", out_
         log(f"[eval] heatmaps and masks -> {out_dir}; metrics -> {mp}")
     return m
 
-
-_match_camera, _resize_mask = match_camera, resize_mask  # old private names

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ def evaluate_slam_run(run, *, max_views: int = 40, device: str = "auto", write: 
     from langfield.render.model import Cameras, render
     from langfield.run import model_from_checkpoint, scene_checkpoint, update_metrics
     from langfield.slam.online import prepare_frame
-    from langfield.slam.run import _open_sequence
+    from langfield.slam.run import open_sequence
 
     rf = RunFolder(run)
     doc = rf.read_config()
@@ -56,7 +56,7 @@ def evaluate_slam_run(run, *, max_views: int = 40, device: str = "auto", write: 
         raise RunError(str(e)) from None
     cfg = sl.get("config") or {}
     w, h = cfg.get("width"), cfg.get("height")
-    seq, _ = _open_sequence(doc["data"], w, h, int(sl.get("stride", 1)), sl.get("max_frames"))
+    seq, _ = open_sequence(doc["data"], w, h, int(sl.get("stride", 1)), sl.get("max_frames"))
     out: Dict[str, Any] = {"frames": len(est)}
     has = seq.has_gt
     if has.any():

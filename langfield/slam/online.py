@@ -25,7 +25,7 @@ carry the whole state (map, Adam moments, keyframes, trajectory, generator) for 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np

@@ -25,10 +25,9 @@ import warnings
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
-import torch
 
 from langfield.run import CheckpointStore, RunError, RunFolder, update_metrics
 
@@ -39,7 +38,7 @@ SLAM_ARTEFACTS = (STATE_DIR, "trajectory.txt", "keyframes.json", "cameras.json",
 RUN_FORMAT = "langfield-run"
 
 
-def _open_sequence(data, width: Optional[int], height: Optional[int], stride: int, max_frames: Optional[int]):
+def open_sequence(data, width: Optional[int], height: Optional[int], stride: int, max_frames: Optional[int]):
     from langfield.data.rgbd import RGBDError, open_rgbd
 
     try:
@@ -195,7 +194,7 @@ def run_slam(data, out, *, features: str = "none", max_frames: Optional[int] = N
             cfg = replace(cfg, width=int(size[0]), height=int(size[1]))
         else:
             cfg = replace(cfg, width=None, height=None)
-    seq, down = _open_sequence(data, cfg.width, cfg.height, stride, max_frames)
+    seq, down = open_sequence(data, cfg.width, cfg.height, stride, max_frames)
     language = None
     if features != "none":
         from langfield.slam.language import OnlineLanguage

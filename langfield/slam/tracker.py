@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from langfield.maths import inv_rigid, se3_exp, se3_log
+from langfield.maths import inv_rigid, se3_exp
 from langfield.render.model import Cameras, render
 
 __all__ = ["TrackerConfig", "TrackResult", "track", "pyramid", "constant_velocity", "pose_error"]

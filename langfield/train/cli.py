@@ -16,7 +16,7 @@ from typing_extensions import Annotated
 
 import tyro
 
-from langfield.errors import CliError, fail, os_path, os_reason, plain_warnings  # noqa: F401
+from langfield.errors import fail, os_path, os_reason, plain_warnings
 
 DataArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="DATA")]]
 RunArg = tyro.conf.Positional[Annotated[Path, tyro.conf.arg(metavar="RUN")]]

@@ -710,5 +710,3 @@ def _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options
     show = trainer.cfg.progress if trainer.cfg.progress is not None else sys.stderr.isatty()
     return trainer.finish(progress=show)
 
-
-_lr_means = lr_means  # old private name, kept for code written against it
