@@ -640,11 +640,10 @@ CASES: List[Case] = [
          ["sparse/0"]),
     Case("train-umask-027", lambda c: ["train", c.fx.data, "--out", c.work / "r", "--steps", "3", "--device", "cpu",
                                        "--quiet"], "ok", ["trained 3 steps"], check=_check_modes, wrap="umask:027"),
-    # --- defects owned elsewhere (see `known`)
-    Case("view-missing-run", lambda c: ["view", c.work / "nope", "--port", "0"], "refuse", ["nope", "not found"],
-         known="viewer/app.py cli_view raises SystemExit(str): exit status 1, not 2"),
+    # --- view and process (once exit 1; now one line, exit 2)
+    Case("view-missing-run", lambda c: ["view", c.work / "nope", "--port", "0"], "refuse", ["nope", "not found"]),
     Case("process-missing-folder", lambda c: ["process", c.work / "nope", "--out", c.work / "x"], "refuse",
-         ["nope", "does not exist"], known="data/process.py cli_process exits with status 1, not 2"),
+         ["nope", "does not exist"]),
     # --- #12 cases that behave already
     Case("scenes-make-over-existing", lambda c: ["scenes", "make", "tabletop", "--out", _copy(c.fx.data, c.work / "d"),
                                                  "--views", "2", "--size", "16x16"], "refuse", ["--overwrite"]),

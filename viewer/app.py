@@ -520,7 +520,9 @@ def cli_view(
         app = ViewerApp(Path(path), host=host, port=port, device=device, max_res=max_res, exact_budget=exact_budget,
                         reload_every=reload_every)
     except (FieldError, FileNotFoundError) as e:
-        raise SystemExit(f"langfield: {e}") from None
+        from langfield.errors import fail
+
+        raise fail(str(e)) from None
     f = app.field
     what = f"{f.num:,} Gaussians, {'language levels ' + ', '.join(f.levels) if f.has_language else 'RGB only'}"
     print(f"langfield view: {f.source} ({what}) on {f.device}\n  open {app.url}  (Ctrl+C to stop)", flush=True)
