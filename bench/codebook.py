@@ -183,7 +183,8 @@ def quality(args, rows_out):
         LL.LanguageTrainer = Projecting
         try:
             for codec, opts in (("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps)),
-                                ("codebook", dict(latent_dim=args.train_codebook_size, ae_steps=30))):
+                                ("codebook", dict(latent_dim=args.train_codebook_size, ae_steps=30,
+                                                  lr=args.codebook_lr))):
                 run = tmp / codec
                 shutil.copytree(base, run)
                 t1 = time.perf_counter()
@@ -213,7 +214,8 @@ def main():
     ap.add_argument("--codebook-size", type=int, default=64)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--train-size", default="96x96")
-    ap.add_argument("--train-codebook-size", type=int, default=32)
+    ap.add_argument("--train-codebook-size", type=int, default=16)
+    ap.add_argument("--codebook-lr", type=float, default=0.01, help="language lr of the codebook run")
     ap.add_argument("--views", type=int, default=16)
     ap.add_argument("--rgb-steps", type=int, default=300)
     ap.add_argument("--lang-steps", type=int, default=1000)
