@@ -155,6 +155,37 @@ def test_projection_and_activation():
     assert torch.allclose(codec.activate(lang.clamp_min(1e-30).log()), lang, atol=1e-6)  # log is the logits view
 
 
+def test_training_schedule_moves_weights_to_the_right_entries():
+    """The language stage's schedule on a toy: fresh zero coefficients projected with progress 0
+    (uniform 1/L), Adam at the stage's default lr, projection after each step with step/steps
+    (dense simplex for the first half, k-sparse after): every weight vector ends k-sparse on the
+    simplex with its largest weight on the target's main entry."""
+    g = torch.Generator().manual_seed(3)
+    L, k, steps = 32, 4, 300
+    codec = CodebookCodec(F.normalize(torch.randn(L, 64, generator=g), dim=-1), topk=k)
+    z = torch.zeros(64, 2 * L)
+    codec.project_(z, 0.0)
+    assert torch.equal(z, torch.full_like(z, 1.0 / L))
+    z.requires_grad_(True)
+    main_ = torch.arange(64) % L
+    t = F.normalize(0.8 * codec.codebook[main_] + 0.2 * codec.codebook[(main_ + 7) % L], dim=-1)
+    opt = torch.optim.Adam([z], lr=0.0025, eps=1e-15)
+    valid = torch.ones(1, 64, dtype=torch.bool)
+    for step in range(1, steps + 1):
+        loss = sum(codec.loss(z[None, :, i * L:(i + 1) * L], t[None], valid) for i in range(2))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        codec.project_(z.data, step / steps)
+        if step == steps // 2 - 1:
+            assert int((z > 0).reshape(64, 2, L).sum(-1).max()) > k  # dense phase
+    w = z.detach().reshape(64, 2, L)
+    assert int((w > 0).sum(-1).max()) <= k and float((w.sum(-1) - 1).abs().max()) < 1e-5
+    assert bool((w.argmax(-1) == main_[:, None]).all())
+    cos = (codec.decode(w) * t[:, None]).sum(-1)
+    assert float(cos.min()) > 0.99, float(cos.min())
+
+
 def test_codec_decode_scores_targets_loss_and_files(tmp_path):
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(6, 32, generator=g), dim=-1)
@@ -218,3 +249,115 @@ def test_kmeans_with_fewer_distinct_points_than_entries():
     C, rep = kmeans_codebook(x, 8, iters=10, seed=1)
     assert C.shape == (8, 16) and torch.isfinite(C).all()
     assert rep["mean_cos"] == pytest.approx(1.0, abs=1e-6)  # every point has its exact centre
+
+
+# ------------------------------------------------------------------ training on the tabletop scene
+LANG_STEPS = 600
+CODEBOOK_SIZE = 16
+TOPK = 4
+LANG_LR = 0.01  # the coefficients live on the simplex: a larger step than the autoencoder latents' 0.0025
+
+
+@pytest.fixture(scope="module")
+def codebook_run(tmp_path_factory):
+    """Tabletop at the size of tests/test_language.py's demo (96x96, 16 views, 300 RGB steps; 600
+    language steps instead of 1000), language stage with the codebook codec (L=16, k=4). The language stage projects the
+    weights after each step through ``codec.project_`` (the trainer hook, applied here until the
+    trainer calls it)."""
+    import langfield.train.language as LL
+    from langfield.scenes import make_scene
+    from langfield.train.rgb import train_rgb
+
+    class Projecting(LL.LanguageTrainer):
+        def _init_params(self, base, ck):
+            super()._init_params(base, ck)
+            if ck is None and hasattr(self.codec, "project_"):  # fresh coefficients: uniform 1/L
+                self.codec.project_(self.gaussians.splats["lang"].data, 0.0)
+
+        def train_step(self):
+            out = super().train_step()
+            project = getattr(self.codec, "project_", None)
+            if project is not None:
+                project(self.gaussians.splats["lang"].data, self.step / self.cfg.steps)
+            return out
+
+    out = tmp_path_factory.mktemp("codebook")
+    data, run = out / "data", out / "run"
+    make_scene("tabletop", data, views=16, size="96x96", progress=False, workers=1)
+    train_rgb(data, run, steps=300, device="cpu", progress=False, evaluate=False)
+    orig = LL.LanguageTrainer
+    LL.LanguageTrainer = Projecting
+    try:
+        res = LL.train_language(run, features="labels", codec="codebook", latent_dim=CODEBOOK_SIZE,
+                                steps=LANG_STEPS, lr=LANG_LR, ae_steps=30, text_encoder="offline", device="cpu",
+                                progress=False, ckpt_every=LANG_STEPS,
+                                log=lambda *_: None)
+    finally:
+        LL.LanguageTrainer = orig
+    return out, res
+
+
+@pytest.mark.slow
+def test_codebook_training_meets_the_query_bars(codebook_run):
+    out, res = codebook_run
+    m = res["metrics"]
+    prim = m[m["primary"]]
+    # the autoencoder's bars at this size (tests/test_language.py::test_demo_reaches_query_bars; the
+    # autoencoder measured loc 0.82, mIoU 0.42, 3D 0.64 there); measured here: loc 0.73, mIoU 0.47, 3D 0.58
+    assert m["primary"] == "names" and prim["n"] >= 20
+    assert prim["loc"] >= 0.65, prim
+    assert prim["miou"] >= 0.3, prim
+    assert prim["miou_3d"] >= 0.45, prim
+    run = out / "run"
+    doc = json.loads((run / "config.json").read_text())
+    lang = doc["language"]
+    assert lang["codec"] == {"kind": "codebook", "file": "codebook.safetensors"} and lang["latent_dim"] == CODEBOOK_SIZE
+    assert (run / "codebook.safetensors").is_file() and (run / "codebook.json").is_file()
+    from langfield.field import LanguageField
+
+    f = LanguageField.load(run, device="cpu")
+    assert isinstance(f.codec, CodebookCodec) and f.gaussians.lang.shape[1] == 3 * CODEBOOK_SIZE
+    w = f.gaussians.lang.reshape(f.num, 3, CODEBOOK_SIZE)
+    assert int((w > 0).sum(-1).max()) <= TOPK and bool((w >= 0).all())  # k-sparse ...
+    assert float((w.sum(-1) - 1).abs().max()) < 1e-5  # ... on the simplex
+
+
+@pytest.mark.slow
+def test_saved_run_gives_identical_queries_and_sparse_render(codebook_run, tmp_path):
+    import shutil
+
+    from langfield.cli import main
+    from langfield.eval.language import load_queries
+    from langfield.field import LanguageField
+    from langfield.render.model import Cameras
+
+    out, _ = codebook_run
+    run = out / "run"
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    a, b = LanguageField.load(run, device="cpu"), LanguageField.load(moved, device="cpu")
+    qs = load_queries(out / "data" / "queries.json")
+    view = qs.views[0]
+    texts = [q.text for q in view.queries]
+    cam = next(c for c in a.cameras if c.name == view.name)
+    ra, rb = a.render_camera(cam), b.render_camera(cam)
+    for x, y in zip(a.query(ra, texts), b.query(rb, texts)):
+        assert torch.equal(x.relevancy, y.relevancy) and x.level == y.level and torch.equal(x.mask, y.mask)
+    for x, y in zip(a.select(texts), b.select(texts)):
+        assert torch.equal(x.mask, y.mask) and x.level == y.level and int(x.mask.sum()) > 0
+    # the sparse pass gives the dense render's coefficients and the same query answers
+    idx, w = a.codec.sparse(a.gaussians.lang)
+    cams = Cameras.of(cam.viewmat, cam.K, cam.width, cam.height)
+    sp = render_sparse(a.gaussians, cams, idx, w, a.gaussians.lang_dim).lang[0]
+    dense = torch.cat([ra.latents[lv] for lv in a.levels], -1)
+    assert float((sp - dense).abs().max()) <= 1e-6
+    q = next(q for q in view.queries if q.text == "red mug")
+    gt = torch.from_numpy(q.mask)
+    res = a.query(ra, q.text)
+    assert res.heatmap[gt].mean() > res.heatmap[~gt].mean() + 0.3
+    # export with its sidecar opens as a field with the same 3D selection
+    ply = tmp_path / "scene.ply"
+    assert main(["export", str(run), "--ply", str(ply)]) == 0
+    p = LanguageField.load(ply, device="cpu")
+    assert isinstance(p.codec, CodebookCodec) and p.levels == a.levels
+    assert torch.equal(p.select("red mug").mask, a.select("red mug").mask)
