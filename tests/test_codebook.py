@@ -262,38 +262,18 @@ LANG_LR = 0.01  # the coefficients live on the simplex: a larger step than the a
 def codebook_run(tmp_path_factory):
     """Tabletop at the size of tests/test_language.py's demo (96x96, 16 views, 300 RGB steps; 600
     language steps instead of 1000), language stage with the codebook codec (L=16, k=4). The language stage projects the
-    weights after each step through ``codec.project_`` (the trainer hook, applied here until the
-    trainer calls it)."""
+    weights after each step through ``codec.project_`` (the trainer's hook for such codecs)."""
     import langfield.train.language as LL
     from langfield.scenes import make_scene
     from langfield.train.rgb import train_rgb
-
-    class Projecting(LL.LanguageTrainer):
-        def _init_params(self, base, ck):
-            super()._init_params(base, ck)
-            if ck is None and hasattr(self.codec, "project_"):  # fresh coefficients: uniform 1/L
-                self.codec.project_(self.gaussians.splats["lang"].data, 0.0)
-
-        def train_step(self):
-            out = super().train_step()
-            project = getattr(self.codec, "project_", None)
-            if project is not None:
-                project(self.gaussians.splats["lang"].data, self.step / self.cfg.steps)
-            return out
 
     out = tmp_path_factory.mktemp("codebook")
     data, run = out / "data", out / "run"
     make_scene("tabletop", data, views=16, size="96x96", progress=False, workers=1)
     train_rgb(data, run, steps=300, device="cpu", progress=False, evaluate=False)
-    orig = LL.LanguageTrainer
-    LL.LanguageTrainer = Projecting
-    try:
-        res = LL.train_language(run, features="labels", codec="codebook", latent_dim=CODEBOOK_SIZE,
-                                steps=LANG_STEPS, lr=LANG_LR, ae_steps=30, text_encoder="offline", device="cpu",
-                                progress=False, ckpt_every=LANG_STEPS,
-                                log=lambda *_: None)
-    finally:
-        LL.LanguageTrainer = orig
+    res = LL.train_language(run, features="labels", codec="codebook", latent_dim=CODEBOOK_SIZE,
+                            steps=LANG_STEPS, lr=LANG_LR, ae_steps=30, text_encoder="offline", device="cpu",
+                            progress=False, ckpt_every=LANG_STEPS, log=lambda *_: None)
     return out, res
 
 

@@ -113,7 +113,7 @@ def render_sparse(model, cameras: Cameras, idx: Tensor, w: Tensor, n_channels: i
     of the same model and cameras (classic mode): its projection and tile lists are reused, so
     colour + depth (dense pass) and coefficients (this pass) cost one sort. Geometry gets no
     gradient here; ``w`` does."""
-    from langfield.render.api import _ops, resolve_backend
+    from langfield.render.api import backend_ops, resolve_backend
 
     C = len(cameras)
     dev = w.device
@@ -128,7 +128,7 @@ def render_sparse(model, cameras: Cameras, idx: Tensor, w: Tensor, n_channels: i
                 t = float(cameras.times[0])
             a = model.activated(t)
             be = resolve_backend(backend, a.means.device, torch.float32)
-            ops = _ops(be if be != "gsplat" else "torch")
+            ops = backend_ops(be if be != "gsplat" else "torch")
             f32 = (lambda x: x.to(torch.float32)) if be in ("cpu", "cuda") else (lambda x: x)
             vm, Ks = cameras.viewmats.to(a.means.device), cameras.Ks.to(a.means.device)
             radii, means2d, depths, conics, _ = ops.project(

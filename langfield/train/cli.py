@@ -58,6 +58,8 @@ def cli_train(
     skip_bad_images: bool = False,
     allow_outside: bool = False,
     features: Optional[Literal["labels", "sam-clip", "dense-clip"]] = None,
+    codec: Optional[Literal["autoencoder", "codebook"]] = None,
+    codebook_size: Optional[int] = None,
     lang_steps: Optional[int] = None,
     lang_lr: Optional[float] = None,
     latent_dim: Optional[int] = None,
@@ -119,6 +121,9 @@ def cli_train(
         allow_outside: accept dataset entries whose file paths lead outside the dataset folder.
         features: language stage after RGB: labels (ground-truth label maps of `langfield scenes` data),
             sam-clip (LangSplat: SAM masks x 3 levels + CLIP; needs --sam-checkpoint) or dense-clip (MaskCLIP, fast).
+        codec: the language codec: autoencoder (LangSplat: 3-D latents per level, default) or codebook
+            (LangSplatV2: sparse top-4 weights over a k-means codebook of CLIP features; queries need no decoder).
+        codebook_size: codebook entries per level with --codec codebook (default 64).
         lang_steps: language stage steps (default 3000).
         lang_lr: learning rate of the latents (default 0.01).
         latent_dim: latent size per level (default 3, LangSplat's).
@@ -180,7 +185,9 @@ def cli_train(
         from langfield.train.language import LangConfig, stored_language_config
 
         lang_given = {k: v for k, v in dict(
-            features=features, steps=lang_steps, lr=lang_lr, latent_dim=latent_dim, joint=joint or None,
+            features=features, codec=codec, steps=lang_steps, lr=lang_lr,
+            latent_dim=codebook_size if codebook_size is not None else (
+                latent_dim if latent_dim is not None or codec != "codebook" else 64), joint=joint or None,
             ae_steps=ae_steps, text_encoder=text_encoder, clip_model=clip_model, clip_pretrained=clip_pretrained,
             clip_checkpoint=None if clip_checkpoint is None else str(clip_checkpoint), sam_model=sam_model,
             sam_checkpoint=None if sam_checkpoint is None else str(sam_checkpoint),

@@ -105,8 +105,10 @@ class LangConfig:
             bad(f"--lang-steps must be >= 1, got {self.steps}")
         if not self.lr > 0:
             bad(f"--lang-lr must be > 0, got {self.lr}")
-        if not 1 <= self.latent_dim <= 64:
-            bad(f"--latent-dim must be in 1..64, got {self.latent_dim}")
+        top = 256 if self.codec == "codebook" else 64
+        if not 1 <= self.latent_dim <= top:
+            what = "--codebook-size" if self.codec == "codebook" else "--latent-dim"
+            bad(f"{what} must be in 1..{top}, got {self.latent_dim}")
         if self.ae_steps < 1:
             bad(f"--ae-steps must be >= 1, got {self.ae_steps}")
         if self.ckpt_every < 1:
@@ -386,6 +388,10 @@ class LanguageTrainer(EpochSampler):
         n_lang = len(self.levels) * c.latent_dim
         if g.lang is None or g.lang.shape[1] != n_lang or ck is None:
             g.set_lang(torch.zeros(g.num, n_lang, device=self.device), requires_grad=True)
+            project = getattr(self.codec, "project_", None)  # codecs whose coefficients live on a simplex
+            if project is not None:
+                with torch.no_grad():
+                    project(g.splats["lang"].data, 0.0)
         else:
             g.splats["lang"].requires_grad_(True)
         self.gaussians = g
@@ -470,6 +476,10 @@ class LanguageTrainer(EpochSampler):
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
+        project = getattr(self.codec, "project_", None)  # e.g. the codebook's top-k simplex weights
+        if project is not None:
+            with torch.no_grad():
+                project(self.gaussians.splats["lang"].data, self.step / c.steps)
         return {"loss": float(loss.detach()), "lang_l1": lang_l}
 
     def save_checkpoint(self) -> Path:
@@ -570,7 +580,8 @@ def _train_language_locked(run: Path, rf: RunFolder, cfg: LangConfig, resume: bo
                            log, extractor) -> Dict[str, Any]:
     lang_dir = run / "language"
     if overwrite and lang_dir.exists():
-        dest = rf.move_aside(("language", "autoencoder.safetensors", "autoencoder.json"), prefix="replaced-language")
+        dest = rf.move_aside(("language", "autoencoder.safetensors", "autoencoder.json", "codebook.safetensors",
+                              "codebook.json"), prefix="replaced-language")
         log(f"[language] moved the previous language stage to {dest}")
     tr = LanguageTrainer(run, cfg, log=log, extractor=extractor)
     from langfield.features.cache import CacheCorruptError
