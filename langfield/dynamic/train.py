@@ -23,7 +23,6 @@ import os
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
@@ -37,7 +36,7 @@ from langfield.io.checkpoint import atomic_write_json
 from langfield.render.model import render
 from langfield.run import NonFiniteError, RunError, RunFolder
 from langfield.train.config import TrainConfig
-from langfield.train.rgb import RGBTrainer, lr_means
+from langfield.train.rgb import RGBTrainer, lr_means, run_training
 from langfield.train.sampler import exp_decay
 
 __all__ = ["DynamicConfig", "DynamicTrainer", "train_dynamic", "DYNAMIC_RESUME_MAY_CHANGE"]
@@ -306,52 +305,13 @@ def train_dynamic(data: PathLike, out: PathLike, config: Optional[TrainConfig] =
     """Train (or resume) a dynamic run: :func:`langfield.train.rgb.train_rgb` with a deformable
     model. ``options`` are TrainConfig fields; ``dynamic`` the deformation's options (on resume:
     must equal the stored ones when given). Returns the metrics (held-out (view, time) pairs)."""
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite exclude each other")
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise RunError(f"--out {root}: exists and is not a folder")
-    created = not root.exists()
-    if resume and created:
-        raise RunError(f"--resume: {root} does not exist (nothing to resume)")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--out {root}: cannot create the folder ({e.strerror or e})") from None
-    lock = RunFolder(root).lock()
-    lock.acquire()
-    try:
+    def make() -> DynamicTrainer:
+        opts = options
         if resume:
             if config is not None:
-                options = {**{k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)}, **options}
-            dyn = None if dynamic is None else dynamic.to_dict()
-            trainer = DynamicTrainer.resume_dynamic(out, data, options, dyn)
-        else:
-            cfg = replace(config or TrainConfig(), **options)
-            trainer = DynamicTrainer.create_dynamic(data, out, cfg, dynamic or DynamicConfig(), overwrite=overwrite)
-        already = trainer.step >= trainer.cfg.steps
-        trainer.train(hooks=hooks)
-        if trainer.last_ckpt_step != trainer.step:
-            trainer.save_checkpoint()
-        if not evaluate:
-            return {}
-        if already and trainer.run.metrics.is_file():
-            import json
+                opts = {**{k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)}, **opts}
+            return DynamicTrainer.resume_dynamic(out, data, opts, None if dynamic is None else dynamic.to_dict())
+        return DynamicTrainer.create_dynamic(data, out, replace(config or TrainConfig(), **opts),
+                                             dynamic or DynamicConfig(), overwrite=overwrite)
 
-            print(f"langfield: {trainer.run.root} is already trained to step {trainer.step} (raise --steps to "
-                  f"continue)", file=sys.stderr)
-            return json.loads(trainer.run.metrics.read_text("utf-8"))
-        show = trainer.cfg.progress if trainer.cfg.progress is not None else sys.stderr.isatty()
-        res = trainer.finish(progress=show)
-        return res
-    except BaseException:
-        if created and RunFolder(root).is_empty_for_new_run():
-            lock.release()
-            try:
-                (root / ".lock").unlink()
-                root.rmdir()
-            except OSError:
-                pass
-        raise
-    finally:
-        lock.release()
+    return run_training(out, make, resume=resume, overwrite=overwrite, hooks=hooks, evaluate=evaluate)

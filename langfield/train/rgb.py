@@ -651,6 +651,23 @@ def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = Non
     Fresh run: ``config`` (default ``TrainConfig()``) with ``options`` applied. Resume:
     ``options`` are the changes requested against the stored configuration. Returns the
     metrics (or ``{}`` with ``evaluate=False``)."""
+    def make() -> RGBTrainer:
+        opts = options
+        if resume:
+            if config is not None:
+                opts = {**{k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)}, **opts}
+            return RGBTrainer.resume(out, data, opts)
+        return RGBTrainer.create(data, out, replace(config or TrainConfig(), **opts), overwrite=overwrite)
+
+    return run_training(out, make, resume=resume, overwrite=overwrite, hooks=hooks, evaluate=evaluate)
+
+
+def run_training(out: PathLike, make_trainer: Callable[[], "RGBTrainer"], *, resume: bool, overwrite: bool,
+                 hooks: Sequence[Callable] = (), evaluate: bool = True) -> Dict[str, Any]:
+    """The write session of every training command (RGB, dynamic): checks ``out``, takes the
+    run lock, builds the trainer (``make_trainer()``: create or resume), trains, saves the last
+    checkpoint, evaluates; write errors become one-line :class:`RunError`s, and a new folder in
+    which nothing was written is removed again."""
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other")
     root = Path(out)
@@ -670,7 +687,7 @@ def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = Non
         raise RunError(f"--out {root}: cannot take the run folder's lock {lock.path} ({os_reason(e)})") from None
     try:
         try:
-            return _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options)
+            return _train_to_end(make_trainer(), hooks, evaluate)
         except OSError as e:  # config, metrics or renders that cannot be written (checkpoints: save_checkpoint)
             raise RunError(f"{os_path(e, root)}: {os_reason(e)} (run folder {root}; its checkpoints are "
                            f"written atomically, the ones there are intact)") from None
@@ -687,14 +704,7 @@ def train_rgb(data: PathLike, out: PathLike, config: Optional[TrainConfig] = Non
         lock.release()
 
 
-def _train_locked(data, out, config, resume, overwrite, hooks, evaluate, options) -> Dict[str, Any]:
-    if resume:
-        if config is not None:
-            options = {**{k: v for k, v in config.to_dict().items() if v != getattr(TrainConfig(), k)}, **options}
-        trainer = RGBTrainer.resume(out, data, options)
-    else:
-        cfg = replace(config or TrainConfig(), **options)
-        trainer = RGBTrainer.create(data, out, cfg, overwrite=overwrite)
+def _train_to_end(trainer: "RGBTrainer", hooks, evaluate: bool) -> Dict[str, Any]:
     already = trainer.step >= trainer.cfg.steps
     trainer.train(hooks=hooks)
     if trainer.last_ckpt_step != trainer.step:
