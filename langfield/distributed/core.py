@@ -1,0 +1,524 @@
+"""One process group per job, from ``torchrun``'s environment, and the collectives langfield needs.
+
+``torchrun`` (or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``) starts one process per device; :func:`init` joins them
+into a ``torch.distributed`` group (gloo on the CPU, NCCL on CUDA). Without ``WORLD_SIZE`` (or
+with ``WORLD_SIZE=1``) nothing is initialised and every helper is the identity: a
+single-process run does exactly what it did before.
+
+Failures never hang: the group is created with a timeout on every collective
+(``LANGFIELD_DIST_TIMEOUT`` seconds, default 600). Every collective goes through
+:meth:`Dist.collective`, which leaves a heartbeat in the job's key-value store (the one
+``torchrun`` or rank 0 hosts); when a collective fails (a peer died, a peer timed out) the
+error names the rank: the one that reported its own error into the store (:meth:`Dist.report`),
+else the one whose heartbeat is behind. :class:`DistError` is that one-line error.
+
+Consistency checks: :meth:`Dist.check_same` refuses a job whose ranks see a different
+configuration or dataset (one message listing what differs); :meth:`Dist.check_params`
+compares an exact integer hash of the parameters across ranks (data-parallel training keeps
+them bit-identical) and names the first tensor that diverged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Dist", "DistError", "init", "get", "shutdown", "is_main", "rank", "world_size", "barrier",
+           "env_world_size", "params_hash", "DEFAULT_TIMEOUT_S"]
+
+DEFAULT_TIMEOUT_S = 600.0
+_PREFIX = "langfield/"
+
+
+class DistError(RuntimeError):
+    """A distributed job cannot go on (a rank died or timed out, ranks disagree); one line."""
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` from the environment (1 when unset or empty)."""
+    v = os.environ.get("WORLD_SIZE", "").strip()
+    if not v:
+        return 1
+    try:
+        n = int(v)
+    except ValueError:
+        raise DistError(f"WORLD_SIZE={v!r} is not a whole number (set by torchrun; unset it for one process)") from None
+    if n < 1:
+        raise DistError(f"WORLD_SIZE={n} must be >= 1")
+    return n
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    v = os.environ.get(name, "").strip()
+    if not v:
+        if default is None:
+            raise DistError(f"{name} is not set; start distributed jobs with torchrun (it sets RANK, WORLD_SIZE, "
+                            f"LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
+        return default
+    try:
+        return int(v)
+    except ValueError:
+        raise DistError(f"{name}={v!r} is not a whole number") from None
+
+
+class Dist:
+    """The job as this process sees it. ``world == 1``: no group, every helper a no-op."""
+
+    def __init__(self, rank: int = 0, world: int = 1, local_rank: int = 0, backend: Optional[str] = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, store=None):
+        self.rank, self.world, self.local_rank = int(rank), int(world), int(local_rank)
+        self.backend = backend
+        self.timeout_s = float(timeout_s)
+        self.store = store
+        self.n_collectives = 0
+        self.step = -1  # what the trainer reports through set_step (named in errors)
+        self.host = socket.gethostname()
+        self.bytes_sent = 0  # payload bytes handed to collectives by this rank (benchmarks)
+
+    # ---- who am I --------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def device(self, requested: Optional[torch.device] = None) -> torch.device:
+        """The device of this rank: ``cuda:LOCAL_RANK`` under NCCL, else ``requested`` or the CPU."""
+        if self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device(requested) if requested is not None else torch.device("cpu")
+
+    def share(self, n: int) -> range:
+        """This rank's contiguous share of ``n`` items (sizes differ by at most one)."""
+        lo = self.rank * n // self.world
+        hi = (self.rank + 1) * n // self.world
+        return range(lo, hi)
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+
+    # ---- failure reporting -------------------------------------------------------------------
+    def _store_set(self, key: str, value: str) -> None:
+        if self.store is None:
+            return
+        try:
+            self.store.set(_PREFIX + key, value)
+        except Exception:  # the store's host is gone: nothing to leave a note in
+            pass
+
+    def _store_get(self, key: str) -> Optional[str]:
+        if self.store is None:
+            return None
+        try:
+            if not self.store.check([_PREFIX + key]):
+                return None
+            return self.store.get(_PREFIX + key).decode("utf-8", "replace")
+        except Exception:
+            return None
+
+    def report(self, message: str) -> None:
+        """Leave this rank's error in the store, so the other ranks' errors can name it."""
+        line = " ".join(str(message).split())[:400]
+        self._store_set(f"failed/{self.rank}", f"{self.host} pid {os.getpid()}: {line}")
+
+    def _culprit(self) -> str:
+        """Who stopped the job, as well as the store can tell (one clause)."""
+        if self.store is None:
+            return "another rank stopped"
+        try:
+            self.store.set(_PREFIX + "probe", "1")
+        except Exception:
+            return "the job's key-value store (hosted by rank 0 or torchrun) is gone: rank 0 stopped"
+        failed = []
+        beats: Dict[int, int] = {}
+        for r in range(self.world):
+            if r == self.rank:
+                continue
+            f = self._store_get(f"failed/{r}")
+            if f is not None:
+                failed.append(f"rank {r} failed ({f})")
+            b = self._store_get(f"beat/{r}")
+            if b is not None:
+                try:
+                    beats[r] = int(b.split("|")[0])
+                except ValueError:
+                    pass
+        if failed:
+            return "; ".join(failed)
+        if beats or self.world > 1:
+            behind = [r for r in range(self.world) if r != self.rank and beats.get(r, -1) < self.n_collectives]
+            if behind:
+                desc = ", ".join(f"rank {r} ({_beat_words(self._store_get(f'beat/{r}'))})" for r in behind)
+                return f"{desc} stopped responding (died, was killed or hangs)"
+        return "another rank stopped"
+
+    def collective(self, what: str, fn: Callable[[], Any]) -> Any:
+        """Run one collective ``fn`` with a heartbeat before it; a failure becomes a
+        :class:`DistError` naming the rank that stopped the job."""
+        if not self.active:
+            return fn()
+        self.n_collectives += 1
+        self._store_set(f"beat/{self.rank}", f"{self.n_collectives}|{what}|{self.step}|{self.host}|{os.getpid()}")
+        try:
+            return fn()
+        except DistError:
+            raise
+        except Exception as e:  # gloo/NCCL errors: connection closed, timeout, ...
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise DistError(f"rank {self.rank}/{self.world}: {what} failed at step {self.step}: {self._culprit()} "
+                            f"[{type(e).__name__}: {first}]") from None
+
+    # ---- collectives -------------------------------------------------------------------------
+    def barrier(self, what: str = "barrier") -> None:
+        if not self.active:
+            return
+        import torch.distributed as dist
+
+        t = torch.zeros(1, device=self.device())
+        # an all_reduce rather than dist.barrier(): it honours the group's timeout on gloo and NCCL alike
+        self.collective(what, lambda: dist.all_reduce(t))
+
+    def all_reduce(self, t: Tensor, op: str = "sum", what: str = "all_reduce") -> Tensor:
+        """In place; ``op`` sum, max or min."""
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        self.bytes_sent += t.numel() * t.element_size()
+        self.collective(what, lambda: dist.all_reduce(t, op=ops[op]))
+        return t
+
+    def all_gather(self, t: Tensor, what: str = "all_gather") -> List[Tensor]:
+        """Same-shaped tensors of every rank, in rank order."""
+        if not self.active:
+            return [t]
+        import torch.distributed as dist
+
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        self.bytes_sent += t.numel() * t.element_size()
+        self.collective(what, lambda: dist.all_gather(out, t.contiguous()))
+        return out
+
+    def broadcast(self, t: Tensor, src: int = 0, what: str = "broadcast") -> Tensor:
+        if not self.active:
+            return t
+        import torch.distributed as dist
+
+        if self.rank == src:
+            self.bytes_sent += t.numel() * t.element_size()
+        self.collective(what, lambda: dist.broadcast(t, src=src))
+        return t
+
+    def gather_bytes(self, data: bytes, what: str = "gather") -> List[bytes]:
+        """Every rank's ``data`` (any length), in rank order: JSON between our own ranks, no pickle."""
+        if not self.active:
+            return [data]
+        dev = self.device()
+        n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+        lens = [int(x) for x in self.all_gather(n, what=f"{what} (sizes)")]
+        buf = torch.zeros(max(lens), dtype=torch.uint8, device=dev)
+        if data:
+            buf[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+        parts = self.all_gather(buf, what=what)
+        return [bytes(p[:k].cpu().numpy().tobytes()) for p, k in zip(parts, lens)]
+
+    def broadcast_json(self, obj: Any = None, src: int = 0, what: str = "broadcast") -> Any:
+        """``obj`` of rank ``src`` (JSON-serialisable) on every rank."""
+        if not self.active:
+            return obj
+        data = json.dumps(obj, sort_keys=True).encode("utf-8") if self.rank == src else b""
+        return json.loads(self.gather_bytes(data, what=what)[src].decode("utf-8"))
+
+    def on_main(self, fn: Callable[[], Any], errors: tuple = (Exception,), what: str = "rank 0's step") -> Any:
+        """Run ``fn`` on rank 0 only; when it raises one of ``errors``, every rank raises the same
+        exception type with rank 0's message (no rank is left waiting). Returns rank 0's result
+        (JSON-serialisable) on every rank."""
+        if not self.active:
+            return fn()
+        res: Dict[str, Any] = {}
+        exc = None
+        if self.is_main:
+            try:
+                res = {"ok": True, "value": fn()}
+            except errors as e:
+                exc = e
+                res = {"ok": False, "type": type(e).__name__, "message": str(e)}
+        res = self.broadcast_json(res, what=what)
+        if res["ok"]:
+            return res.get("value")
+        if exc is not None:
+            raise exc
+        err_type = next((t for t in errors if t.__name__ == res["type"]), None)
+        try:
+            raise (err_type or DistError)(res["message"])
+        except TypeError:  # an exception type whose constructor takes more than a message
+            raise DistError(res["message"]) from None
+
+    # ---- consistency -------------------------------------------------------------------------
+    def check_same(self, name: str, obj: Mapping[str, Any]) -> None:
+        """Refuse (:class:`DistError`, on every rank) when ``obj`` (a JSON-like mapping: the
+        configuration, a fingerprint of the data) differs between ranks; the message lists the
+        keys that differ and on which ranks."""
+        if not self.active:
+            return
+        doc = json.loads(json.dumps(obj, sort_keys=True, default=str))
+        data = json.dumps(doc, sort_keys=True).encode("utf-8")
+        digest = hashlib.sha256(data).digest()
+        digests = self.gather_bytes(digest, what=f"compare {name}")
+        if all(d == digests[0] for d in digests):
+            return
+        docs = [json.loads(b.decode("utf-8")) for b in self.gather_bytes(data, what=f"gather {name}")]
+        diffs = []
+        for r, d in enumerate(docs[1:], start=1):
+            if d == docs[0]:
+                continue
+            keys = sorted(k for k in set(docs[0]) | set(d) if docs[0].get(k) != d.get(k))
+            shown = ", ".join(f"{k} (rank 0: {_short(docs[0].get(k))}, rank {r}: {_short(d.get(k))})" for k in keys[:4])
+            diffs.append(shown + (f", and {len(keys) - 4} more" if len(keys) > 4 else ""))
+        raise DistError(f"the ranks disagree on the {name}: {'; '.join(diffs)}; every rank must run the same "
+                        f"command on the same data (same paths, same files) and the same langfield version")
+
+    def check_params(self, params: Mapping[str, Tensor], step: int) -> None:
+        """:class:`DistError` on every rank when the parameters differ between ranks (exact
+        integer hash of their bits and shapes, see :func:`params_hash`)."""
+        if not self.active:
+            return
+        names = list(params.keys())
+        h = params_hash(params).to(self.device())
+        hs = self.all_gather(h, what="parameter hash check")
+        bad = []
+        for r in range(1, self.world):
+            if not torch.equal(hs[r], hs[0]):
+                diff = (hs[r] != hs[0]).view(len(names), -1).any(dim=1).nonzero().flatten().tolist()
+                bad.append(f"rank {r} differs from rank 0 in {', '.join(repr(names[i]) for i in diff)}")
+        if bad:
+            n = [int(x) for x in hs[0].view(len(names), -1)[:, 0]]
+            raise DistError(f"the Gaussians diverged across ranks at step {step} ({'; '.join(bad)}; rank 0 has "
+                            f"{n[0]} rows): data-parallel ranks must take identical steps (same seed, same "
+                            f"backend and device type on every rank, deterministic kernels)")
+
+
+def _beat_words(beat: Optional[str]) -> str:
+    if not beat:
+        return "never reached a collective"
+    parts = beat.split("|")
+    if len(parts) != 5:
+        return beat
+    n, what, step, host, pid = parts
+    return f"last seen at {what} #{n}, step {step}, on {host} pid {pid}"
+
+
+def _short(v: Any) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def params_hash(params: Mapping[str, Tensor]) -> Tensor:
+    """``int64 [len(params), 3]``: per tensor, its row count, the sum of its 32-bit words and
+    their position-weighted sum, computed on the tensor's device (integer sums: exact and
+    independent of the reduction order, so equal tensors always hash equal)."""
+    rows = []
+    for t in params.values():
+        x = t.detach().contiguous()
+        if x.element_size() == 8:
+            w = x.view(torch.int64).flatten()
+        elif x.element_size() == 4:
+            w = x.view(torch.int32).flatten().to(torch.int64)
+        else:
+            w = x.to(torch.float32).contiguous().view(torch.int32).flatten().to(torch.int64)
+        pos = torch.arange(w.numel(), device=w.device, dtype=torch.int64) % 65521 + 1
+        rows.append(torch.stack([torch.tensor(x.shape[0] if x.dim() else 1, device=w.device, dtype=torch.int64),
+                                 w.sum(), (w * pos).sum()]))
+    if not rows:
+        return torch.zeros(0, 3, dtype=torch.int64)
+    return torch.stack(rows)
+
+
+# ---- the process-wide job ----------------------------------------------------------------------
+
+_STATE: Optional[Dist] = None
+
+
+def init(device: Optional[str] = None, timeout_s: Optional[float] = None) -> Dist:
+    """Join the job described by the environment (once per process; later calls return it).
+
+    No ``WORLD_SIZE`` (or 1): a single-process :class:`Dist`, no group. Else
+    ``init_process_group`` with NCCL when ``device`` is ``cuda`` (or ``auto`` with CUDA
+    available), gloo otherwise, and a timeout on every collective (``timeout_s``, else
+    ``LANGFIELD_DIST_TIMEOUT``, else 600 s)."""
+    global _STATE
+    if _STATE is not None:
+        return _STATE
+    world = env_world_size()
+    if world == 1:
+        _STATE = Dist()
+        return _STATE
+    import torch.distributed as dist
+
+    rank = _env_int("RANK")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world:
+        raise DistError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(k):
+            raise DistError(f"{k} is not set; start distributed jobs with torchrun")
+    if timeout_s is None:
+        try:
+            timeout_s = float(os.environ.get("LANGFIELD_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
+        except ValueError:
+            raise DistError(f"LANGFIELD_DIST_TIMEOUT={os.environ['LANGFIELD_DIST_TIMEOUT']!r} is not a number "
+                            f"of seconds") from None
+    dev = (device or "auto").lower()
+    use_cuda = dev.startswith("cuda") or (dev == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise DistError(f"rank {rank}: --device {device} but CUDA is not available on {socket.gethostname()}")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise DistError(f"rank {rank}: LOCAL_RANK={local_rank} but {socket.gethostname()} has "
+                            f"{torch.cuda.device_count()} CUDA device(s); use --nproc_per_node <= that")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        try:
+            kw = {"device_id": torch.device("cuda", local_rank)} if use_cuda else {}
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s), **kw)
+        except Exception as e:
+            first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+            raise DistError(f"rank {rank}/{world}: cannot join the job at {os.environ.get('MASTER_ADDR')}:"
+                            f"{os.environ.get('MASTER_PORT')} with {backend} within {timeout_s:.0f} s "
+                            f"({type(e).__name__}: {first})") from None
+    store = None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+    except Exception:  # pragma: no cover - older/newer torch: errors name ranks less precisely
+        store = None
+    _STATE = Dist(rank, world, local_rank, backend, timeout_s, store)
+    return _STATE
+
+
+def get() -> Dist:
+    """The job of this process (:func:`init` on first use)."""
+    return _STATE if _STATE is not None else init()
+
+
+def shutdown() -> None:
+    """Leave the group (end of a command); the next :func:`init` starts afresh."""
+    global _STATE
+    if _STATE is not None and _STATE.active:
+        import torch.distributed as dist
+
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+    _STATE = None
+
+
+def is_main() -> bool:
+    return get().is_main
+
+
+def rank() -> int:
+    return get().rank
+
+
+def world_size() -> int:
+    return get().world
+
+
+def barrier(what: str = "barrier") -> None:
+    get().barrier(what)
+
+
+def print_main(*args, **kwargs) -> None:
+    """``print`` on rank 0 only."""
+    if get().is_main:
+        print(*args, **kwargs)
+
+
+def flat_grads(params: Iterable[Tensor]) -> List[Tensor]:
+    """The gradients of ``params`` (zeros where a parameter got none), for one fused reduction."""
+    out = []
+    for p in params:
+        out.append(p.grad if p.grad is not None else torch.zeros_like(p))
+    return out
+
+
+def all_reduce_grads(params: Sequence[Tensor], extra: Optional[Tensor] = None, dist_: Optional[Dist] = None,
+                     average: bool = False) -> Optional[Tensor]:
+    """Sum (or ``average``) the gradients of ``params`` over the ranks in one flat all-reduce;
+    ``extra`` (a small float tensor, e.g. the loss) rides along and is returned reduced."""
+    d = dist_ or get()
+    if not d.active:
+        return extra
+    params = [p for p in params]
+    grads = flat_grads(params)
+    dtype = grads[0].dtype if grads else torch.float32
+    parts = [g.reshape(-1).to(dtype) for g in grads]
+    if extra is not None:
+        parts.append(extra.reshape(-1).to(device=parts[0].device if parts else extra.device, dtype=dtype))
+    flat = torch.cat(parts) if parts else torch.zeros(0)
+    d.all_reduce(flat, "sum", what="all_reduce of the gradients")
+    if average:
+        flat /= d.world
+    o = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[o:o + n].view_as(g).to(g.dtype)
+        o += n
+    return flat[o:].to(extra.dtype) if extra is not None else None
+
+
+def broadcast_params(params: Mapping[str, Tensor], src: int = 0, dist_: Optional[Dist] = None) -> None:
+    """Copy rank ``src``'s parameters into every rank's (in place, same shapes)."""
+    d = dist_ or get()
+    if not d.active:
+        return
+    with torch.no_grad():
+        for k, p in params.items():
+            d.broadcast(p.data, src=src, what=f"broadcast of {k!r}")
+
+
+def fail_line(e: BaseException) -> str:
+    """One line for an exception (the first line of its message)."""
+    s = str(e)
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+def guard_main(fn: Callable[[], int]) -> int:
+    """Run a command body; on an exception in a distributed job, report it into the store
+    (so the other ranks name this one) and re-raise."""
+    try:
+        return fn()
+    except BaseException as e:
+        if _STATE is not None and _STATE.active:
+            _STATE.report(f"{type(e).__name__}: {fail_line(e)}")
+        raise
+
+
+def log(msg: str) -> None:
+    """stderr, prefixed with the rank in a distributed job."""
+    d = _STATE
+    prefix = f"[rank {d.rank}] " if d is not None and d.active else ""
+    print(f"{prefix}{msg}", file=sys.stderr, flush=True)
+
+
+def now() -> float:
+    return time.perf_counter()
