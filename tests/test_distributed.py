@@ -175,3 +175,237 @@ def test_a_hanging_rank_times_out(tmp_path):
     out = _result(res[0][1], "RESULT2")
     assert "rank 1" in out["error"] and "stopped responding" in out["error"], out
     assert out["s"] < 5.5  # the collective's timeout, not the sleeping rank, ended the wait
+
+
+# ---- sharded feature extraction ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> Path:
+    from langfield.scenes import make_scene
+
+    out = tmp_path_factory.mktemp("tabletop")
+    make_scene("tabletop", out, views=8, size=(64, 48), test_every=4, max_points=1500)
+    return out
+
+
+def torchrun(args, tmp: Path, nproc: int = 2, timeout: float = 90, env=None):
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), LANGFIELD_DIST_TIMEOUT="30", **(env or {}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()), *map(str, args)]
+    return subprocess.run(cmd, env=e, cwd=tmp, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sharded_extraction_writes_the_same_cache_and_resumes(scene, tmp_path):
+    from langfield.cli import main
+    from langfield.data import load_dataset
+    from langfield.features import make_extractor
+    from langfield.features.cache import FeatureCache, extract_dataset
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    opts = ["--extractor", "labels", "--text-encoder", "offline"]
+    assert main(["extract", "--data", str(scene), "--run", str(ref), *opts]) == 0
+    # a job killed after 3 images (and another writer's temporary file that nobody may delete)
+    ds = load_dataset(scene)
+    extract_dataset(ds, make_extractor("labels", text_encoder="offline"), run / "features", indices=[0, 1, 2],
+                    log=lambda *_: None, progress=False)
+    done = {n: (run / "features" / FeatureCache(run / "features").manifest["images"][n]["file"]).stat().st_mtime_ns
+            for n in FeatureCache(run / "features").names()}
+    (run / "features" / ".other-writer.tmp").write_bytes(b"x")
+    p = torchrun(["-m", "langfield", "extract", "--data", scene, "--out", run, *opts], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [ln for ln in p.stdout.splitlines() if ln.startswith("features: ")] == [
+        f"features: 8 images in {run / 'features'} (labels, 512-d, levels subpart, part, whole); text encoder: "
+        f"offline (hashed names, not CLIP)"]  # rank 0 alone reports
+    # each rank skipped its finished share (interleaved: rank 0 has 0 2 4 6, rank 1 has 1 3 5 7)
+    assert "2 of 4 images already" in p.stdout and "[rank 1/2] [labels] 1 of 4 images already" in p.stdout
+    a, b = FeatureCache(ref / "features"), FeatureCache(run / "features")
+    assert a.manifest["images"] == b.manifest["images"] and len(b) == 8
+    for n in a.names():
+        assert a.path(n).read_bytes() == b.path(n).read_bytes(), n  # byte-identical features
+    for n, t in done.items():  # finished images were not recomputed
+        assert b.path(n).stat().st_mtime_ns == t
+    assert (run / "features" / ".other-writer.tmp").exists()
+    assert not [f for f in (run / "features").iterdir() if f.name.endswith(".tmp") and "other" not in f.name]
+
+
+# ---- data-parallel RGB training ---------------------------------------------------------------
+
+DP_OPTS = dict(steps=24, batch_size=2, downscale=2, ckpt_every=8, keep_checkpoints=0, refine_start_iter=3,
+               refine_every=5, refine_stop_iter=14, grow_grad2d=2e-4, background="random", progress=False,
+               save_renders=False, backend="cpu")
+
+DP = """
+import json, os, signal, sys, torch
+torch.set_num_threads(1)
+import langfield.distributed as D
+from langfield.train.rgb import train_rgb, RunError
+scene, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+opts = json.loads(sys.argv[4])
+d = D.init()
+def die(tr):
+    if mode == "kill" and d.rank == 1 and tr.step == 20:
+        os.kill(os.getpid(), signal.SIGKILL)   # no word, no cleanup: a crashed node
+try:
+    if mode == "mismatch":   # rank 1 was started with another seed: refused before any step, on both ranks
+        try:
+            train_rgb(scene, out + "-mm", **{**opts, "seed": d.rank})
+        except D.DistError as e:
+            print("MISMATCH " + json.dumps(str(e)), flush=True)
+        m = train_rgb(scene, out, resume=True, progress=False)
+    else:
+        m = train_rgb(scene, out, hooks=[die], **opts)
+    print("RESULT " + json.dumps({"rank": d.rank, "step": m.get("step"), "n": m.get("num_gaussians")}), flush=True)
+except (D.DistError, RunError) as e:
+    print("ERROR " + json.dumps(str(e)), flush=True)
+    sys.exit(1)
+"""
+
+
+def _splats(path: Path, step: int):
+    from langfield.io import load_checkpoint
+
+    return load_checkpoint(path / "checkpoints" / f"ckpt_{step:07d}.safetensors").tensors["splats"]
+
+
+def _assert_same(a, b, what, atol=2e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, (what, k, a[k].shape, b[k].shape)  # same densification decisions
+        err = float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0
+        assert err <= atol, (what, k, err)
+
+
+def test_data_parallel_equals_one_rank_batch_survives_a_killed_rank_and_resumes(scene, tmp_path):
+    import shutil
+
+    from langfield.train.rgb import train_rgb
+
+    ref, dp = tmp_path / "ref", tmp_path / "dp"
+    # reference: one process, two cameras per step
+    m_ref = train_rgb(scene, ref, **DP_OPTS)
+    n0 = _splats(ref, 8)["means"].shape[0]
+    assert _splats(ref, 16)["means"].shape[0] != n0  # a densification (and pruning) happened between
+
+    # two ranks x one camera; rank 1 is killed at step 20 -> rank 0 stops at once naming it
+    res = launch(DP, 2, tmp_path, args=(scene, dp, "kill", json.dumps(DP_OPTS)), timeout=120)
+    assert res[1][0] == -9 and res[0][0] == 1, res[0][1][-2000:]
+    err = _result(res[0][1], "ERROR")
+    assert err.startswith("rank 0/2: all_reduce of the gradients failed at step 20: rank 1"), err
+    assert "stopped responding" in err
+    for s in (8, 16):  # 2 ranks x 1 camera == 1 rank x 2 cameras, densification included
+        _assert_same(_splats(dp, s), _splats(ref, s), f"step {s}")
+    assert not (dp / "checkpoints" / "ckpt_0000024.safetensors").exists()
+
+    # resume with another world size (1 rank, the same global batch): the reference's end
+    one = tmp_path / "one"
+    shutil.copytree(dp, one)
+    (one / ".lock").unlink(missing_ok=True)
+    m_one = train_rgb(scene, one, resume=True, progress=False)
+    _assert_same(_splats(one, 24), _splats(ref, 24), "resumed on 1 rank")
+    assert m_one["num_gaussians"] == m_ref["num_gaussians"] and abs(m_one["psnr"] - m_ref["psnr"]) < 1e-3
+
+    # ranks that disagree are refused at start; then the killed job resumes on 2 ranks
+    res = launch(DP, 2, tmp_path, args=(scene, dp, "mismatch", json.dumps(DP_OPTS)), timeout=120)
+    for rc, text in res:
+        mm = _result(text, "MISMATCH")
+        assert mm.startswith("the ranks disagree on the training configuration and data: config.seed (rank 0: 0, "
+                             "rank 1: 1)"), mm
+        assert rc == 0, text[-2000:]
+    assert _result(res[0][1])["step"] == 24 and _result(res[1][1])["step"] is None  # rank 0 evaluates
+    _assert_same(_splats(dp, 24), _splats(ref, 24), "resumed on 2 ranks")
+    m_dp = json.loads((dp / "metrics.json").read_text())
+    assert abs(m_dp["psnr"] - m_ref["psnr"]) < 1e-3 and m_dp["num_gaussians"] == m_ref["num_gaussians"]
+    assert not (tmp_path / "dp-mm").exists() or not any((tmp_path / "dp-mm").iterdir())
+
+
+# ---- Gaussian-sharded rendering ----------------------------------------------------------------
+
+SHARD = """
+import json, sys, torch
+torch.set_num_threads(1)
+import langfield.distributed as D
+from langfield.distributed.shard import ShardedRenderer, morton_shards, shard_state_bytes
+from safetensors.torch import save_file
+sys.path.insert(0, sys.argv[3])
+from test_distributed import shard_problem
+d = D.init()
+g, cams, targets, steps = shard_problem(sys.argv[1])
+own = morton_shards(g.means, d.world)[d.rank]
+local = type(g).from_dict({k: v.detach()[own] for k, v in g.splats.items()}, requires_grad=True)
+opt = {k: torch.optim.Adam([p], lr=0.01, eps=1e-15) for k, p in local.splats.items()}
+sr = ShardedRenderer(d)
+rows = []
+for s in range(steps):
+    i = cams[(2 * s + d.rank) % len(cams)]         # rank r renders camera 2 s + r of the batch of 2
+    rgb, alpha = sr.render(local, i["cam"], background=[0.0, 0.0, 0.0], backend="cpu", ids=own)
+    loss = (rgb - i["target"]).abs().mean() / 2     # the batch mean, as the replicated reference
+    loss.backward()
+    sr.backward()
+    rows.append(sr.gathered_rows)
+    for o in opt.values():
+        o.step(); o.zero_grad()
+save_file({**{k: v.detach().contiguous() for k, v in local.splats.items()}, "index": own},
+          sys.argv[2] + f"/shard{d.rank}.safetensors")
+print("RESULT " + json.dumps({"rank": d.rank, "own": len(own), "rows": rows, "sent": sr.bytes_sent,
+                               "state": shard_state_bytes(local, opt)}), flush=True)
+"""
+
+
+def shard_problem(scene):
+    """A small scene for the sharded test: Gaussians from the dataset's points, its training
+    cameras and images (32 x 24)."""
+    import numpy as np
+
+    from langfield.data import load_dataset
+    from langfield.render.model import Cameras
+    from langfield.scene import Gaussians
+
+    ds = load_dataset(scene, downscale=2)
+    torch.manual_seed(0)
+    g = Gaussians.from_dataset(ds, sh_degree=1, init_opacity=0.3, seed=0)
+    cams = []
+    for i in ds.indices("train"):
+        img = ds.load_image(i)
+        img = torch.as_tensor(np.asarray(img, dtype=np.float32) / (255.0 if np.asarray(img).dtype == np.uint8 else 1))
+        cams.append({"cam": Cameras.from_frame(ds.frames[i]), "target": img[..., :3]})
+    return g, cams, None, 4
+
+
+def test_gaussian_sharded_equals_replicated(scene, tmp_path):
+    from safetensors.torch import load_file
+
+    from langfield.render.model import render
+
+    g, cams, _, steps = shard_problem(scene)
+    # replicated reference: one process, all Gaussians, batch of 2 cameras per step
+    ref = type(g).from_dict({k: v.detach() for k, v in g.splats.items()}, requires_grad=True)
+    opt = {k: torch.optim.Adam([p], lr=0.01, eps=1e-15) for k, p in ref.splats.items()}
+    for s in range(steps):
+        for j in (2 * s, 2 * s + 1):
+            c = cams[j % len(cams)]
+            out = render(ref, c["cam"], background=[0.0, 0.0, 0.0], backend="cpu")
+            ((out.rgb[0] - c["target"]).abs().mean() / 2).backward()
+        for o in opt.values():
+            o.step()
+            o.zero_grad()
+    res = launch(SHARD, 2, tmp_path, args=(scene, tmp_path, Path(__file__).parent), timeout=120)
+    outs = [_result(t) for _, t in res]
+    assert all(rc == 0 for rc, _ in res), res[0][1][-2000:]
+    n = g.num
+    assert sorted(o["own"] for o in outs) == [n // 2, n - n // 2]
+    merged = {k: torch.empty_like(v.detach()) for k, v in ref.splats.items()}
+    for r in range(2):
+        t = load_file(str(tmp_path / f"shard{r}.safetensors"))
+        for k in merged:
+            merged[k][t["index"]] = t[k]
+    for k, v in ref.splats.items():  # sharded == replicated
+        err = float((merged[k] - v.detach()).abs().max())
+        assert err < 2e-5, (k, err)
+        assert float((v.detach() - g.splats[k].detach()).abs().max()) > 1e-3 or k == "shN"  # it trained
+    for o in outs:  # a rank holds half the Gaussians' state, renders the visible set, sends only that
+        assert 0 < max(o["rows"]) <= n and o["sent"] > 0
+    from langfield.distributed.shard import shard_state_bytes
+
+    whole = shard_state_bytes(ref, opt)  # parameters + Adam moments of all Gaussians on one device
+    for o in outs:  # each rank holds its half of it
+        assert o["state"] == pytest.approx(whole * o["own"] / n, rel=0.01), (o["state"], whole)

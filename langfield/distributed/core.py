@@ -180,6 +180,48 @@ class Dist:
             raise DistError(f"rank {self.rank}/{self.world}: {what} failed at step {self.step}: {self._culprit()} "
                             f"[{type(e).__name__}: {first}]") from None
 
+    def heartbeat(self, what: str) -> None:
+        """Say "still working" (long local work between collectives: extraction of images)."""
+        if self.active:
+            self._store_set(f"work/{self.rank}", f"{time.time():.3f}|{what}")
+
+    def wait_all(self, what: str, poll_s: float = 0.2) -> None:
+        """A barrier for long, uneven work (feature extraction): no limit on the total wait, but
+        a rank silent (no :meth:`heartbeat`) for longer than the timeout, or one that reported
+        an error, stops every waiting rank with a :class:`DistError` naming it."""
+        if not self.active:
+            return
+        if self.store is None:  # pragma: no cover - no store to poll: a plain barrier
+            return self.barrier(what)
+        self.n_collectives += 1
+        tag = f"wait/{self.n_collectives}"
+        self._store_set(f"{tag}/{self.rank}", "1")
+        self._store_set(f"beat/{self.rank}", f"{self.n_collectives}|{what}|{self.step}|{self.host}|{os.getpid()}")
+        last: Dict[int, Any] = {}
+        seen: Dict[int, float] = {}
+        while True:
+            try:
+                pending = [r for r in range(self.world) if not self.store.check([f"{_PREFIX}{tag}/{r}"])]
+            except Exception:
+                raise DistError(f"rank {self.rank}/{self.world}: waiting for the other ranks ({what}): the job's "
+                                f"key-value store is gone: rank 0 stopped") from None
+            if not pending:
+                return
+            now_ = time.monotonic()
+            for r in pending:
+                f = self._store_get(f"failed/{r}")
+                if f is not None:
+                    raise DistError(f"rank {self.rank}/{self.world}: waiting for the other ranks ({what}): rank {r} "
+                                    f"failed ({f})")
+                w = self._store_get(f"work/{r}")
+                if r not in seen or w != last.get(r):
+                    last[r], seen[r] = w, now_
+                elif now_ - seen[r] > self.timeout_s:
+                    raise DistError(f"rank {self.rank}/{self.world}: waiting for the other ranks ({what}): rank {r} "
+                                    f"stopped responding (no sign of work for {self.timeout_s:.0f} s; last: "
+                                    f"{(w or 'nothing').split('|')[-1]})")
+            time.sleep(poll_s)
+
     # ---- collectives -------------------------------------------------------------------------
     def barrier(self, what: str = "barrier") -> None:
         if not self.active:
@@ -280,7 +322,7 @@ class Dist:
         digests = self.gather_bytes(digest, what=f"compare {name}")
         if all(d == digests[0] for d in digests):
             return
-        docs = [json.loads(b.decode("utf-8")) for b in self.gather_bytes(data, what=f"gather {name}")]
+        docs = [_flat(json.loads(b.decode("utf-8"))) for b in self.gather_bytes(data, what=f"gather {name}")]
         diffs = []
         for r, d in enumerate(docs[1:], start=1):
             if d == docs[0]:
@@ -319,6 +361,20 @@ def _beat_words(beat: Optional[str]) -> str:
         return beat
     n, what, step, host, pid = parts
     return f"last seen at {what} #{n}, step {step}, on {host} pid {pid}"
+
+
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    """Nested mappings as dotted keys (``config.seed``), so a difference names the leaf."""
+    if not isinstance(d, dict):
+        return {prefix or "value": d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _short(v: Any) -> str:
@@ -409,6 +465,9 @@ def init(device: Optional[str] = None, timeout_s: Optional[float] = None) -> Dis
     except Exception:  # pragma: no cover - older/newer torch: errors name ranks less precisely
         store = None
     _STATE = Dist(rank, world, local_rank, backend, timeout_s, store)
+    import atexit
+
+    atexit.register(shutdown)  # leave the group cleanly at the end of the command
     return _STATE
 
 

@@ -14,7 +14,8 @@ Layout of ``cache_dir``::
 Files and the manifest are written atomically (a temporary file unique to the writer, then
 a rename), the manifest under a file lock, after each image: an interrupted run loses at
 most the image in flight, a rerun skips every finished image, and several processes may
-fill one cache. A cache made by a different extractor or configuration is refused (pass
+fill one cache (``torchrun ... -m langfield extract`` shards the images over the ranks; on
+several hosts the folder must be on a shared filesystem with POSIX locks, e.g. NFSv4). A cache made by a different extractor or configuration is refused (pass
 ``overwrite=True`` to replace it).
 
 Integrity: the manifest records each file's size and BLAKE2b digest. :meth:`FeatureCache.has`
@@ -75,6 +76,28 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """``data`` with its header in one fixed order (metadata keys sorted, tensors by offset):
+    safetensors writes its metadata from a hash map whose order changes from process to
+    process, and a cache filled by several processes (ranks, reruns) should hold the same
+    bytes for the same features."""
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        head = json.loads(data[8:8 + n].decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):  # pragma: no cover - safetensors wrote it
+        return data
+    meta = head.pop("__metadata__", None)
+    out = {}
+    if meta is not None:
+        out["__metadata__"] = {k: meta[k] for k in sorted(meta)}
+    for k in sorted(head, key=lambda k: (tuple(head[k]["data_offsets"]), k)):
+        out[k] = head[k]
+    text = json.dumps(out, separators=(",", ":")).encode("utf-8")
+    if len(text) > n:  # pragma: no cover - same content, same length
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
 
 
 def _st_metadata(data: bytes) -> Dict[str, str]:
@@ -277,7 +300,7 @@ class FeatureCache:
         meta = {"name": name, "size": f"{fm.image_size[0]},{fm.image_size[1]}", "kind": fm.kind,
                 "levels": ",".join(fm.levels)}
         file = _slug(name) + ".safetensors"
-        data = st_save(tensors, metadata=meta)
+        data = _canonical_safetensors(st_save(tensors, metadata=meta))
         _atomic_write_bytes(self.folder / file, data)
         entry = {"file": file, "size": list(fm.image_size), "bytes": len(data), "blake2b": _digest(data)}
         if fm.kind == "regions":
@@ -353,17 +376,42 @@ def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1
     with ``len``, ``load_image(i)`` and ``frames[i].name``) into ``cache_dir``; images
     already in the cache are skipped once verified (size always; digest with ``verify``):
     damaged entries are recomputed with a warning naming the file. ``batch_size`` images go
-    to the extractor at once. Returns the :class:`FeatureCache`."""
-    cache = FeatureCache(cache_dir).open(extractor, overwrite=overwrite, log=log)
+    to the extractor at once. Returns the :class:`FeatureCache`.
+
+    In a distributed job (``torchrun``, see :mod:`langfield.distributed`) every rank extracts
+    every ``world``-th image into the same cache and returns once all ranks are done: rank 0
+    creates or replaces the cache, each rank verifies, discards and writes only its own
+    entries (unique temporary names, atomic renames, the manifest under its file lock), so a
+    killed job resumes without recomputing finished images, with any number of ranks."""
+    from langfield.distributed import get as _job
+
+    job = _job()
+    if job.active:  # same extractor and images on every rank, else refused; rank 0 creates (or
+        # replaces) the cache alone, the others open it after
+        names = [dataset.frames[i].name for i in (range(len(dataset)) if indices is None else indices)]
+        job.check_same("feature extraction (extractor, images)", {"extractor": _canon(extractor.config()),
+                                                                  "images": names})
+        job.on_main(lambda: [FeatureCache(cache_dir).open(extractor, overwrite=overwrite, log=log), None][1],
+                    errors=(CacheMismatchError, CacheCorruptError, ValueError, OSError), what="opening the feature cache")
+        cache = FeatureCache(cache_dir).open(extractor, overwrite=False, log=log)
+        user_log = log
+        log = (lambda m: user_log(f"[rank {job.rank}/{job.world}] {m}")) if not job.is_main else user_log
+        if not job.is_main:
+            progress = False
+    else:
+        cache = FeatureCache(cache_dir).open(extractor, overwrite=overwrite, log=log)
     text = extractor.text_config()
-    if text.get("type") == "offline":
+    if text.get("type") == "offline" and job.is_main:
         log(f"[{extractor.name}] note: {text.get('note', 'offline text encoder (not CLIP)')}")
-    if text.get("random_init"):
+    if text.get("random_init") and job.is_main:
         log(f"[{extractor.name}] note: randomly initialised CLIP (tests / benchmarks): features are meaningless")
     idx = list(range(len(dataset))) if indices is None else list(indices)
+    all_idx = idx
+    if job.active:  # every rank its share (interleaved: a similar mix of images on each); each
+        idx = idx[job.rank::job.world]  # verifies, discards and writes only its own entries
     infos = {i: FrameInfo.from_dataset(dataset, i) if hasattr(dataset, "root") else
              FrameInfo(name=dataset.frames[i].name, index=i, extras=dict(getattr(dataset.frames[i], "extras", {})))
-             for i in idx}
+             for i in all_idx}
     for name, problem in cache.verify([infos[i].name for i in idx], checksum=verify).items():
         if problem != "missing":
             log(f"[{extractor.name}] warning: {cache.folder / cache.manifest['images'][name]['file']}: damaged "
@@ -388,6 +436,7 @@ def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1
             results = extractor.extract_batch(images, [infos[i] for i in chunk])
             for i, fm in zip(chunk, results):
                 cache.save(infos[i].name, fm)
+                job.heartbeat(f"extracted {infos[i].name!r}")
                 if fm.kind == "regions":
                     regions += sum(v.num_regions for v in fm.levels.values())
             if bar is not None:
@@ -398,6 +447,10 @@ def extract_dataset(dataset, extractor, cache_dir: PathLike, batch_size: int = 1
     finally:
         if bar is not None:
             bar.close()
+    if job.active:  # the whole cache is there when every rank has done its share
+        job.wait_all("feature extraction")
+        cache._manifest = None  # the other ranks' entries
+        idx = all_idx
     still = cache.verify([infos[i].name for i in idx], checksum=False)
     if still:  # another writer damaged or removed files meanwhile: never report a cache complete that is not
         name, problem = next(iter(still.items()))

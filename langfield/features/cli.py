@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal, Optional
+
+import tyro
+from typing_extensions import Annotated
 
 from .base import WeightsError
 from .factory import EXTRACTORS, make_extractor, make_text_encoder  # noqa: F401 (the old import path)
@@ -45,7 +49,7 @@ def labels_problem(ds) -> Optional[str]:
 
 def cli_extract(
     data: Path,
-    run: Path,
+    run: Annotated[Path, tyro.conf.arg(aliases=("--out",))],
     extractor: Literal["sam-clip", "dense-clip", "labels"] = "sam-clip",
     clip_model: str = DEFAULT_CLIP_MODEL,
     clip_pretrained: str = DEFAULT_CLIP_PRETRAINED,
@@ -69,7 +73,8 @@ def cli_extract(
 
     Args:
         data: dataset folder (COLMAP, nerfstudio, Blender).
-        run: run directory; features go to RUN/features.
+        run: run directory; features go to RUN/features (``--out`` is the same: under ``torchrun``,
+            whose own ``--run-path`` option makes ``--run`` ambiguous, write ``--out``).
         extractor: sam-clip (LangSplat: SAM masks x 3 levels + CLIP), dense-clip (MaskCLIP per patch, fast),
             labels (ground-truth label maps + text embeddings of their names).
         clip_model: open_clip model name.
@@ -90,13 +95,44 @@ def cli_extract(
         device: auto, cpu or cuda.
         overwrite: replace a cache made with another configuration.
     """
+    from langfield.distributed import DistError, guard_main, init as _init_job, shutdown as _end_job
+
+    try:
+        _init_job(device=device)
+    except DistError as e:
+        print(f"langfield extract: {e}", file=sys.stderr)
+        return 2
+    try:
+        return guard_main(lambda: _cli_extract(
+            data, run, extractor, clip_model, clip_pretrained, clip_checkpoint, sam_model, sam_checkpoint,
+            text_encoder, split, downscale, batch_size, points_per_side, short_side, label_noise, label_drop,
+            label_merge, seed, device, overwrite))
+    except DistError as e:
+        print(f"langfield extract: {e}", file=sys.stderr)
+        return 2
+    finally:
+        _end_job()
+
+
+def _err(msg: str) -> int:
+    """Print a one-line error; in a distributed job, leave it for the other ranks to name."""
+    from langfield.distributed import get
+
+    print(msg, file=sys.stderr)
+    get().report(msg)
+    return 2
+
+
+def _cli_extract(data, run, extractor, clip_model, clip_pretrained, clip_checkpoint, sam_model, sam_checkpoint,
+                 text_encoder, split, downscale, batch_size, points_per_side, short_side, label_noise, label_drop,
+                 label_merge, seed, device, overwrite) -> int:
+    from langfield.distributed import get as _job
+
     from ..data import load_dataset
     from .cache import extract_dataset
     from .dense_clip import DenseClipParams
     from .labels import LabelsParams
     from .sam_clip import SamClipParams
-
-    import sys
 
     from ..data import DatasetError
     from .cache import CacheCorruptError, CacheMismatchError
@@ -104,15 +140,13 @@ def cli_extract(
     try:
         ds = load_dataset(data, downscale=downscale)
     except (DatasetError, FileNotFoundError, ValueError) as e:
-        print(f"langfield extract: {e}", file=sys.stderr)
-        return 2
+        return _err(f"langfield extract: {e}")
     if split != "all":
         ds = ds.split(split) if split == "train" else ds.test
     if extractor == "labels":
         problem = labels_problem(ds)
         if problem:
-            print(f"langfield extract: --extractor labels: {problem}", file=sys.stderr)
-            return 2
+            return _err(f"langfield extract: --extractor labels: {problem}")
     try:
         ex = make_extractor(extractor, clip_model=clip_model, clip_pretrained=clip_pretrained,
                             clip_checkpoint=clip_checkpoint, sam_model=sam_model, sam_checkpoint=sam_checkpoint,
@@ -121,27 +155,23 @@ def cli_extract(
                             dense_params=DenseClipParams(short_side=short_side),
                             labels_params=LabelsParams(label_noise, label_drop, label_merge, seed))
     except WeightsError as e:
-        print(f"langfield extract: {e}", file=sys.stderr)
-        return 2
+        return _err(f"langfield extract: {e}")
     if Path(run).exists() and not Path(run).is_dir():
-        print(f"langfield extract: RUN {run} is a file; expected a run folder", file=sys.stderr)
-        return 2
+        return _err(f"langfield extract: RUN {run} is a file; expected a run folder")
     try:
         cache = extract_dataset(ds, ex, Path(run) / "features", batch_size=batch_size, overwrite=overwrite,
                                 log=lambda m: print(m, file=sys.stderr if "warning" in m else sys.stdout))
     except CacheMismatchError as e:
-        print(f"langfield extract: {e}; --overwrite re-extracts", file=sys.stderr)
-        return 2
+        return _err(f"langfield extract: {e}; --overwrite re-extracts")
     except CacheCorruptError as e:
-        print(f"langfield extract: {e}", file=sys.stderr)
-        return 2
+        return _err(f"langfield extract: {e}")
     except ValueError as e:  # a dataset the extractor cannot read (e.g. a label id missing from labels.json)
-        print(f"langfield extract: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+        return _err(f"langfield extract: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
     except OSError as e:  # a full disk, a read-only run folder
-        print(f"langfield extract: {e.filename or Path(run) / 'features'}: {e.strerror or e} (the cache entries "
-              f"written so far are kept; rerun to continue)", file=sys.stderr)
-        return 2
+        return _err(f"langfield extract: {e.filename or Path(run) / 'features'}: {e.strerror or e} (the cache "
+                    f"entries written so far are kept; rerun to continue)")
+    if not _job().is_main:
+        return 0
     text = cache.text_config
     if text["type"] == "offline":
         text_name = "offline (hashed names, not CLIP)"
