@@ -83,6 +83,8 @@ def cli_train(
     warmup: Optional[int] = None,
     deform_color: bool = False,
     states: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    no_lr_batch_scaling: bool = False,
 ) -> int:
     """Train Gaussians on a dataset (COLMAP, nerfstudio, Blender) into the run folder OUT; with
     --features, then the language stage (2D features -> autoencoder -> per-Gaussian latents of
@@ -149,7 +151,17 @@ def cli_train(
         warmup: dynamic: static steps first (default min(3000, steps / 5)).
         deform_color: dynamic: the field also changes colour over time (states that only change colour).
         states: dynamic language: state prototypes per Gaussian for time-sensitive queries (default 2).
+        batch_size: cameras per step over all ranks (default 1; under torchrun: the number of ranks, each
+            rendering batch-size / ranks of them); learning rates are scaled for it as gsplat's multi-GPU
+            trainer (x sqrt(batch)); divide --steps by it yourself.
+        no_lr_batch_scaling: keep the one-camera learning rates and Adam betas with --batch-size > 1.
     """
+    from langfield.distributed import DistError, init as _join_job
+
+    try:
+        _join_job(device=device or "auto")  # torchrun's ranks join here; nothing without WORLD_SIZE
+    except DistError as e:
+        raise _fail(str(e)) from None
     if dynamic and static:
         raise _fail("--dynamic and --static exclude each other")
     if not static and (dynamic or _is_dynamic(Path(data), Path(out))):
@@ -164,6 +176,8 @@ def cli_train(
         if not dynamic:
             print("langfield: the data has time: training a dynamic (4D) scene (--static for a static one)",
                   file=sys.stderr)
+        if batch_size not in (None, 1) or no_lr_batch_scaling:
+            raise _fail("--batch-size is not available for dynamic runs yet (one camera per step)")
         return cli_train_dynamic(data, out, **dyn)
     plain_warnings()
     from langfield.run import NonFiniteError, RunError
@@ -178,7 +192,8 @@ def cli_train(
         init_ply_transform=str(init_ply_transform) if init_ply_transform is not None else None,
         progress=False if quiet else None,
         save_renders=False if no_renders else None, skip_bad_images=skip_bad_images or None,
-        allow_outside=allow_outside or None).items() if v is not None}
+        allow_outside=allow_outside or None, batch_size=batch_size,
+        lr_batch_scaling=False if no_lr_batch_scaling else None).items() if v is not None}
     lang_given: Dict[str, Any] = {}
     lang_base = None
     if features is not None:  # every language option is checked before any work starts
@@ -217,7 +232,7 @@ def cli_train(
             print(f"langfield: {out} holds a finished RGB run; adding the language stage", file=sys.stderr)
         else:
             metrics = train_rgb(data, out, resume=resume, overwrite=overwrite, **given)
-    except RunError as e:
+    except (RunError, DistError) as e:
         raise _fail(str(e)) from None
     except NonFiniteError as e:
         raise _fail(str(e)) from None
@@ -229,7 +244,11 @@ def cli_train(
         print(f"\nlangfield: interrupted; {where}; continue with: langfield train {data} --out {out} --resume",
               file=sys.stderr)
         return 130
-    if metrics.get("psnr") is not None:
+    from langfield.distributed import get as _job
+
+    if not _job().is_main:
+        pass  # rank 0 reports
+    elif metrics.get("psnr") is not None:
         print(f"held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f} on {metrics['n_views']} views; "
               f"{metrics['num_gaussians']} Gaussians; {metrics['step']} steps"
               + (f" at {metrics['s_per_step']:.3f} s/step" if metrics.get("s_per_step") else "")
@@ -243,7 +262,7 @@ def cli_train(
 
     try:
         train_language(out, lang_base, resume=resume, overwrite=overwrite_language or overwrite, **lang_given)
-    except (LanguageError, WeightsError, RunError) as e:
+    except (LanguageError, WeightsError, RunError, DistError) as e:
         raise _fail(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
     except OSError as e:  # a full disk or a read-only run folder during the language stage
         raise _fail(f"{os_path(e, out)}: {os_reason(e)} (run folder {out}; the checkpoints there are intact; "
@@ -252,7 +271,8 @@ def cli_train(
         print(f"\nlangfield: interrupted; continue the language stage with: langfield train {data} --out {out} "
               f"--features {features} --resume", file=sys.stderr)
         return 130
-    print(f"language field ready: langfield query {out} \"the red mug\"  |  langfield view {out}")
+    if _job().is_main:
+        print(f"language field ready: langfield query {out} \"the red mug\"  |  langfield view {out}")
     return 0
 
 

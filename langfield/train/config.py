@@ -31,7 +31,7 @@ class TrainConfig:
 
     # --- run -------------------------------------------------------------------------
     steps: int = 30_000
-    """Optimisation steps (one camera per step)."""
+    """Optimisation steps (``batch_size`` cameras per step, one by default)."""
     seed: int = 0
     """Seeds the initialisation, the camera order, random backgrounds and the global RNG
     (densification splits)."""
@@ -93,6 +93,19 @@ class TrainConfig:
     shN_lr: float = 2.5e-3 / 20
     ssim_lambda: float = 0.2
 
+    # --- batch and data parallelism (torchrun) -----------------------------------------
+    batch_size: Optional[int] = None
+    """Cameras per step over all ranks; under ``torchrun`` each of the N ranks renders
+    ``batch_size / N`` of them (a multiple of N). Default: 1, or N under ``torchrun``. Stored
+    resolved, so a run resumes with another number of ranks (any divisor of it)."""
+    lr_batch_scaling: bool = True
+    """With ``batch_size`` B > 1: learning rates x sqrt(B), Adam eps / sqrt(B), betas 1 - B (1 -
+    beta), as gsplat's multi-GPU ``simple_trainer`` (divide ``steps`` and the refinement
+    schedule by B yourself, as its ``steps_scaler``)."""
+    sync_check_every: int = 100
+    """Data-parallel runs: compare an exact hash of the Gaussians across ranks every N steps
+    (and at every checkpoint); a divergence stops the run naming the tensor."""
+
     # --- densification (gsplat DefaultStrategy) ---------------------------------------
     densify: bool = True
     refine_start_iter: Optional[int] = None
@@ -120,9 +133,12 @@ class TrainConfig:
     """Render the held-out views into RUN/renders/ at the end."""
 
     # ------------------------------------------------------------------------------------
-    def resolved(self) -> "TrainConfig":
-        """A copy with the ``None`` defaults filled in from the run length."""
+    def resolved(self, world_size: int = 1) -> "TrainConfig":
+        """A copy with the ``None`` defaults filled in from the run length (and the batch from
+        the number of ranks)."""
         c = dataclasses.replace(self)
+        if c.batch_size is None:
+            c.batch_size = max(1, int(world_size))
         if c.refine_start_iter is None:
             c.refine_start_iter = min(500, c.steps // 4)
         if c.refine_every is None:
@@ -168,6 +184,10 @@ class TrainConfig:
             v = getattr(self, k)
             if v is not None and v < (1 if k == "refine_every" else 0):
                 bad(f"--{k.replace('_', '-')} must be >= {1 if k == 'refine_every' else 0}, got {v}")
+        if self.batch_size is not None and self.batch_size < 1:
+            bad(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.sync_check_every < 1:
+            bad(f"--sync-check-every must be >= 1, got {self.sync_check_every}")
         if self.reset_every < 1:
             bad(f"--reset-every must be >= 1, got {self.reset_every}")
 
@@ -187,7 +207,7 @@ class TrainConfig:
 # Options that may differ between the stored config and a ``--resume`` request: they do not
 # change the optimisation (``steps`` may change too, see ``config_diff``).
 RESUME_MAY_CHANGE = ("device", "ckpt_every", "keep_checkpoints", "progress", "save_renders", "cache_images",
-                     "steps", "skip_bad_images", "allow_outside")
+                     "steps", "skip_bad_images", "allow_outside", "sync_check_every")
 
 
 def config_diff(stored: TrainConfig, requested: TrainConfig) -> List[Tuple[str, Any, Any]]:

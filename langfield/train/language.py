@@ -248,13 +248,20 @@ class LanguageTrainer(EpochSampler):
     def prepare(self, resume: bool, overwrite_features: bool = False) -> None:
         """Load the RGB run, extract features, fit the autoencoder, build targets and the
         parameters (from the newest language checkpoint when ``resume``)."""
-        from langfield.train.config import TrainConfig
-
-        cfg = self.cfg
-        doc = self.doc
         rgb_ck = self.rf.latest_checkpoint()
         if rgb_ck is None:
             raise LanguageError(f"{self.root}: no RGB checkpoint; the language stage starts from a trained RGB run")
+        self._load_data()
+
+        # 1. features
+        self.cache = self._extract(overwrite_features)
+        self._prepare_rest(resume)
+
+    def _load_data(self) -> None:
+        """The run's dataset, its training views and the render backend."""
+        from langfield.train.config import TrainConfig
+
+        cfg, doc = self.cfg, self.doc
         tcfg = TrainConfig.from_dict(doc["train"])
         data = Path(doc["data"])
         if not data.exists():
@@ -271,8 +278,8 @@ class LanguageTrainer(EpochSampler):
 
         self.backend = resolve_backend(cfg.backend, self.device, torch.float32, needs_features=cfg.joint)
 
-        # 1. features
-        self.cache = self._extract(overwrite_features)
+    def _prepare_rest(self, resume: bool) -> None:
+        cfg = self.cfg
         self.levels = list(self.cache.levels)
         # 2. codec
         self.codec = self.ae = self._codec()
@@ -569,11 +576,26 @@ def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *
         cfg.validate()
     except ValueError as e:
         raise LanguageError(str(e)) from None
+    from langfield import distributed
+
+    job = distributed.get()
     try:
+        if job.active and not job.is_main:
+            # a torchrun job: every rank extracts its share of the images into the one cache;
+            # rank 0 then fits the codec and trains the latents alone (not data-parallel yet)
+            tr = LanguageTrainer(run, cfg, log=lambda m: log(f"[rank {job.rank}/{job.world}] {m}"),
+                                 extractor=extractor)
+            tr._load_data()
+            tr._extract(overwrite)
+            return {"step": None, "train_time_s": None, "metrics": None}
         with rf.lock():
             return _train_language_locked(run, rf, cfg, resume, overwrite, evaluate, log, extractor)
     except RunError as e:
+        job.report(f"LanguageError: {e}")
         raise LanguageError(str(e)) from None
+    except BaseException as e:
+        job.report(f"{type(e).__name__}: {distributed.core.fail_line(e)}")
+        raise
 
 
 def _train_language_locked(run: Path, rf: RunFolder, cfg: LangConfig, resume: bool, overwrite: bool, evaluate: bool,

@@ -54,6 +54,7 @@ from langfield.run import (RUN_ARTEFACTS, RUN_FORMAT, NonFiniteError, RunError, 
                            open_dataset, resolve_device, update_metrics)
 from langfield.errors import os_path, os_reason  # noqa: F401
 from langfield.eval.views import composite_on, eval_background, evaluate_views, render_views  # noqa: F401
+from langfield import distributed
 from langfield.train.config import TrainConfig, config_diff
 from langfield.train.progress import Progress
 from langfield.train.sampler import EpochSampler
@@ -118,6 +119,12 @@ class RGBTrainer(EpochSampler):
         self.perm = torch.zeros(0, dtype=torch.long)
         self.pos = 0
         self.gaussians = None
+        self.job = distributed.get()
+        self.batch = int(cfg.batch_size or 1)  # runs from before batches store none: one camera
+        if self.batch % self.job.world:
+            raise RunError(f"--batch-size {self.batch} is not a multiple of the {self.job.world} ranks of this job "
+                           f"(each rank renders batch-size / ranks cameras per step); run with a divisor of it as "
+                           f"--nproc_per_node x nodes, or start a new run with another --batch-size")
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.strategy = None
         self.strategy_state: Dict[str, Any] = {}
@@ -135,29 +142,36 @@ class RGBTrainer(EpochSampler):
             raise RunError(str(e)) from None
         _require_strategy(cfg)
         run = RunFolder(out)
-        if run.root.exists() and not run.root.is_dir():
-            raise RunError(f"--out {run.root}: exists and is not a folder")
-        if run.root.is_dir() and not run.is_empty_for_new_run():
-            if not overwrite:
-                what = "a langfield run" if run.config.exists() else "files"
-                raise RunError(f"--out {run.root} already holds {what}; pass --resume to continue it or "
-                               f"--overwrite to start again (langfield's files are moved aside, not deleted)")
+        job = distributed.get()
+
+        def check_out() -> None:
+            if run.root.exists() and not run.root.is_dir():
+                raise RunError(f"--out {run.root}: exists and is not a folder")
+            if run.root.is_dir() and not run.is_empty_for_new_run():
+                if not overwrite:
+                    what = "a langfield run" if run.config.exists() else "files"
+                    raise RunError(f"--out {run.root} already holds {what}; pass --resume to continue it or "
+                                   f"--overwrite to start again (langfield's files are moved aside, not deleted)")
+
+        job.on_main(check_out, errors=(RunError,), what="checking --out")  # rank 0 alone looks at the folder
         data = Path(data).expanduser().resolve()
-        device = resolve_device(cfg.device)
-        cfg = cfg.resolved()
+        device = job.device(resolve_device(cfg.device))
+        cfg = cfg.resolved(world_size=job.world)
         cfg = _resolve_init_paths(cfg)
         # bad data or a bad --init-ply fail here, before anything is moved or written
         ds = dataset if dataset is not None else _load_dataset(data, cfg)
         self = cls(run, data, cfg, ds, device)
         torch.manual_seed(cfg.seed)
         self._init_gaussians()
-        if overwrite and run.root.is_dir():
+        self._sync_start()
+        if overwrite and run.root.is_dir() and job.is_main:
             moved = run.move_aside()
             if moved is not None:
                 print(f"langfield: moved the previous run's files to {moved}", file=sys.stderr)
         self._init_optim()
-        run.root.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        if job.is_main:
+            run.root.mkdir(parents=True, exist_ok=True)
+            self._write_config()
         return self
 
     @classmethod
@@ -194,22 +208,49 @@ class RGBTrainer(EpochSampler):
         except ValueError as e:
             raise RunError(str(e)) from None
         _require_strategy(new)
-        _p, ckpt = run.store("rgb").latest(quarantine=True)  # a corrupt newest one: warned, moved aside
+        main = distributed.get().is_main  # rank 0 alone moves a corrupt newest one aside
+        _p, ckpt = run.store("rgb").latest(quarantine=main, warn=main)  # a corrupt newest one: warned, moved aside
         if ckpt is not None:
             if new.steps < ckpt.step:
                 raise RunError(f"--steps {new.steps} is below the checkpoint's step {ckpt.step}")
-        device = resolve_device(new.device)
+        device = distributed.get().device(resolve_device(new.device))
         ds = dataset if dataset is not None else _load_dataset(stored_data, new)
         self = cls(run, stored_data, new, ds, device)
         if ckpt is None:
-            print(f"langfield: {run.root} has no checkpoint yet; starting from step 0", file=sys.stderr)
+            if main:
+                print(f"langfield: {run.root} has no checkpoint yet; starting from step 0", file=sys.stderr)
             torch.manual_seed(new.seed)
             self._init_gaussians()
+            self._sync_start()
             self._init_optim()
         else:
             self._load_state(ckpt)
-        self._write_config(resumed_from=None if ckpt is None else ckpt.step)
+            self._sync_start()
+        if main:
+            self._write_config(resumed_from=None if ckpt is None else ckpt.step)
         return self
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What every rank of a data-parallel job must agree on before the first step: the
+        configuration (without options that may differ per rank), the data, the start."""
+        ds = self.ds
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device")}
+        frames = [(f.name, int(f.width), int(f.height)) for f in ds.frames]
+        return {"langfield": __import__("langfield").__version__, "stage": type(self).__name__, "config": cfg,
+                "data": str(self.data), "frames": frames, "train_views": list(self.train_idx),
+                "scene_scale": float(self.scene_scale), "transform": np.asarray(ds.transform).round(9).tolist(),
+                "backend": self.backend, "device_type": self.device.type, "step": self.step,
+                "num_gaussians": self.gaussians.num, "torch": torch.__version__}
+
+    def _sync_start(self) -> None:
+        """Data-parallel jobs: refuse ranks that disagree on the configuration, data or start
+        (one message on every rank); then rank 0's Gaussians everywhere and a hash check."""
+        job = self.job
+        if not job.active:
+            return
+        job.check_same("training configuration and data", self.fingerprint())
+        distributed.broadcast_params(self.gaussians.splats)
+        job.check_params(self.gaussians.splats, self.step)
 
     def _init_gaussians(self) -> None:
         from langfield.scene import Gaussians
@@ -229,8 +270,15 @@ class RGBTrainer(EpochSampler):
 
     def _lrs(self) -> Dict[str, float]:
         c = self.cfg
-        return {"means": lr_means(c, self.scene_scale, self.step), "quats": c.quats_lr, "scales": c.scales_lr,
-                "opacities": c.opacities_lr, "sh0": c.sh0_lr, "shN": c.shN_lr}
+        f = self._batch_scaling()[0]
+        return {"means": f * lr_means(c, self.scene_scale, self.step), "quats": f * c.quats_lr,
+                "scales": f * c.scales_lr, "opacities": f * c.opacities_lr, "sh0": f * c.sh0_lr, "shN": f * c.shN_lr}
+
+    def _batch_scaling(self):
+        """``(lr factor, Adam kwargs)`` of the batch (see :mod:`langfield.distributed.dp`)."""
+        from langfield.distributed.dp import batch_adam_kwargs
+
+        return batch_adam_kwargs(getattr(self, "batch", 1), self.cfg.lr_batch_scaling)
 
     def _init_optim(self) -> None:
         cfg = self.cfg
@@ -238,8 +286,8 @@ class RGBTrainer(EpochSampler):
         lrs = self._lrs()
         # fused: one kernel per parameter instead of ~10 small ops (which cost milliseconds each
         # on a busy CPU); deterministic on the CPU like the loop version
-        self.optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": lrs[k], "name": k}], eps=1e-15,
-                                               betas=(0.9, 0.999), fused=True)
+        adam = self._batch_scaling()[1]  # eps 1e-15, betas (0.9, 0.999) for one camera per step
+        self.optimizers = {k: torch.optim.Adam([{"params": params[k], "lr": lrs[k], "name": k}], fused=True, **adam)
                            for k in params.keys() if k in lrs}
         if cfg.densify:
             from gsplat.strategy import DefaultStrategy
@@ -323,6 +371,11 @@ class RGBTrainer(EpochSampler):
         if not self._params_finite():
             raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), self.step,
                                  self.last_ckpt_step)
+        if self.job.active:  # identical on every rank (checked), written by rank 0 alone
+            self.job.check_params(self.gaussians.splats, self.step)
+            if not self.job.is_main:
+                self.last_ckpt_step = self.step
+                return self.run.store("rgb").path(self.step)
         cfg = {"stage": "rgb", "train": self.cfg.to_dict(), "sampler_pos": self.pos, "train_time_s": self.train_time,
                "num_gaussians": self.gaussians.num, "sh_degree": self.gaussians.sh_degree, "lang_dim": 0,
                "num": self.gaussians.num, "background": self.background}
@@ -381,6 +434,8 @@ class RGBTrainer(EpochSampler):
         """One optimisation step; returns {"loss", "psnr"} as floats (synchronises)."""
         from langfield.train.losses import rgb_loss
 
+        if self.batch > 1 or self.job.active:
+            return self._train_step_batch()
         cfg = self.cfg
         step = self.step
         params = self.gaussians.splats
@@ -423,6 +478,67 @@ class RGBTrainer(EpochSampler):
         self.step = step + 1
         return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
 
+    def _train_step_batch(self) -> Dict[str, float]:
+        """A step on ``batch`` cameras, this rank's share of them rendered here (one camera per
+        render call), gradients and densification statistics reduced over the ranks (see
+        :mod:`langfield.distributed.dp`)."""
+        from langfield.distributed.dp import strategy_post_backward
+        from langfield.train.losses import rgb_loss
+
+        cfg, job, B = self.cfg, self.job, self.batch
+        step = self.step
+        job.set_step(step)
+        params = self.gaussians.splats
+        views = []
+        for _ in range(B):  # every rank draws the whole batch: the samplers stay in step
+            i = self._next_index()
+            views.append((i, self._bg()))
+        for g in self.optimizers["means"].param_groups:
+            g["lr"] = self._lrs()["means"]
+        infos = []
+        stats = torch.zeros(2, dtype=torch.float64)
+        for j in job.share(B):
+            i, bg = views[j]
+            image, alpha = self.ds._cached_rgba(i)
+            target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+            try:
+                out = render(self.gaussians, self._cams[i], sh_degree=self.sh_degree_at(step), background=bg,
+                             backend=self.backend, absgrad=cfg.absgrad)
+            except ValueError as e:
+                if "non-finite" in str(e):
+                    raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
+                                         self.last_ckpt_step) from None
+                raise
+            pred, info = out.rgb[0], out.meta
+            if self.strategy is not None:
+                self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
+            loss, _l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
+            (loss / B).backward()
+            with torch.no_grad():
+                stats += torch.stack([loss.detach().double().cpu(),
+                                      ((pred.detach() - target) ** 2).mean().double().cpu()])
+            infos.append(info)
+        stats = distributed.all_reduce_grads(list(params.values()), extra=stats, dist_=job)
+        lv, mse = float(stats[0]) / B, float(stats[1]) / B
+        if not math.isfinite(lv):  # the same on every rank (the reduced loss): all stop together
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.strategy is not None:
+            strategy_post_backward(self.strategy, params, self.optimizers, self.strategy_state, step, infos, B, job)
+            if (cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0
+                    and step < cfg.refine_stop_iter):
+                from gsplat.strategy.ops import reset_opa
+
+                reset_opa(params, self.optimizers, self.strategy_state, value=cfg.prune_opa * 2.0)
+        self.step = step + 1
+        if job.active and self.step % cfg.sync_check_every == 0:
+            job.check_params(params, self.step)
+        return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
+
     def train(self, stop_at: Optional[int] = None, hooks: Sequence[Callable[["RGBTrainer"], None]] = ()) -> None:
         """Train until ``stop_at`` (default: the configured steps), writing checkpoints on the way.
         Raises :class:`NonFiniteError` (after writing nothing non-finite); KeyboardInterrupt
@@ -431,7 +547,8 @@ class RGBTrainer(EpochSampler):
         end = cfg.steps if stop_at is None else min(int(stop_at), cfg.steps)
         if self.step >= end:
             return
-        bar = Progress(cfg.steps, self.step, desc="train", mode=_progress_mode(cfg.progress))
+        bar = Progress(cfg.steps, self.step, desc="train",
+                       mode=_progress_mode(cfg.progress) if self.job.is_main else "off")
         ema_loss = ema_psnr = None
         try:
             t0 = time.perf_counter()
@@ -667,33 +784,59 @@ def run_training(out: PathLike, make_trainer: Callable[[], "RGBTrainer"], *, res
     """The write session of every training command (RGB, dynamic): checks ``out``, takes the
     run lock, builds the trainer (``make_trainer()``: create or resume), trains, saves the last
     checkpoint, evaluates; write errors become one-line :class:`RunError`s, and a new folder in
-    which nothing was written is removed again."""
-    if resume and overwrite:
-        raise RunError("--resume and --overwrite exclude each other")
+    which nothing was written is removed again.
+
+    In a data-parallel job (``torchrun``, :mod:`langfield.distributed`) rank 0 alone checks
+    and locks the folder and writes config, checkpoints, metrics and renders (a refusal is
+    raised on every rank with rank 0's message); every rank builds the same trainer and
+    trains; an error on any rank is left in the job's store so the others name it."""
+    job = distributed.get()
     root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise RunError(f"--out {root}: exists and is not a folder")
-    created = not root.exists()
-    if resume and created:
-        raise RunError(f"--resume: {root} does not exist (nothing to resume)")
+    lock = None
+    created = False
+
+    def prepare() -> None:
+        nonlocal lock, created
+        if resume and overwrite:
+            raise RunError("--resume and --overwrite exclude each other")
+        if root.exists() and not root.is_dir():
+            raise RunError(f"--out {root}: exists and is not a folder")
+        created = not root.exists()
+        if resume and created:
+            raise RunError(f"--resume: {root} does not exist (nothing to resume)")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"--out {root}: cannot create the folder ({e.strerror or e})") from None
+        lk = RunFolder(root).lock()
+        try:
+            lk.acquire()  # a second writer of the same run folder is refused here
+        except OSError as e:
+            raise RunError(f"--out {root}: cannot take the run folder's lock {lk.path} ({os_reason(e)})") from None
+        lock = lk
+
     try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--out {root}: cannot create the folder ({e.strerror or e})") from None
-    lock = RunFolder(root).lock()
-    try:
-        lock.acquire()  # a second writer of the same run folder is refused here
-    except OSError as e:
-        raise RunError(f"--out {root}: cannot take the run folder's lock {lock.path} ({os_reason(e)})") from None
+        job.on_main(prepare, errors=(RunError,), what="checking and locking --out")
+    except RunError as e:
+        job.report(f"RunError: {e}")
+        raise
     try:
         try:
-            return _train_to_end(make_trainer(), hooks, evaluate)
+            trainer = make_trainer()
+            if (trainer.batch > 1 or job.active) and type(trainer).train_step is not RGBTrainer.train_step:
+                raise RunError(f"{type(trainer).__name__}: a batch of cameras (--batch-size {trainer.batch}) and "
+                               f"data-parallel training (torchrun, {job.world} ranks) are not available for this "
+                               f"kind of run yet; train it with one process and --batch-size 1")
+            return _train_to_end(trainer, hooks, evaluate)
         except OSError as e:  # config, metrics or renders that cannot be written (checkpoints: save_checkpoint)
             raise RunError(f"{os_path(e, root)}: {os_reason(e)} (run folder {root}; its checkpoints are "
                            f"written atomically, the ones there are intact)") from None
-    except BaseException:
-        if created and RunFolder(root).is_empty_for_new_run():  # nothing was written: leave no empty folder
-            lock.release()
+    except BaseException as e:
+        if job.active:
+            job.report(f"{type(e).__name__}: {distributed.core.fail_line(e)}")
+        if lock is not None and created and RunFolder(root).is_empty_for_new_run():  # nothing was written:
+            lock.release()  # leave no empty folder
+            lock = None
             try:
                 (root / ".lock").unlink()
                 root.rmdir()
@@ -701,14 +844,20 @@ def run_training(out: PathLike, make_trainer: Callable[[], "RGBTrainer"], *, res
                 pass
         raise
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train_to_end(trainer: "RGBTrainer", hooks, evaluate: bool) -> Dict[str, Any]:
+    job = trainer.job if hasattr(trainer, "job") else distributed.get()
     already = trainer.step >= trainer.cfg.steps
     trainer.train(hooks=hooks)
     if trainer.last_ckpt_step != trainer.step:
         trainer.save_checkpoint()
+    if job.active:
+        job.barrier("end of training")
+        if not job.is_main:  # rank 0 evaluates and writes the metrics
+            return {}
     if not evaluate:
         return {}
     if already and trainer.run.metrics.is_file():
