@@ -447,6 +447,43 @@ def test_app_follows_a_run_that_is_still_training(field, tmp_path, capsys):
         app.stop()
 
 
+@needs_viser
+def test_app_follows_a_run_that_is_still_mapping(tmp_path):
+    """`langfield view RUN` on a `langfield slam` run: each poll (the viewer's timer calls
+    reload_state) picks up the newer map and cameras.json; new keyframes get frustums, the
+    frustums of keyframes whose pose mapping refined move, the camera list grows."""
+    from langfield.scenes.make import make_scene
+    from langfield.slam.run import run_slam
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        room = tmp_path / "room"
+        make_scene("room", room, kind="rgbd", frames=10, size=(64, 48), workers=1)
+        run = tmp_path / "run"
+        run_slam(room, run, size=None, max_frames=3, quiet=True)
+        app = viewer.ViewerApp(run, port=_free_port(), reload_every=0, verbose=False)
+        try:
+            cams0 = len(app.field.cameras)
+            n0, step0 = app.field.num, app.field.step
+            assert cams0 >= 1 and len(app._frustums) == cams0
+            assert app.reload_state() == {"map": False, "cameras": False}  # nothing new yet
+            run_slam(room, run, resume=True, max_frames=10, quiet=True)
+            assert app.reload_state() == {"map": True, "cameras": True}
+            cams = json.loads((run / "cameras.json").read_text())["cameras"]
+            assert len(app.field.cameras) == len(cams) > cams0
+            assert len(app._frustums) == len(cams)
+            for h, c in zip(app._frustums, cams):  # every frustum at its keyframe's current pose
+                wxyz, pos = viser_pose_of(np.asarray(c["viewmat"]))
+                np.testing.assert_allclose(np.asarray(h.position), pos, atol=1e-5)
+            assert app.field.step == 10 and app.field.step != step0 and app.field.num != n0
+            assert app.reload_state() == {"map": False, "cameras": False}
+        finally:
+            app.stop()
+    finally:
+        torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------ a real browser
 
 CHROMIUM = os.environ.get("LANGFIELD_CHROMIUM", "/usr/bin/chromium")

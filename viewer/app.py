@@ -12,7 +12,9 @@ query, query mask. Controls: query, level (auto or one of the scene's), threshol
 3D (highlights the Gaussians matching the query), the dataset's cameras (click a frustum, or
 pick one from the list), render resolution; frames per second and the Gaussian count are
 shown. A plain 3DGS PLY (no language) opens for RGB viewing; a run that is still training is
-polled every ``reload_every`` seconds for newer checkpoints. Dynamic runs (deformable
+polled every ``reload_every`` seconds for newer checkpoints, and a run that is still mapping
+(``langfield slam``) also for its ``cameras.json`` (keyframe frustums appear and move as the
+camera path grows and is refined: :meth:`ViewerApp.reload_state`). Dynamic runs (deformable
 Gaussians) get a time slider and play/pause (at ``Play fps`` time steps per second over the
 dataset's frame times); colour, queries and 3D selection follow the shown time, and the time is
 shown next to the frame rate.
@@ -270,6 +272,10 @@ class ClientSession:
                 finally:
                     self._updating = False
             self.level.options = opts
+        names = (FREE_VIEW, *[self.app.camera_label(i) for i in range(len(f.cameras))])
+        if tuple(self.view.options) != names:
+            self.view.options = names
+            self.view.visible = self.show_cameras.visible = len(names) > 1
         self.stats.content = self._stats_text(self.last_frame)
         self.worker.invalidate()
 
@@ -316,6 +322,7 @@ class ViewerApp:
         self.server = viser.ViserServer(host=host, port=int(port), label=label, verbose=verbose)
         self._frustums: List = []
         self._setup_scene(frustums, max_frustums)
+        self._cams_stamp = self._cameras_stamp()
         self.server.on_client_connect(self._on_connect)
         self.server.on_client_disconnect(self._on_disconnect)
         self._reloader = None
@@ -373,22 +380,90 @@ class ViewerApp:
             ic.look_at = tuple(float(v) for v in center)
             ic.up = tuple(float(v) for v in up)
         self.frustums_visible = len(cams) <= FRUSTUMS_SHOWN_UP_TO
+        self._frustums_on = bool(frustums)
+        self._max_frustums = int(max_frustums)
+        self._frustum_size = frustum_scale([viser_pose_of(c.viewmat)[1] for c in cams], radius) if cams else 0.0
+        self._frustum_ids: List[int] = []  # the camera index each frustum shows
         if frustums and cams:
             step = max(1, int(np.ceil(len(cams) / max(1, max_frustums))))
-            size = frustum_scale([viser_pose_of(c.viewmat)[1] for c in cams], radius)
             for i in range(0, len(cams), step):
-                c = cams[i]
-                wxyz, pos = viser_pose_of(c.viewmat)
-                kw = dict(fov=fov_of(c.K, c.height), aspect=c.width / max(c.height, 1), scale=size,
-                          visible=self.frustums_visible,
-                          wxyz=wxyz, position=pos, color=(60, 120, 220) if c.split == "train" else (230, 140, 40))
-                try:  # thin lines in screen pixels: a frustum seen from its own apex must not fill the view
-                    h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", thickness=1.5,
-                                                             thickness_units="screen", **kw)
-                except TypeError:  # viser before `thickness`
-                    h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", line_width=1.5, **kw)
-                h.on_click(self._frustum_clicked(i))
-                self._frustums.append(h)
+                self._add_frustum(i, cams[i])
+
+    def _add_frustum(self, i: int, c) -> None:
+        wxyz, pos = viser_pose_of(c.viewmat)
+        kw = dict(fov=fov_of(c.K, c.height), aspect=c.width / max(c.height, 1), scale=self._frustum_size,
+                  visible=self.frustums_visible,
+                  wxyz=wxyz, position=pos, color=(60, 120, 220) if c.split == "train" else (230, 140, 40))
+        try:  # thin lines in screen pixels: a frustum seen from its own apex must not fill the view
+            h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", thickness=1.5,
+                                                     thickness_units="screen", **kw)
+        except TypeError:  # viser before `thickness`
+            h = self.server.scene.add_camera_frustum(f"/cameras/{i:05d}", line_width=1.5, **kw)
+        h.on_click(self._frustum_clicked(i))
+        self._frustums.append(h)
+        self._frustum_ids.append(i)
+
+    def _cameras_file(self) -> Optional[Path]:
+        f = self.field
+        if f.kind != "run" or f.source is None:
+            return None
+        p = Path(f.source) / "cameras.json"
+        return p if p.is_file() else None
+
+    def _cameras_stamp(self):
+        p = self._cameras_file()
+        if p is None:
+            return None
+        try:
+            st = p.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def reload_cameras(self) -> bool:
+        """For a run that carries its own cameras (``RUN/cameras.json``, written by ``langfield
+        slam`` as it maps): read them again if the file changed, move the frustums of cameras
+        whose pose changed (keyframe poses are refined while mapping) and add frustums for new
+        ones. Returns True when the cameras changed."""
+        stamp = self._cameras_stamp()
+        if stamp is None or stamp == self._cams_stamp:
+            return False
+        from langfield.field import read_cameras_json
+
+        try:
+            cams = read_cameras_json(self._cameras_file())
+        except Exception:  # noqa: BLE001 - a file being replaced: try again next time
+            return False
+        self._cams_stamp = stamp
+        old = self.field.cameras
+        changed = len(cams) != len(old) or any(
+            not np.allclose(np.asarray(a.viewmat), np.asarray(b.viewmat)) for a, b in zip(cams, old))
+        if not changed:
+            return False
+        self.field.cameras = list(cams)
+        if self._frustums_on and cams:
+            if not self._frustum_size:
+                self._frustum_size = frustum_scale([viser_pose_of(c.viewmat)[1] for c in cams], self.radius)
+            for h, i in zip(self._frustums, self._frustum_ids):
+                if i < len(cams):
+                    wxyz, pos = viser_pose_of(cams[i].viewmat)
+                    h.wxyz, h.position = wxyz, pos
+            nxt = (self._frustum_ids[-1] + 1) if self._frustum_ids else 0
+            for i in range(nxt, len(cams)):
+                if len(self._frustums) >= self._max_frustums:
+                    break
+                self._add_frustum(i, cams[i])
+        return True
+
+    def reload_state(self) -> Dict[str, bool]:
+        """One poll of a run that is still being written: a newer checkpoint (the map growing)
+        and, for runs with their own cameras, ``cameras.json`` (the camera path). Clients are
+        re-rendered when anything changed. Returns ``{"map": ..., "cameras": ...}``."""
+        fresh = bool(self.field.reload())
+        cams = self.reload_cameras()
+        if fresh or cams:
+            self.notify_reload()
+        return {"map": fresh, "cameras": cams}
 
     def set_frustums_visible(self, visible: bool) -> None:
         self.frustums_visible = bool(visible)
@@ -441,19 +516,16 @@ class ViewerApp:
     def _reload_loop(self, every: float) -> None:
         while not self._stop.wait(every):
             try:
-                fresh = self.field.reload()
+                self.reload_state()
             except Exception as e:  # noqa: BLE001 - keep serving the scene we have
                 if self.verbose:
                     print(f"langfield view: reload failed: {e}", flush=True)
-                continue
-            if fresh:
-                self.notify_reload()
 
     def notify_reload(self) -> None:
         """The field changed (a newer checkpoint): re-render every client."""
         if self.verbose:
             print(f"langfield view: loaded step {self.field.step} ({self.field.num:,} Gaussians, "
-                  f"{self.field.stage})", flush=True)
+                  f"{self.field.stage}, {len(self.field.cameras)} cameras)", flush=True)
         self.renderer.clear()
         with self._lock:
             sessions = list(self.sessions.values())

@@ -42,7 +42,8 @@ class KeyframeConfig:
 @dataclass
 class Keyframe:
     """A keyframe: its frame ``index``, ``name``, ``timestamp``, estimated world-to-camera
-    ``viewmat`` [4, 4] (refined by mapping), ``image`` [H, W, 3] float, ``depth`` [H, W]."""
+    ``viewmat`` [4, 4] (refined by mapping), ``image`` [H, W, 3] float, ``depth`` [H, W], and
+    the Adam state of its pose refinement."""
 
     index: int
     name: str
@@ -50,6 +51,9 @@ class Keyframe:
     viewmat: Tensor
     image: Tensor
     depth: Tensor
+    pose_m: Optional[Tensor] = None  # Adam moments [6] of the pose refinement in mapping
+    pose_v: Optional[Tensor] = None
+    pose_steps: int = 0
 
 
 def covisibility(depth: Tensor, K: Tensor, viewmat: Tensor, kf_depth: Tensor, kf_viewmat: Tensor,

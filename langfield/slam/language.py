@@ -129,9 +129,12 @@ class OnlineLanguage:
                     yield f.reshape(-1, f.shape[-1])
 
         n = torch.get_num_threads()
-        codec, rep = fit_codec(self.codec_kind, chunks(), latent_dim=self.latent_dim, seed=self.seed, device="cpu",
-                               **self.ae)
-        torch.set_num_threads(n)
+        torch.set_num_threads(1)  # batches of 256 small vectors: one thread is fastest, and the map keeps the other
+        try:
+            codec, rep = fit_codec(self.codec_kind, chunks(), latent_dim=self.latent_dim, seed=self.seed, device="cpu",
+                                   **self.ae)
+        finally:
+            torch.set_num_threads(n)
         self.codec = codec.eval()
         for p in self.codec.parameters():
             p.requires_grad_(False)

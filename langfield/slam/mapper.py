@@ -50,6 +50,9 @@ class MapperConfig:
     lr_scales: float = 2e-3
     lr_quats: float = 1e-3
     lr_lang: float = 1e-2
+    pose_opt: bool = True  # refine the window keyframes' poses with the map (the first keyframe stays fixed)
+    lr_pose_trans: float = 1e-4  # Adam on each keyframe's twist: metres ...
+    lr_pose_rot: float = 2e-4  # ... and radians per step
 
     def to_dict(self) -> Dict:
         return asdict(self)

@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from langfield.maths import inv_rigid
+from langfield.maths import inv_rigid, se3_exp
 from langfield.render.model import Cameras, render
 from langfield.slam.keyframes import Keyframe, KeyframeConfig, choose_window, is_keyframe
 from langfield.slam.mapper import GaussianMap, MapperConfig, lrs_of, prune_mask, seed_gaussians
-from langfield.slam.tracker import TrackerConfig, constant_velocity, track
+from langfield.slam.tracker import TrackerConfig, constant_velocity, rigid, track
 
 __all__ = ["SlamConfig", "Mapper", "prepare_frame"]
 
@@ -110,8 +110,12 @@ class Mapper:
         self.keyframes: List[Keyframe] = []
         self.timestamps: List[float] = []
         self.names: List[str] = []
-        self.viewmats: List[Tensor] = []  # per frame, world-to-camera as tracked
+        self.viewmats: List[Tensor] = []  # per frame, world-to-camera as tracked (keyframes: as refined)
         self.keyframe_of_frame: List[int] = []  # -1 or the keyframe's position
+        # per frame: the keyframe it was tracked after (-1: none) and that keyframe's pose then, so later
+        # refinements of the keyframe carry over to the frame (its pose relative to the keyframe is kept)
+        self.ref_of_frame: List[int] = []
+        self.ref_pose: List[Tensor] = []
         self.generator = torch.Generator().manual_seed(int(self.config.seed))
         self.frames_since_kf = 0
         self.frames = 0
@@ -145,18 +149,20 @@ class Mapper:
             else:
                 T = torch.eye(4, device=self.device)
         else:
-            prev = self.viewmats[-1]
-            prev2 = self.viewmats[-2] if len(self.viewmats) > 1 else None
+            prev = self.pose(len(self.viewmats) - 1)
+            prev2 = self.pose(len(self.viewmats) - 2) if len(self.viewmats) > 1 else None
             T0 = constant_velocity(prev.double(), None if prev2 is None else prev2.double()).float()
             res = track(self.map, image, depth, K, T0, cfg.tracker, backend=cfg.backend)
             T = res.viewmat
-            info.update(iters=res.iters, coverage=res.coverage, track_loss=res.loss)
+            info.update(iters=res.iters, coverage=res.coverage, track_loss=res.loss, renders=res.renders)
         t1 = time.perf_counter()
         self.timing["track_s"] += t1 - t0
         self.timing["tracked"] += 1 if self.viewmats else 0
         last = self.keyframes[-1] if self.keyframes else None
         kf, reason, overlap = is_keyframe(depth, K, T, last, self.frames_since_kf, info["coverage"], cfg.keyframes)
         self.viewmats.append(T.detach().clone())
+        self.ref_of_frame.append(len(self.keyframes) - 1 if last is not None else -1)
+        self.ref_pose.append(last.viewmat.detach().clone() if last is not None else torch.eye(4, device=self.device))
         self.timestamps.append(float(frame.timestamp))
         self.names.append(str(getattr(frame, "name", "") or f"frame_{frame.index:06d}"))
         info.update(is_keyframe=kf, reason=reason, overlap=overlap)
@@ -166,6 +172,7 @@ class Mapper:
                                            timestamp=float(frame.timestamp), viewmat=T.detach().clone(),
                                            image=image, depth=depth))
             self.keyframe_of_frame.append(len(self.keyframes) - 1)
+            self.ref_of_frame[-1], self.ref_pose[-1] = -1, torch.eye(4, device=self.device)
             self.frames_since_kf = 0
             t2 = time.perf_counter()
             if self.language is not None:
@@ -178,6 +185,7 @@ class Mapper:
             self.keyframe_of_frame.append(-1)
             self.frames_since_kf += 1
         self.frames += 1
+        T = self.pose(len(self.viewmats) - 1)
         info.update(pose=inv_rigid(T.double()).cpu().numpy(), viewmat=T.cpu().numpy(), track_ms=(t1 - t0) * 1000,
                     map_ms=map_ms, gaussians=self.map.num, keyframes=len(self.keyframes))
         return info
@@ -210,7 +218,13 @@ class Mapper:
         for ki in order:
             kf = self.keyframes[ki]
             self.map.zero_grad()
-            out = render(self.map, Cameras(kf.viewmat[None], self.K[None], w, h), depth=True,
+            refine = cfg.pose_opt and ki > 0  # the first keyframe fixes the map's frame
+            if refine:
+                delta = torch.zeros(6, device=self.device, requires_grad=True)
+                vm = se3_exp(delta) @ kf.viewmat
+            else:
+                vm = kf.viewmat
+            out = render(self.map, Cameras(vm[None], self.K[None], w, h), depth=True,
                          language=lang is not None, backend=self.config.backend, validate=False)
             valid = kf.depth > 0
             nv = max(1, int(valid.sum()))
@@ -220,13 +234,42 @@ class Mapper:
                 loss = loss + cfg.w_lang * lang.loss(out.lang[0], ki)
             loss.backward()
             self.map.adam_step(lrs, frozen=frozen)
+            if refine and delta.grad is not None:
+                self._pose_step(kf, delta.grad.detach(), cfg)
+        for ki in set(window):  # the frames list holds the keyframes' refined poses
+            self.viewmats[self.keyframes[ki].index] = self.keyframes[ki].viewmat.clone()
+
+    @torch.no_grad()
+    def _pose_step(self, kf: Keyframe, grad: Tensor, cfg, betas=(0.9, 0.999), eps: float = 1e-12) -> None:
+        """One Adam step on the keyframe's twist (left update on SE(3), so it stays rigid)."""
+        if kf.pose_m is None:
+            kf.pose_m = torch.zeros(6, device=self.device)
+            kf.pose_v = torch.zeros(6, device=self.device)
+        kf.pose_steps += 1
+        b1, b2 = betas
+        kf.pose_m.mul_(b1).add_(grad, alpha=1 - b1)
+        kf.pose_v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        mh = kf.pose_m / (1 - b1 ** kf.pose_steps)
+        vh = kf.pose_v / (1 - b2 ** kf.pose_steps)
+        lr = torch.tensor([cfg.lr_pose_trans] * 3 + [cfg.lr_pose_rot] * 3, device=self.device)
+        step = -lr * mh / (vh.sqrt() + eps)
+        kf.viewmat = rigid(se3_exp(step.double()) @ kf.viewmat.double()).float()
 
     # ---- results ----------------------------------------------------------------------------
+    def pose(self, i: int) -> Tensor:
+        """World-to-camera [4, 4] of frame ``i`` now: keyframes as refined by mapping, other frames
+        as tracked, moved with the later refinements of the keyframe they were tracked after."""
+        r = self.ref_of_frame[i] if i < len(self.ref_of_frame) else -1
+        if r < 0:
+            return self.viewmats[i]
+        T = self.viewmats[i].double() @ inv_rigid(self.ref_pose[i].double()) @ self.keyframes[r].viewmat.double()
+        return rigid(T).float()
+
     def poses_c2w(self) -> np.ndarray:
-        """[F, 4, 4] camera-to-world of every frame so far (keyframes refined by mapping)."""
+        """[F, 4, 4] camera-to-world of every frame so far (see :meth:`pose`)."""
         if not self.viewmats:
             return np.zeros((0, 4, 4))
-        return inv_rigid(torch.stack(self.viewmats).double()).cpu().numpy()
+        return inv_rigid(torch.stack([self.pose(i) for i in range(len(self.viewmats))]).double()).cpu().numpy()
 
     def gaussians(self, with_lang: bool = True):
         """The map as :class:`langfield.scene.Gaussians`."""
@@ -249,16 +292,22 @@ class Mapper:
         t["viewmats"] = torch.stack(self.viewmats).contiguous() if nf else torch.zeros((0, 4, 4))
         t["timestamps"] = torch.tensor(self.timestamps, dtype=torch.float64)
         t["keyframe_of_frame"] = torch.tensor(self.keyframe_of_frame, dtype=torch.int64)
+        t["ref_of_frame"] = torch.tensor(self.ref_of_frame, dtype=torch.int64)
+        t["ref_pose"] = torch.stack(self.ref_pose).contiguous() if nf else torch.zeros((0, 4, 4))
         for i, kf in enumerate(self.keyframes):
             t[f"kf{i}.viewmat"] = kf.viewmat.contiguous()
             t[f"kf{i}.image"] = kf.image.contiguous()
             t[f"kf{i}.depth"] = kf.depth.contiguous()
+            if kf.pose_m is not None:
+                t[f"kf{i}.pose_m"] = kf.pose_m.contiguous()
+                t[f"kf{i}.pose_v"] = kf.pose_v.contiguous()
         t["generator"] = self.generator.get_state().contiguous()
         if self.K is not None:
             t["K"] = self.K.contiguous()
         cfg = {"slam": self.config.to_dict(), "map": self.map.state_config(), "frames": self.frames,
                "frames_since_kf": self.frames_since_kf, "names": list(self.names),
-               "keyframes": [{"index": kf.index, "name": kf.name, "timestamp": kf.timestamp} for kf in self.keyframes],
+               "keyframes": [{"index": kf.index, "name": kf.name, "timestamp": kf.timestamp,
+                              "pose_steps": kf.pose_steps} for kf in self.keyframes],
                "size": list(self.size) if self.size else None, "timing": dict(self.timing)}
         if self.language is not None:
             lt, lc = self.language.state()
@@ -274,6 +323,10 @@ class Mapper:
         m.viewmats = [v.clone() for v in tensors["viewmats"]]
         m.timestamps = [float(v) for v in tensors["timestamps"]]
         m.keyframe_of_frame = [int(v) for v in tensors["keyframe_of_frame"]]
+        nf = len(m.viewmats)
+        m.ref_of_frame = [int(v) for v in tensors["ref_of_frame"]] if "ref_of_frame" in tensors else [-1] * nf
+        m.ref_pose = [v.clone() for v in tensors["ref_pose"]] if "ref_pose" in tensors else \
+            [torch.eye(4, device=m.device) for _ in range(nf)]
         m.names = list(cfg["names"])
         m.frames = int(cfg["frames"])
         m.frames_since_kf = int(cfg["frames_since_kf"])
@@ -282,9 +335,12 @@ class Mapper:
         m.timing = dict(cfg.get("timing") or m.timing)
         m.generator.set_state(tensors["generator"].clone())
         for i, k in enumerate(cfg["keyframes"]):
+            pm, pv = tensors.get(f"kf{i}.pose_m"), tensors.get(f"kf{i}.pose_v")
             m.keyframes.append(Keyframe(index=int(k["index"]), name=str(k["name"]), timestamp=float(k["timestamp"]),
                                         viewmat=tensors[f"kf{i}.viewmat"].clone(), image=tensors[f"kf{i}.image"].clone(),
-                                        depth=tensors[f"kf{i}.depth"].clone()))
+                                        depth=tensors[f"kf{i}.depth"].clone(),
+                                        pose_m=None if pm is None else pm.clone(), pose_v=None if pv is None else pv.clone(),
+                                        pose_steps=int(k.get("pose_steps", 0))))
         if language is not None and "language" in cfg:
             language.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("lang.")}, cfg["language"])
         return m

@@ -28,7 +28,8 @@ from torch import Tensor
 from langfield.maths import inv_rigid, se3_exp
 from langfield.render.model import Cameras, render
 
-__all__ = ["TrackerConfig", "TrackResult", "track", "pyramid", "constant_velocity", "pose_error"]
+__all__ = ["TrackerConfig", "TrackResult", "track", "track_warp", "track_render", "pyramid", "constant_velocity",
+           "pose_error"]
 
 
 @dataclass
@@ -52,7 +53,12 @@ class TrackerConfig:
     abs_tol: float = 1e-7  # ... or by less than this
     max_rejects: int = 4  # a level ends after this many rejected steps in a row
     min_pixels: int = 30
-    h_pixels: int = 8192  # pixels used for the Gauss-Newton matrix
+    h_pixels: int = 8192  # pixels used for the Gauss-Newton matrix ("render" method)
+    method: str = "warp"  # "warp": render once, align by warping (re-render when moved); "render": every step
+    max_points: int = 16384  # live points per level ("warp")
+    max_renders: int = 3  # renders per level ("warp")
+    rerender_trans: float = 0.002  # metres / degrees moved since the level's last render that call for
+    rerender_rot: float = 0.2  # a new render at the new pose ("warp")
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -62,9 +68,9 @@ class TrackerConfig:
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "TrackerConfig":
         d = dict(d)
-        for k in ("levels", "max_iters", "tol_scale"):
+        for k, typ in (("levels", int), ("max_iters", int), ("tol_scale", float)):
             if k in d:
-                d[k] = tuple(int(v) for v in d[k])
+                d[k] = tuple(typ(v) for v in d[k])
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -76,6 +82,7 @@ class TrackResult:
     iters_per_level: List[int] = field(default_factory=list)
     converged: bool = True
     coverage: float = 0.0  # share of valid-depth pixels the map explained at the end
+    renders: int = 0  # renderer calls
 
 
 def pyramid(image: Tensor, depth: Tensor, factor: int) -> Tuple[Tensor, Tensor]:
@@ -228,6 +235,202 @@ def _evaluate(model, T: Tensor, K: Tensor, w: int, h: int, image: Tensor, depth:
 def track(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: Optional[TrackerConfig] = None, *,
           backend: str = "auto") -> TrackResult:
     """Optimise the world-to-camera pose of one frame (``image`` [H, W, 3] in [0, 1], ``depth``
+    [H, W] metres, 0 invalid, ``K`` [3, 3]) against the map ``model`` from ``T_init`` [4, 4],
+    by ``cfg.method``: :func:`track_warp` (default) or :func:`track_render`."""
+    cfg = cfg or TrackerConfig()
+    if cfg.method == "warp":
+        return track_warp(model, image, depth, K, T_init, cfg, backend=backend)
+    if cfg.method == "render":
+        return track_render(model, image, depth, K, T_init, cfg, backend=backend)
+    raise ValueError(f"tracker method must be 'warp' or 'render', got {cfg.method!r}")
+
+
+class _Frozen:
+    """A scene model whose activated parameters are computed once, without gradients (tracking
+    renders the map many times and needs no gradient on it)."""
+
+    def __init__(self, model):
+        with torch.no_grad():
+            a = model.activated()
+        self.a = a
+
+    def activated(self, t=None):
+        return self.a
+
+
+def _sample(maps: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """Bilinear samples [N, C] of ``maps`` [C, h, w] at continuous pixel coordinates ``u``, ``v``
+    [N] (pixel i spans [i, i + 1), its centre at i + 0.5; border values outside)."""
+    C, h, w = maps.shape
+    grid = torch.stack([2.0 * u / w - 1.0, 2.0 * v / h - 1.0], -1)[None, None]
+    return F.grid_sample(maps[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0, :, 0].T
+
+
+def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: Optional[TrackerConfig] = None,
+               *, backend: str = "auto") -> TrackResult:
+    """Tracking through the renderer with one render per linearisation point (the default).
+
+    At each pyramid level the map is rendered (colour, depth, alpha) at the current pose; the
+    frame's valid-depth pixels, unprojected with its own depth, are warped into that rendered
+    view by the pose being solved for, and the same truncated Huber costs as
+    :func:`track_render` (colour, and rendered depth against the warped point's depth, on points
+    landing where the rendered alpha is above ``alpha_thresh``) are minimised with
+    Levenberg-Marquardt on the SE(3) twist, with the analytic warp Jacobian (rendered-image
+    gradients). Every step costs a bilinear lookup instead of a render. When the pose has moved
+    more than ``rerender_trans`` / ``rerender_rot`` since the level's render, the map is rendered
+    again at the new pose and the level continues (at most ``max_renders`` renders), so the
+    final pose is aligned against a render taken at (or within a hair of) it."""
+    cfg = cfg or TrackerConfig()
+    frozen = _Frozen(model)
+    T_cur = rigid(T_init.detach().float().clone())
+    iters_all: List[int] = []
+    total, renders = 0, 0
+    last_loss = float("inf")
+    converged = True
+    coverage = 0.0
+    for li, f in enumerate(cfg.levels):
+        im_l, d_l = pyramid(image, depth, f)
+        K_l = scale_K(K.float(), f)
+        h, w = d_l.shape
+        fx, fy, cx, cy = float(K_l[0, 0]), float(K_l[1, 1]), float(K_l[0, 2]), float(K_l[1, 2])
+        vv, uu = torch.nonzero(d_l > 0, as_tuple=True)
+        if vv.numel() > cfg.max_points:
+            sel = torch.arange(0, vv.numel(), vv.numel() / cfg.max_points).long()
+            vv, uu = vv[sel], uu[sel]
+        z = d_l[vv, uu]
+        P = torch.stack([(uu.float() + 0.5 - cx) / fx * z, (vv.float() + 0.5 - cy) / fy * z, z], -1)  # [N, 3]
+        col = im_l[vv, uu]  # [N, 3]
+        zeros, ones = torch.zeros_like(z), torch.ones_like(z)
+        A = torch.stack([torch.stack([ones, zeros, zeros, zeros, P[:, 2], -P[:, 1]], -1),
+                         torch.stack([zeros, ones, zeros, -P[:, 2], zeros, P[:, 0]], -1),
+                         torch.stack([zeros, zeros, ones, P[:, 1], -P[:, 0], zeros], -1)], 1)  # d(exp(xi) p)/dxi
+        n_all = max(1, int(P.shape[0]))
+        max_it = cfg.max_iters[min(li, len(cfg.max_iters) - 1)]
+        final = li == len(cfg.levels) - 1
+        ts = 1.0 if final else cfg.tol_scale[min(li, len(cfg.tol_scale) - 1)]
+        tol_t, tol_r = cfg.tol_trans * ts, cfg.tol_rot * ts
+        rel_tol = cfg.rel_tol * ts
+        need_flat = 2 if final else 1
+        it = 0
+        level_conv = False
+        level_renders = 0
+        loss = last_loss
+        while True:
+            with torch.no_grad():
+                out = render(frozen, Cameras(T_cur[None], K_l[None], w, h), depth=True, backend=backend,
+                             validate=False)
+            renders += 1
+            level_renders += 1
+            rgb, dr, al = out.rgb[0], out.depth[0], out.alpha[0]
+            gxi, gyi = _grad_xy(rgb)
+            gxd, gyd = _grad_xy(dr)
+            maps = torch.cat([rgb, dr[..., None], al[..., None], gxi, gyi, gxd[..., None], gyd[..., None]],
+                             -1).permute(2, 0, 1).contiguous()  # [13, h, w]
+            T_ref = T_cur.clone()
+            fill = [None]
+
+            def evaluate(T: Tensor, need_grad: bool):
+                M = (T_ref.double() @ inv_rigid(T.double())).float()
+                R, t = M[:3, :3], M[:3, 3]
+                q = P @ R.T + t
+                qz = q[:, 2].clamp_min(1e-6)
+                u = fx * q[:, 0] / qz + cx
+                v = fy * q[:, 1] / qz + cy
+                s = _sample(maps, u, v)
+                inside = (q[:, 2] > 1e-3) & (u >= 0) & (u <= w) & (v >= 0) & (v <= h)
+                cover = inside & (s[:, 4] > cfg.alpha_thresh)
+                cov = float((inside & (s[:, 4] > cfg.coverage_alpha)).sum()) / n_all
+                r_c = s[:, :3] - col
+                r_d = s[:, 3] - q[:, 2]
+                e_c = _huber(r_c, cfg.huber_rgb).mean(-1)
+                e_d = _huber(r_d, cfg.huber_depth)
+                fit = (e_c < cfg.cap_rgb) & (e_d < cfg.cap_depth)
+                mask = cover & fit
+                n = int(mask.sum())
+                if n < cfg.min_pixels:
+                    return None
+                e = e_c + cfg.w_depth * e_d
+                if fill[0] is None:  # at the render's pose: the mean cost of a pixel the map explains
+                    fill[0] = float(e[mask].mean())
+                # outliers cost the cap; points the render does not cover cost what an explained pixel costs on
+                # average, so the pose gains nothing by moving points out of the mapped area or into it (a flat
+                # cap there pulls every pose back towards the keyframes: a 1 % shortfall of the motion)
+                cost = torch.where(mask, e, torch.where(cover, torch.full_like(e, cfg.cap_rgb + cfg.w_depth * cfg.cap_depth),
+                                                        torch.full_like(e, fill[0])))
+                loss = float(cost.sum()) / n_all
+                if not need_grad:
+                    return loss, None, None, cov
+                m = mask
+                Pm, qm, sm = A[m], q[m], s[m]
+                zq = qm[:, 2].clamp_min(1e-6)
+                dq = -torch.einsum("ij,njk->nik", R, Pm)  # [n, 3, 6]: d q / d xi (T = exp(xi) T_cur)
+                du = (fx / zq)[:, None] * dq[:, 0] - (fx * qm[:, 0] / (zq * zq))[:, None] * dq[:, 2]
+                dv = (fy / zq)[:, None] * dq[:, 1] - (fy * qm[:, 1] / (zq * zq))[:, None] * dq[:, 2]
+                Jc = sm[:, 5:8, None] * du[:, None, :] + sm[:, 8:11, None] * dv[:, None, :]  # [n, 3, 6]
+                Jd = sm[:, 11:12] * du + sm[:, 12:13] * dv - dq[:, 2]  # [n, 6]
+                rc, rd = r_c[m], r_d[m]
+                wc = 1.0 / (3 * n_all * rc.abs().clamp_min(cfg.huber_rgb))  # IRLS (Huber) weights: w * r = rho'
+                wd = cfg.w_depth / (n_all * rd.abs().clamp_min(cfg.huber_depth))
+                Jc2 = Jc.reshape(-1, 6)
+                wc2 = wc.reshape(-1)
+                g = Jc2.T @ (wc2 * rc.reshape(-1)) + Jd.T @ (wd * rd)
+                H = (Jc2 * wc2[:, None]).T @ Jc2 + (Jd * wd[:, None]).T @ Jd
+                return loss, g.double(), H.double(), cov
+
+            ev0 = evaluate(T_cur, True)
+            if ev0 is None:
+                break
+            loss, g, H, coverage = ev0
+            lam = 1e-3
+            flat = rejected = 0
+            inner_conv = False
+            while it < max_it:
+                Amat = H + lam * torch.diag(H.diagonal().clamp_min(1e-12))
+                step = -torch.linalg.solve(Amat, g)
+                T_new = rigid(se3_exp(step) @ T_cur.double()).float()
+                small = float(step[:3].norm()) < tol_t and float(step[3:].norm()) < tol_r
+                ev = evaluate(T_new, True)
+                it += 1
+                if ev is not None and ev[0] <= loss:
+                    rel = (loss - ev[0]) / max(loss, 1e-12)
+                    if loss - ev[0] < cfg.abs_tol:
+                        rel = 0.0
+                    T_cur = T_new
+                    loss, g, H, coverage = ev
+                    lam = max(lam / 3.0, 1e-4)
+                    rejected = 0
+                    flat = flat + 1 if rel < rel_tol else 0
+                    if small or flat >= need_flat:
+                        inner_conv = True
+                        break
+                else:
+                    lam *= 8.0
+                    rejected += 1
+                    if small or rejected >= cfg.max_rejects:
+                        inner_conv = True
+                        break
+            dist, ang = _motion(T_cur, T_ref)
+            moved = dist > cfg.rerender_trans * (ts if not final else 1.0) or ang > cfg.rerender_rot * (
+                ts if not final else 1.0)
+            if not moved or level_renders >= cfg.max_renders or it >= max_it:
+                level_conv = inner_conv
+                break
+        iters_all.append(it)
+        total += it
+        converged = converged and level_conv
+        last_loss = loss
+    return TrackResult(viewmat=rigid(T_cur), loss=last_loss, iters=total, iters_per_level=iters_all,
+                       converged=converged, coverage=coverage, renders=renders)
+
+
+def _motion(T: Tensor, T_ref: Tensor) -> Tuple[float, float]:
+    """(camera-centre distance, rotation angle in degrees) between two world-to-camera poses."""
+    return pose_error(T, T_ref)
+
+
+def track_render(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: Optional[TrackerConfig] = None,
+                 *, backend: str = "auto") -> TrackResult:
+    """Optimise the world-to-camera pose of one frame (``image`` [H, W, 3] in [0, 1], ``depth``
     [H, W] metres, 0 invalid, ``K`` [3, 3]) against the map ``model`` from ``T_init`` [4, 4].
 
     Each iteration renders the map at the current pose, takes the exact gradient of the
@@ -237,6 +440,7 @@ def track(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: O
     (Levenberg-Marquardt). A level ends when the step is below ``tol_trans`` / ``tol_rot`` or
     lambda saturates. Returns the best pose (:class:`TrackResult`)."""
     cfg = cfg or TrackerConfig()
+    model = _Frozen(model)
     T_cur = T_init.detach().float().clone()
     iters_all: List[int] = []
     total = 0
@@ -294,4 +498,4 @@ def track(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: O
         converged = converged and level_conv
         last_loss = loss
     return TrackResult(viewmat=rigid(T_cur), loss=last_loss, iters=total, iters_per_level=iters_all, converged=converged,
-                       coverage=coverage)
+                       coverage=coverage, renders=total)
