@@ -214,3 +214,26 @@ def test_full_run_with_labels_language(room, tmp_path):
     assert rep["keyframes"]["psnr"] > 20 and rep["other"]["psnr"] > 18  # measured 26.5 / 24.9 dB
     assert rep["keyframes"]["depth_l1"] < 0.08
     assert read_metrics(run)["slam_eval"]["ate_rmse"] == rep["ate_rmse"]
+
+
+def test_concurrent_mode_maps_in_a_back_end_thread(room, tmp_path):
+    """SlamConfig(concurrent=True): keyframes are mapped in a thread while the next frames are
+    tracked; the run ends with every keyframe mapped (state saved after the back end finished),
+    an ATE like the sequential run's, and it resumes."""
+    from langfield.data.rgbd import open_rgbd
+    from langfield.eval.trajectory import ate, read_tum_trajectory
+    from langfield.slam.online import SlamConfig
+    from langfield.slam.run import run_slam
+
+    n = 12
+    res = run_slam(room, tmp_path / "conc", size=None, max_frames=n, quiet=True, save_every=5,
+                   config=SlamConfig(concurrent=True))
+    st = _state(tmp_path / "conc")
+    assert st.config["mapper"]["slam"]["concurrent"] is True
+    assert res["frames"] == n and res["keyframes"] >= 2
+    assert st.config["mapper"]["timing"]["mapped"] == res["keyframes"]  # none left unmapped
+    tr = read_tum_trajectory(tmp_path / "conc" / "trajectory.txt")
+    err = ate(tr.poses, open_rgbd(room, max_frames=n).gt_poses)["rmse"]
+    assert err < 0.02, err
+    more = run_slam(room, tmp_path / "conc", resume=True, max_frames=n + 3, quiet=True)
+    assert more["frames"] == n + 3

@@ -40,6 +40,7 @@ def cli_slam(
     seed: int = 0,
     map_iters: Optional[int] = None,
     threads: Optional[int] = None,
+    concurrent: bool = False,
     quiet: bool = False,
 ) -> int:
     """Online RGB-D mapping: track every frame against the Gaussian map, grow and optimise the
@@ -65,6 +66,9 @@ def cli_slam(
         map_iters: mapping iterations per keyframe (default 20).
         threads: CPU threads for torch and the renderer (default: torch's; 1 is often fastest on a
             busy machine).
+        concurrent: map keyframes in a back-end thread while the next frames are tracked (uses two
+            cores with --threads 1; results then vary slightly with timing: the default is
+            sequential and reproducible).
         quiet: no progress output.
     """
     from dataclasses import replace
@@ -80,7 +84,7 @@ def cli_slam(
         import torch
 
         torch.set_num_threads(int(threads))
-    cfg = SlamConfig(seed=seed)
+    cfg = SlamConfig(seed=seed, concurrent=bool(concurrent))
     if map_iters is not None:
         if map_iters < 1:
             raise _fail(f"--map-iters must be >= 1, got {map_iters}")

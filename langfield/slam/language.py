@@ -131,11 +131,11 @@ class OnlineLanguage:
         n = torch.get_num_threads()
         torch.set_num_threads(1)  # batches of 256 small vectors: one thread is fastest, and the map keeps the other
         try:
-            codec, rep = fit_codec(self.codec_kind, chunks(), latent_dim=self.latent_dim, seed=self.seed, device="cpu",
-                                   **self.ae)
+            codec, rep = fit_codec(self.codec_kind, chunks(), latent_dim=self.latent_dim, seed=self.seed,
+                                   device=self.device, **self.ae)
         finally:
             torch.set_num_threads(n)
-        self.codec = codec.eval()
+        self.codec = codec.to(self.device).eval()
         for p in self.codec.parameters():
             p.requires_grad_(False)
         self.fit_report = {k: v for k, v in rep.items() if isinstance(v, (int, float, str, type(None)))}
@@ -151,8 +151,8 @@ class OnlineLanguage:
         with torch.no_grad():
             if rec["index"] is not None:
                 for li, f in enumerate(rec["feats"]):
-                    ix = rec["index"][li].long()
-                    z = self.codec.targets(f) if f.shape[0] else torch.zeros(0, T)
+                    ix = rec["index"][li].long().to(self.device)
+                    z = self.codec.targets(f.to(self.device)) if f.shape[0] else torch.zeros(0, T, device=self.device)
                     table = torch.cat([z.float(), z.new_zeros(1, T)])
                     outs.append(table[torch.where(ix < 0, table.shape[0] - 1, ix)])
                     valids.append(ix >= 0)
@@ -160,10 +160,11 @@ class OnlineLanguage:
                 H, W = rec["size"]
                 for f in rec["feats"]:
                     h, w, D = f.shape
-                    z = self.codec.targets(f.reshape(-1, D)).float().reshape(h, w, T).permute(2, 0, 1)[None]
+                    z = self.codec.targets(f.reshape(-1, D).to(self.device)).float()
+                    z = z.reshape(h, w, T).permute(2, 0, 1)[None]
                     outs.append(F.interpolate(z, size=(H, W), mode="bilinear", align_corners=False)[0]
                                 .permute(1, 2, 0))
-                    valids.append(torch.ones(H, W, dtype=torch.bool))
+                    valids.append(torch.ones(H, W, dtype=torch.bool, device=self.device))
         return torch.cat(outs, -1).to(self.device), torch.stack(valids, -1).to(self.device)
 
     def loss(self, pred: Tensor, kf_index: int) -> Tensor:
@@ -219,7 +220,7 @@ class OnlineLanguage:
             path = self.run_dir / codec_file(self.codec_kind)
             if not path.is_file():
                 raise RunError(f"{path}: missing; the run's language codec is needed to resume")
-            self.codec = load_codec(path, self.codec_kind, device="cpu").eval()
+            self.codec = load_codec(path, self.codec_kind, device=self.device).eval()
             for p in self.codec.parameters():
                 p.requires_grad_(False)
             self.targets = [self._encode(rec) for rec in self.raw]

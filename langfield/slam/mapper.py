@@ -13,6 +13,7 @@ scene-model interface (``activated(t)``) of :func:`langfield.render.render` and 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
@@ -83,6 +84,17 @@ class GaussianMap:
         self.exp_avg = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.exp_avg_sq = {k: torch.zeros_like(v) for k, v in self.params.items()}
         self.step_count = 0
+        # held while the parameters change (add, keep, an Adam step) and while a snapshot is taken, so a
+        # tracking thread never sees half an update when mapping runs concurrently
+        self.lock = threading.RLock()
+
+    def snapshot(self) -> Activated:
+        """The activated parameters now, detached copies (tracking renders them while mapping may
+        go on changing the map)."""
+        with self.lock, torch.no_grad():
+            a = self.activated()
+            return Activated(means=a.means.clone(), quats=a.quats.clone(), scales=a.scales.contiguous(),
+                             opacities=a.opacities, sh=a.sh.clone(), sh_degree=a.sh_degree, lang=None)
 
     # ---- the scene-model interface ------------------------------------------------------
     @property
@@ -109,11 +121,12 @@ class GaussianMap:
     # ---- growth and pruning -------------------------------------------------------------
     def set_lang_dim(self, lang_dim: int) -> None:
         """Give every Gaussian ``lang_dim`` language latents (zeros) with fresh moments."""
-        self.lang_dim = int(lang_dim)
-        z = torch.zeros((self.num, self.lang_dim), device=self.device)
-        self.params["lang"] = z.clone().requires_grad_(True)
-        self.exp_avg["lang"] = z.clone()
-        self.exp_avg_sq["lang"] = z.clone()
+        with self.lock:
+            self.lang_dim = int(lang_dim)
+            z = torch.zeros((self.num, self.lang_dim), device=self.device)
+            self.params["lang"] = z.clone().requires_grad_(True)
+            self.exp_avg["lang"] = z.clone()
+            self.exp_avg_sq["lang"] = z.clone()
 
     def add(self, new: Dict[str, Tensor]) -> None:
         """Append Gaussians (raw values; keys as :attr:`params`, ``lang`` zeros when absent)."""
@@ -122,21 +135,26 @@ class GaussianMap:
             return
         if "lang" in self.params and "lang" not in new:
             new = dict(new, lang=torch.zeros((n, self.lang_dim), device=self.device))
-        for k in list(self.params):
-            v = new[k].to(self.device, torch.float32)
-            self.params[k] = torch.cat([self.params[k].detach(), v], 0).requires_grad_(True)
-            self.exp_avg[k] = torch.cat([self.exp_avg[k], torch.zeros_like(v)], 0)
-            self.exp_avg_sq[k] = torch.cat([self.exp_avg_sq[k], torch.zeros_like(v)], 0)
+        with self.lock:
+            for k in list(self.params):
+                v = new[k].to(self.device, torch.float32)
+                self.params[k] = torch.cat([self.params[k].detach(), v], 0).requires_grad_(True)
+                self.exp_avg[k] = torch.cat([self.exp_avg[k], torch.zeros_like(v)], 0)
+                self.exp_avg_sq[k] = torch.cat([self.exp_avg_sq[k], torch.zeros_like(v)], 0)
 
     def keep(self, mask: Tensor) -> int:
         """Keep the Gaussians where ``mask`` is True; returns how many were removed."""
         removed = int((~mask).sum())
         if removed:
-            for k in list(self.params):
-                self.params[k] = self.params[k].detach()[mask].requires_grad_(True)
-                self.exp_avg[k] = self.exp_avg[k][mask]
-                self.exp_avg_sq[k] = self.exp_avg_sq[k][mask]
+            with self.lock:
+                self._keep(mask)
         return removed
+
+    def _keep(self, mask: Tensor) -> None:
+        for k in list(self.params):
+            self.params[k] = self.params[k].detach()[mask].requires_grad_(True)
+            self.exp_avg[k] = self.exp_avg[k][mask]
+            self.exp_avg_sq[k] = self.exp_avg_sq[k][mask]
 
     # ---- optimisation -------------------------------------------------------------------
     def zero_grad(self) -> None:
@@ -148,6 +166,10 @@ class GaussianMap:
                   frozen: Tuple[str, ...] = ()) -> None:
         """One Adam step on every parameter with a gradient (bias correction by a shared step
         count, as gsplat's strategy does after adding Gaussians)."""
+        with self.lock:
+            self._adam(lrs, betas, eps, frozen)
+
+    def _adam(self, lrs, betas, eps, frozen) -> None:
         self.step_count += 1
         b1, b2 = betas
         bc1 = 1 - b1 ** self.step_count

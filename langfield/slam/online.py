@@ -16,14 +16,20 @@
 Each :meth:`Mapper.step` tracks the frame against the map (:mod:`langfield.slam.tracker`,
 from a constant-velocity prediction), decides whether it is a keyframe
 (:mod:`langfield.slam.keyframes`) and, if so, grows the map from its depth and optimises a
-window of keyframes (:mod:`langfield.slam.mapper`). Everything runs in the calling thread and
-is deterministic for a given seed (the random older keyframes come from a seeded generator):
-the same frames give the same map, and :meth:`Mapper.state` / :meth:`Mapper.from_state`
-carry the whole state (map, Adam moments, keyframes, trajectory, generator) for ``--resume``.
+window of keyframes, refining their poses with it (:mod:`langfield.slam.mapper`). By default
+everything runs in the calling thread and is deterministic for a given seed (the random older
+keyframes come from a seeded generator): the same frames give the same map, and
+:meth:`Mapper.state` / :meth:`Mapper.from_state` carry the whole state (map, Adam moments,
+keyframes, trajectory, generator) for ``--resume``. With ``SlamConfig(concurrent=True)``
+(``langfield slam --concurrent``) a keyframe is mapped in a back-end thread while the front end
+tracks the next frames against a snapshot of the map (two cores busy instead of one; the
+result then depends on thread timing); :meth:`Mapper.sync` waits for the back end, and
+``state``, ``gaussians`` and the run's saves call it.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
@@ -54,13 +60,15 @@ class SlamConfig:
     seed: int = 0
     init_pose: str = "gt"
     backend: str = "auto"
+    concurrent: bool = False  # map keyframes in a back-end thread while the front end tracks (not bit-reproducible)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     mapper: MapperConfig = field(default_factory=MapperConfig)
     keyframes: KeyframeConfig = field(default_factory=KeyframeConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"width": self.width, "height": self.height, "seed": self.seed, "init_pose": self.init_pose,
-                "backend": self.backend, "tracker": self.tracker.to_dict(), "mapper": self.mapper.to_dict(),
+                "backend": self.backend, "concurrent": self.concurrent, "tracker": self.tracker.to_dict(),
+                "mapper": self.mapper.to_dict(),
                 "keyframes": self.keyframes.to_dict()}
 
     @classmethod
@@ -68,6 +76,7 @@ class SlamConfig:
         d = dict(d)
         return cls(width=d.get("width"), height=d.get("height"), seed=int(d.get("seed", 0)),
                    init_pose=str(d.get("init_pose", "gt")), backend=str(d.get("backend", "auto")),
+                   concurrent=bool(d.get("concurrent", False)),
                    tracker=TrackerConfig.from_dict(d.get("tracker", {})),
                    mapper=MapperConfig.from_dict(d.get("mapper", {})),
                    keyframes=KeyframeConfig.from_dict(d.get("keyframes", {})))
@@ -123,6 +132,8 @@ class Mapper:
         self.size: Optional[Tuple[int, int]] = None
         self.language = language
         self.timing = {"track_s": 0.0, "map_s": 0.0, "tracked": 0, "mapped": 0, "lang_s": 0.0}
+        self._worker: Optional[threading.Thread] = None  # the back end (concurrent mode)
+        self._worker_error: Optional[BaseException] = None
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self, frame) -> Dict[str, Any]:
@@ -168,19 +179,19 @@ class Mapper:
         info.update(is_keyframe=kf, reason=reason, overlap=overlap)
         map_ms = 0.0
         if kf:
+            self.sync()  # concurrent mode: the back end finishes the previous keyframe first
             self.keyframes.append(Keyframe(index=len(self.viewmats) - 1, name=self.names[-1],
                                            timestamp=float(frame.timestamp), viewmat=T.detach().clone(),
                                            image=image, depth=depth))
             self.keyframe_of_frame.append(len(self.keyframes) - 1)
             self.ref_of_frame[-1], self.ref_pose[-1] = -1, torch.eye(4, device=self.device)
             self.frames_since_kf = 0
-            t2 = time.perf_counter()
-            if self.language is not None:
-                self.language.on_keyframe(self, frame, len(self.keyframes) - 1)
-            self._map_keyframe()
-            map_ms = (time.perf_counter() - t2) * 1000
-            self.timing["map_s"] += map_ms / 1000
-            self.timing["mapped"] += 1
+            if cfg.concurrent and len(self.keyframes) > 1:  # (the first keyframe is mapped before tracking on)
+                self._worker = threading.Thread(target=self._map_job, args=(frame, len(self.keyframes) - 1),
+                                                name="langfield-slam-mapping", daemon=True)
+                self._worker.start()
+            else:
+                map_ms = self._map_job(frame, len(self.keyframes) - 1)
         else:
             self.keyframe_of_frame.append(-1)
             self.frames_since_kf += 1
@@ -191,6 +202,33 @@ class Mapper:
         return info
 
     # ---- mapping ----------------------------------------------------------------------------
+    def _map_job(self, frame, kf_index: int) -> float:
+        """Language features and mapping of a new keyframe; milliseconds taken."""
+        t2 = time.perf_counter()
+        try:
+            if self.language is not None:
+                self.language.on_keyframe(self, frame, kf_index)
+            self._map_keyframe()
+        except BaseException as e:  # noqa: BLE001 - handed to the front end by sync()
+            if not self.config.concurrent:
+                raise
+            self._worker_error = e
+        map_ms = (time.perf_counter() - t2) * 1000
+        self.timing["map_s"] += map_ms / 1000
+        self.timing["mapped"] += 1
+        return map_ms
+
+    def sync(self) -> None:
+        """Wait for the back end (concurrent mode) to finish the keyframe it is mapping; re-raise
+        its error. A no-op in the default, sequential mode."""
+        w = self._worker
+        if w is not None:
+            w.join()
+            self._worker = None
+        if self._worker_error is not None:
+            e, self._worker_error = self._worker_error, None
+            raise e
+
     def _map_keyframe(self) -> None:
         cfg = self.config.mapper
         kf = self.keyframes[-1]
@@ -273,6 +311,7 @@ class Mapper:
 
     def gaussians(self, with_lang: bool = True):
         """The map as :class:`langfield.scene.Gaussians`."""
+        self.sync()
         return self.map.to_gaussians(with_lang=with_lang)
 
     def render(self, viewmat, K=None, width: Optional[int] = None, height: Optional[int] = None,
@@ -280,13 +319,14 @@ class Mapper:
         """Render the map now (e.g. for a query while mapping)."""
         K = self.K if K is None else torch.as_tensor(K, dtype=torch.float32)
         w, h = self.size if width is None else (width, height)
-        with torch.no_grad():
+        with torch.no_grad(), self.map.lock:
             return render(self.map, Cameras.of(viewmat, K, w, h, device=self.device), depth=True, language=language,
                           backend=self.config.backend)
 
     # ---- state ------------------------------------------------------------------------------
     def state(self) -> Tuple[Dict[str, Tensor], Dict[str, Any]]:
         """``(tensors, config)`` holding everything :meth:`from_state` needs to continue exactly."""
+        self.sync()
         t = self.map.state_tensors()
         nf = len(self.viewmats)
         t["viewmats"] = torch.stack(self.viewmats).contiguous() if nf else torch.zeros((0, 4, 4))
@@ -339,7 +379,8 @@ class Mapper:
             m.keyframes.append(Keyframe(index=int(k["index"]), name=str(k["name"]), timestamp=float(k["timestamp"]),
                                         viewmat=tensors[f"kf{i}.viewmat"].clone(), image=tensors[f"kf{i}.image"].clone(),
                                         depth=tensors[f"kf{i}.depth"].clone(),
-                                        pose_m=None if pm is None else pm.clone(), pose_v=None if pv is None else pv.clone(),
+                                        pose_m=None if pm is None else pm.clone(),
+                                        pose_v=None if pv is None else pv.clone(),
                                         pose_steps=int(k.get("pose_steps", 0))))
         if language is not None and "language" in cfg:
             language.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("lang.")}, cfg["language"])

@@ -174,7 +174,7 @@ def _evaluate(model, T: Tensor, K: Tensor, w: int, h: int, image: Tensor, depth:
               backend: str, need_grad: bool):
     """Loss at pose ``T`` (and, with ``need_grad``, its exact gradient on the twist through
     the renderer and a Gauss-Newton matrix from the rendered images' warp Jacobian)."""
-    delta = torch.zeros(6, requires_grad=need_grad)
+    delta = torch.zeros(6, device=T.device, requires_grad=need_grad)
     Tp = se3_exp(delta) @ T if need_grad else T
     with torch.set_grad_enabled(need_grad):
         out = render(model, Cameras(Tp[None], K[None], w, h), depth=True, backend=backend, validate=False)
@@ -205,7 +205,7 @@ def _evaluate(model, T: Tensor, K: Tensor, w: int, h: int, image: Tensor, depth:
         # the step's metric: the gradient is exact), on at most h_pixels of the pixels with a gradient
         vv, uu = torch.nonzero(mask, as_tuple=True)
         if vv.numel() > cfg.h_pixels:
-            sel = torch.arange(0, vv.numel(), vv.numel() / cfg.h_pixels).long()
+            sel = torch.arange(0, vv.numel(), vv.numel() / cfg.h_pixels, device=vv.device).long()
             vv, uu = vv[sel], uu[sel]
         scale = n / vv.numel()
         Z = dr.detach()[vv, uu].clamp_min(1e-6)
@@ -250,9 +250,11 @@ class _Frozen:
     renders the map many times and needs no gradient on it)."""
 
     def __init__(self, model):
-        with torch.no_grad():
-            a = model.activated()
-        self.a = a
+        if hasattr(model, "snapshot"):  # a map that mapping may change meanwhile: copies taken under its lock
+            self.a = model.snapshot()
+        else:
+            with torch.no_grad():
+                self.a = model.activated()
 
     def activated(self, t=None):
         return self.a
@@ -295,7 +297,7 @@ def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, c
         fx, fy, cx, cy = float(K_l[0, 0]), float(K_l[1, 1]), float(K_l[0, 2]), float(K_l[1, 2])
         vv, uu = torch.nonzero(d_l > 0, as_tuple=True)
         if vv.numel() > cfg.max_points:
-            sel = torch.arange(0, vv.numel(), vv.numel() / cfg.max_points).long()
+            sel = torch.arange(0, vv.numel(), vv.numel() / cfg.max_points, device=vv.device).long()
             vv, uu = vv[sel], uu[sel]
         z = d_l[vv, uu]
         P = torch.stack([(uu.float() + 0.5 - cx) / fx * z, (vv.float() + 0.5 - cy) / fy * z, z], -1)  # [N, 3]
@@ -355,8 +357,8 @@ def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, c
                 # outliers cost the cap; points the render does not cover cost what an explained pixel costs on
                 # average, so the pose gains nothing by moving points out of the mapped area or into it (a flat
                 # cap there pulls every pose back towards the keyframes: a 1 % shortfall of the motion)
-                cost = torch.where(mask, e, torch.where(cover, torch.full_like(e, cfg.cap_rgb + cfg.w_depth * cfg.cap_depth),
-                                                        torch.full_like(e, fill[0])))
+                cap = cfg.cap_rgb + cfg.w_depth * cfg.cap_depth
+                cost = torch.where(mask, e, torch.where(cover, torch.full_like(e, cap), torch.full_like(e, fill[0])))
                 loss = float(cost.sum()) / n_all
                 if not need_grad:
                     return loss, None, None, cov
