@@ -303,8 +303,10 @@ def traffic_light(pos, yaw=0.0, name="traffic light") -> Obj:
         Prim("sphere", (0.035,), (0, -0.04, 0.79), mat=off, part="red lamp"),
         Prim("sphere", (0.035,), (0, -0.04, 0.65), mat=off, part="green lamp"),
     ], pos, (0, 0, yaw), queries=("signal", "stoplight"),
-        states=[State("red light", colors={"red lamp": Material((1.0, 0.1, 0.05), emit=1.2)}, query_part="red lamp"),
-                State("green light", colors={"green lamp": Material((0.1, 1.0, 0.2), emit=1.2)}, query_part="green lamp")],
+        # the state texts select the whole traffic light (4D LangSplat's state queries are object
+        # masks: "the light that is red"), the lamp's colour is what changes
+        states=[State("red light", colors={"red lamp": Material((1.0, 0.1, 0.05), emit=1.2)}),
+                State("green light", colors={"green lamp": Material((0.1, 1.0, 0.2), emit=1.2)})],
         schedule=[(0.0, "red light"), (0.5, "green light")])
 
 
@@ -319,7 +321,9 @@ def lidded_box(pos, name="box") -> Obj:
         schedule=[(0.0, "closed box"), (0.35, "open box"), (0.8, "closed box")])
 
 
-def toy_car(keys, name="toy car", color=(0.85, 0.15, 0.1)) -> Obj:
+def toy_car(keys, name="toy car", color=(0.85, 0.15, 0.1), schedule=()) -> Obj:
+    """``schedule``: ``[(t, "parked toy car" | "moving toy car"), ...]`` (states of motion, no
+    change of look: the time-sensitive field has to read them from the motion)."""
     wheel = solid(0.1, 0.1, 0.1)
     prims = [Prim("box", (0.12, 0.06, 0.03), (0, 0, 0.06), mat=solid(*color), part="body of the toy car"),
              Prim("box", (0.06, 0.05, 0.025), (-0.01, 0, 0.11), mat=solid(0.6, 0.8, 0.95), part="cabin of the toy car")]
@@ -327,12 +331,17 @@ def toy_car(keys, name="toy car", color=(0.85, 0.15, 0.1)) -> Obj:
         for sy in (-1, 1):
             prims.append(Prim("cylinder", (0.03, 0.01), (sx * 0.08, sy * 0.065, 0.03), rot=(90, 0, 0), mat=wheel,
                               part="wheels of the toy car"))
-    return Obj(name, prims, keyframes=keys, queries=("car", "red car"))
+    states = [State("parked toy car"), State("moving toy car")] if schedule else []
+    return Obj(name, prims, keyframes=keys, queries=("car", "red car"), states=states, schedule=list(schedule))
 
 
 def dynamic(seed: int = 0) -> Scene:
     """Moving objects and state changes over t in [0, 1]: a rolling ball, a driving toy car,
-    a spinning top, a traffic light (red -> green) and a box that opens and closes."""
+    a spinning top, a traffic light (red -> green) and a box that opens and closes.
+
+    Time-sensitive states (whole-object queries): "red light" / "green light" (the traffic
+    light, switching at t = 0.5), "closed box" / "open box" (open from 0.35 to 0.8), "parked
+    toy car" / "moving toy car" (driving from 0.25 to 0.75)."""
     rng = np.random.default_rng(seed)
     objs = [floor(mat=Material((0.8, 0.8, 0.78), "checker", (0.66, 0.66, 0.64), scale=4.0))]
     a = rng.uniform(0, 2 * math.pi)
@@ -344,8 +353,11 @@ def dynamic(seed: int = 0) -> Scene:
         k.pos = (k.pos[0], k.pos[1], 0.06)
         k.rot = (0.0, 360.0 * k.t * 2, 0.0)
     b.keyframes = ball_keys
-    car_keys = [Keyframe(0.0, (-0.6, -0.35, 0), (0, 0, 0)), Keyframe(0.4, (0.0, -0.35, 0), (0, 0, 0)),
-                Keyframe(0.6, (0.25, -0.2, 0), (0, 0, 60)), Keyframe(1.0, (0.3, 0.35, 0), (0, 0, 90))]
+    # the car stands still until t = 0.25, drives until 0.75, then stands still again
+    car_keys = [Keyframe(0.0, (-0.6, -0.35, 0), (0, 0, 0)), Keyframe(0.25, (-0.6, -0.35, 0), (0, 0, 0)),
+                Keyframe(0.45, (0.0, -0.35, 0), (0, 0, 0)), Keyframe(0.6, (0.25, -0.2, 0), (0, 0, 60)),
+                Keyframe(0.75, (0.3, 0.35, 0), (0, 0, 90)), Keyframe(1.0, (0.3, 0.35, 0), (0, 0, 90))]
+    car_schedule = [(0.0, "parked toy car"), (0.25, "moving toy car"), (0.75, "parked toy car")]
     top = Obj("spinning top", [Prim("cone", (0.05, 0.07), (0, 0, 0.0), rot=(180, 0, 0), mat=solid(0.9, 0.75, 0.1),
                                     part="body of the spinning top"),
                                Prim("cylinder", (0.05, 0.006), (0, 0, 0.004), mat=Material((0.9, 0.2, 0.6), "stripes", (0.95, 0.9, 0.2),
@@ -353,11 +365,12 @@ def dynamic(seed: int = 0) -> Scene:
                                Prim("cylinder", (0.006, 0.02), (0, 0, 0.025), mat=solid(0.3, 0.2, 0.1), part="handle of the spinning top")],
               keyframes=[Keyframe(i / 4, (-0.25, 0.25, 0.072), (0, 0, 720 * i / 4)) for i in range(5)],
               queries=("top", "toy top"))
-    objs += [b, toy_car(car_keys), top, traffic_light((0.35, 0.45, 0), yaw=rng.uniform(-20, 20)),
+    objs += [b, toy_car(car_keys, schedule=car_schedule), top, traffic_light((0.35, 0.45, 0), yaw=rng.uniform(-20, 20)),
              lidded_box((-0.45, -0.05 + _j(rng), 0))]
     lights = [Light("directional", (0.5, -0.4, 1.0), 0.6), Light("point", (-0.5, -0.5, 1.6), 0.3)]
     return Scene("dynamic", objs, lights, ambient=0.3, center=(0, 0, 0.3), radius=1.8, default_kind="dynamic",
-                 description="rolling ball, toy car, spinning top, traffic light red->green, box opening and closing",
+                 description="rolling ball, toy car parked/driving/parked, spinning top, traffic light red->green, "
+                             "box opening and closing",
                  seed=seed)
 
 

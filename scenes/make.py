@@ -175,6 +175,7 @@ def plan_cameras(scene: Scene, kind: str, views: Optional[int], frames: Optional
 # ----------------------------------------------------------------------------- ground truth
 def label_table(scene: Scene) -> dict:
     tables = scene.label_tables()
+    states = state_table(scene)
     objects = []
     _, prim_ids = scene._labels()
     for oi, obj in enumerate(scene.objects):
@@ -191,8 +192,55 @@ def label_table(scene: Scene) -> dict:
             "schedule": [[float(t), s] for t, s in obj.schedule],
             "moving": bool(obj.keyframes),
         })
+        if obj.states:  # objects without states keep the old record (other scenes' bytes unchanged)
+            objects[-1]["state_queries"] = [{"text": k, **{f: v[f] for f in ("level", "ids", "intervals")}}
+                                            for k, v in states.items() if v["object"] == obj.name]
     return {"levels": list(LEVELS), "background": 0,
             "names": {lv: {str(k): v for k, v in tables[lv].items()} for lv in LEVELS}, "objects": objects}
+
+
+def state_intervals(obj, time_range=(0.0, 1.0)) -> dict:
+    """State name -> ``[[t0, t1], ...]``: the half-open time intervals ``[t0, t1)`` (the last one
+    closed at the end of ``time_range``) where ``obj`` is in that state."""
+    lo, hi = float(time_range[0]), float(time_range[1])
+    sched = sorted(((float(t), n) for t, n in obj.schedule), key=lambda x: x[0])
+    out = {st.name: [] for st in obj.states}
+    if not sched:
+        return out
+    starts = [lo] + [t for t, _ in sched[1:]]
+    ends = [t for t, _ in sched[1:]] + [hi]
+    for (_, name), a, b in zip(sched, starts, ends):
+        a, b = max(a, lo), min(b, hi)
+        if b <= a:
+            continue
+        iv = out.setdefault(name, [])
+        if iv and abs(iv[-1][1] - a) < 1e-12:
+            iv[-1][1] = b
+        else:
+            iv.append([a, b])
+    return out
+
+
+def state_table(scene: Scene) -> dict:
+    """The time-sensitive queries of ``scene``: text -> ``{"object", "level", "ids",
+    "intervals", "competitors"}`` (``level``/``ids``: what the query's mask selects while the
+    state holds; ``intervals``: where it holds, see :func:`state_intervals`; ``competitors``:
+    the other states of the same object, against which a prediction is judged)."""
+    out = {}
+    for obj in scene.objects:
+        if not obj.states:
+            continue
+        iv = state_intervals(obj, scene.time_range)
+        for st in obj.states:
+            level, ids = "whole", []
+            for a, b in iv.get(st.name, []):
+                per_level = scene.state_queries(0.5 * (a + b)).get(st.name, {})
+                level = next((lv for lv in LEVELS if lv in per_level), level)
+                ids = sorted(per_level.get(level, []))
+                break
+            out[st.name] = {"object": obj.name, "level": level, "ids": ids, "intervals": iv.get(st.name, []),
+                            "competitors": [o.name for o in obj.states if o.name != st.name]}
+    return out
 
 
 def query_masks(scene: Scene, labels: np.ndarray, t: Optional[float]):
@@ -338,11 +386,16 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
         if f["time"] is not None:
             v["time"] = float(f["time"])
         qviews.append(v)
-    W.write_json(out / "queries.json", {
+    qdoc = {
         "scene": scene.name, "levels": list(LEVELS),
         "mask_format": "8-bit PNG, 255 = pixel belongs to the query; equals isin(labels/<level>, ids)",
         "views": qviews,
-    })
+    }
+    if kind == "dynamic" and any(o.states for o in scene.objects):
+        # per time-sensitive query: where it holds ([t0, t1) intervals of the scene's time) and
+        # which other states of the same object it competes with (4D LangSplat's Acc / vIoU)
+        qdoc["time_sensitive"] = state_table(scene)
+    W.write_json(out / "queries.json", qdoc)
 
     images = [r["rgb"] for r in results]
     depths = [r["depth"] for r in results]
