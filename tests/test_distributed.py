@@ -93,6 +93,20 @@ def test_single_process_has_no_group(monkeypatch):
     D.shutdown()
 
 
+def test_batch_learning_rates_follow_gsplat_and_bad_batches_are_refused(tmp_path):
+    from langfield.distributed.dp import batch_adam_kwargs
+    from langfield.train.config import TrainConfig
+
+    assert batch_adam_kwargs(1) == (1.0, {"eps": 1e-15, "betas": (0.9, 0.999)})
+    f, kw = batch_adam_kwargs(4)
+    assert f == 2.0 and kw["eps"] == pytest.approx(5e-16) and kw["betas"] == pytest.approx((0.6, 0.996))
+    assert batch_adam_kwargs(4, scaling=False)[0] == 1.0
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        TrainConfig(batch_size=0).validate()
+    assert TrainConfig().resolved().batch_size == 1 and TrainConfig().resolved(world_size=4).batch_size == 4
+    assert TrainConfig(batch_size=8).resolved(world_size=4).batch_size == 8
+
+
 CORE = """
 import json, os, sys, time, torch
 import langfield.distributed as D

@@ -84,6 +84,7 @@ class Dist:
         self.step = -1  # what the trainer reports through set_step (named in errors)
         self.host = socket.gethostname()
         self.bytes_sent = 0  # payload bytes handed to collectives by this rank (benchmarks)
+        self.comm_s = 0.0  # wall seconds spent in collectives (waiting for peers included)
 
     # ---- who am I --------------------------------------------------------------------------
     @property
@@ -170,6 +171,7 @@ class Dist:
         if not self.active:
             return fn()
         self.n_collectives += 1
+        t0 = time.perf_counter()  # the heartbeat counts as communication too
         self._store_set(f"beat/{self.rank}", f"{self.n_collectives}|{what}|{self.step}|{self.host}|{os.getpid()}")
         try:
             return fn()
@@ -179,6 +181,8 @@ class Dist:
             first = (str(e).splitlines() or [type(e).__name__])[0][:200]
             raise DistError(f"rank {self.rank}/{self.world}: {what} failed at step {self.step}: {self._culprit()} "
                             f"[{type(e).__name__}: {first}]") from None
+        finally:
+            self.comm_s += time.perf_counter() - t0
 
     def heartbeat(self, what: str) -> None:
         """Say "still working" (long local work between collectives: extraction of images)."""

@@ -26,6 +26,12 @@ checkpoint's step (the means learning-rate decay is then recomputed for the new 
 and the densification window stays as stored); any other difference, or a different
 dataset, is refused with a message naming it.
 
+Batches and several processes: ``batch_size`` B > 1 renders B cameras per step (one render
+call each, the loss of each divided by B) with gsplat's sqrt(B) learning-rate rule; under
+``torchrun`` the N ranks each render B/N of them, gradients and densification statistics are
+reduced over the ranks, and rank 0 alone writes (see :mod:`langfield.distributed.dp`). The
+checkpoint is the same whatever N: a run resumes on any divisor of B.
+
 Overwrite policy: an existing, non-empty ``RUN`` is refused unless ``resume`` or
 ``overwrite``; ``overwrite`` moves langfield's own artefacts (config.json, checkpoints/,
 renders/, metrics.json, and later stages' features/, autoencoder.safetensors) into
