@@ -49,7 +49,7 @@ class TrackerConfig:
     cap_depth: float = 0.1  # cost the cap: metres)
     tol_trans: float = 1e-5
     tol_rot: float = 1e-5
-    rel_tol: float = 1e-3  # a level ends after two accepted steps that lower the loss by less than this share
+    rel_tol: float = 3e-4  # a level ends after two accepted steps that lower the loss by less than this share
     abs_tol: float = 1e-7  # ... or by less than this
     max_rejects: int = 4  # a level ends after this many rejected steps in a row
     min_pixels: int = 30
