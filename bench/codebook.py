@@ -18,9 +18,8 @@
    forward + backward (the weights' gradient).
 3. Training quality on the tabletop scene (labels features, offline text encoder; one RGB run,
    then the language stage with each codec): held-out name-query mIoU, localisation, 3D mIoU,
-   language-stage time. The codebook's weights are projected onto the k-sparse simplex after every
-   step (``CodebookCodec.project_``), which this script applies around the trainer's step until
-   the language stage does so itself.
+   language-stage time (the language stage projects the codebook's weights onto the k-sparse
+   simplex after every step, ``CodebookCodec.project_``).
 
 Prints tables and writes JSON (``--out``).
 """
@@ -28,7 +27,6 @@ Prints tables and writes JSON (``--out``).
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import tempfile
@@ -44,20 +42,22 @@ from _util import machine, print_table, timeit, write_json  # noqa: E402
 
 
 def sparse_field_render(field, viewmat, K, width, height, *, background=(0.0, 0.0, 0.0)):
-    """``LanguageField.render`` with the codebook's sparse pass: the colour + depth pass, then the
-    (index, weight) pairs through the same projection and tile lists. Returns a FieldRender that
-    ``field.query`` takes as it is."""
+    """``LanguageField.render`` of a codebook field: the colour + depth pass; the coefficients
+    through the sparse pass when ``latents`` is read, a query through the fused sparse relevancy
+    pass (kept for older callers: the field does it itself now)."""
+    return field.render(viewmat, K, width, height, background=background)
+
+
+def dense_field_render(field, viewmat, K, width, height):
+    """The reference: colour, depth and every level's L coefficients as dense channels in one pass."""
     from langfield.field import FieldRender
     from langfield.render.model import Cameras, render
-    from langfield.render.sparse import render_sparse
 
-    g, codec = field.gaussians, field.decoder
-    cams = Cameras.of(viewmat, K, width, height, device=g.device)
-    out = render(g, cams, sh_degree=field.sh_degree, depth=True, background=background, backend=field.backend)
-    idx, w = field._sparse_pairs
-    lang = render_sparse(g, cams, idx, w, g.lang_dim, meta=out.meta).lang[0]
-    L = field.latent_dim
-    lat = {lv: lang[..., i * L:(i + 1) * L] for i, lv in enumerate(field.levels)}
+    g = field.gaussians
+    out = render(g, Cameras.of(viewmat, K, width, height, device=g.device), sh_degree=field.sh_degree, language=True,
+                 depth=True, backend=field.backend)
+    z, L = out.lang[0], field.latent_dim
+    lat = {lv: z[..., i * L:(i + 1) * L] for i, lv in enumerate(field.levels)}
     return FieldRender(rgb=out.rgb[0].clamp(0, 1), depth=out.depth[0], alpha=out.alpha[0], latents=lat)
 
 
@@ -81,7 +81,6 @@ def latency(args, rows_out):
     cb_field = LanguageField(g.clone().set_lang(lang, requires_grad=False), decoder=codec,
                              text_encoder=ae_field.text_encoder, levels=ae_field.levels, latent_dim=L,
                              cameras=ae_field.cameras, kind="memory", stage="language")
-    cb_field._sparse_pairs = sparse_topk(cb_field.gaussians.lang, L, k)
     cam = ae_field.cameras[0]
     K = cam.K.copy()
     K[0] *= W / cam.width
@@ -91,7 +90,8 @@ def latency(args, rows_out):
 
     def frame(field, sparse=False):
         def run():
-            r = sparse_field_render(cb_field, cam.viewmat, K, W, H) if sparse else field.render(cam.viewmat, K, W, H)
+            r = field.render(cam.viewmat, K, W, H) if sparse or field.decoder is None or field is ae_field else \
+                dense_field_render(field, cam.viewmat, K, W, H)
             return field.query(r, text) if field.decoder is not None else r
         return run
 
@@ -101,8 +101,8 @@ def latency(args, rows_out):
     t_cbd = timeit(frame(cb_field), repeats=reps)
     t_cbs = timeit(frame(cb_field, sparse=True), repeats=reps)
     # the same answer from the dense and the sparse pass
-    a = cb_field.query(cb_field.render(cam.viewmat, K, W, H), text)
-    b = cb_field.query(sparse_field_render(cb_field, cam.viewmat, K, W, H), text)
+    a = cb_field.query(dense_field_render(cb_field, cam.viewmat, K, W, H), text)
+    b = cb_field.query(cb_field.render(cam.viewmat, K, W, H), text)
     agree = float((a.relevancy - b.relevancy).abs().max())
     rows = [{"case": "rgb + depth frame", "ms": 1e3 * t_rgb, "x_rgb": 1.0},
             {"case": "relevancy, autoencoder (3 levels x 3)", "ms": 1e3 * t_ae, "x_rgb": t_ae / t_rgb},
@@ -116,7 +116,7 @@ def latency(args, rows_out):
     # 2. sparse vs dense render of the same coefficients
     cams = Cameras.of(cam.viewmat, K, W, H)
     gl = cb_field.gaussians
-    idx, w = cb_field._sparse_pairs
+    idx, w = sparse_topk(gl.lang, L, k)
 
     def dense_fwd():
         with torch.no_grad():
@@ -159,19 +159,6 @@ def quality(args, rows_out):
     from langfield.scenes import make_scene
     from langfield.train.rgb import train_rgb
 
-    class Projecting(LL.LanguageTrainer):
-        def _init_params(self, base, ck):
-            super()._init_params(base, ck)
-            if ck is None and hasattr(self.codec, "project_"):  # fresh coefficients: uniform 1/L
-                self.codec.project_(self.gaussians.splats["lang"].data, 0.0)
-
-        def train_step(self):
-            out = super().train_step()
-            project = getattr(self.codec, "project_", None)
-            if project is not None:
-                project(self.gaussians.splats["lang"].data, self.step / self.cfg.steps)
-            return out
-
     tmp = Path(tempfile.mkdtemp(prefix="lf_bench_codebook_"))
     rows = []
     try:
@@ -181,25 +168,20 @@ def quality(args, rows_out):
         train_rgb(data, base, steps=args.rgb_steps, device="cpu", progress=False, evaluate=False)
         print(f"\n3. tabletop {args.train_size}, {args.views} views, RGB {args.rgb_steps} steps in "
               f"{time.perf_counter() - t0:.0f} s; language stage {args.lang_steps} steps per codec")
-        orig = LL.LanguageTrainer
-        LL.LanguageTrainer = Projecting
-        try:
-            for codec, opts in (("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps)),
-                                ("codebook", dict(latent_dim=args.train_codebook_size, ae_steps=30,
-                                                  lr=args.codebook_lr))):
-                run = tmp / codec
-                shutil.copytree(base, run)
-                t1 = time.perf_counter()
-                res = LL.train_language(run, features="labels", codec=codec, steps=args.lang_steps,
-                                        text_encoder="offline", device="cpu", progress=False, log=lambda *_: None,
-                                        **opts)
-                m = res["metrics"]
-                p = m[m["primary"]]
-                rows.append({"codec": codec, "latent": opts["latent_dim"], "mIoU": p["miou"], "loc": p["loc"],
-                             "mIoU_3d": p["miou_3d"], "queries": p["n"], "train_s": res["train_time_s"],
-                             "stage_s": time.perf_counter() - t1})
-        finally:
-            LL.LanguageTrainer = orig
+        for codec, opts in (("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps)),
+                            ("codebook", dict(latent_dim=args.train_codebook_size, ae_steps=30,
+                                              lr=args.codebook_lr))):
+            run = tmp / codec
+            shutil.copytree(base, run)
+            t1 = time.perf_counter()
+            res = LL.train_language(run, features="labels", codec=codec, steps=args.lang_steps,
+                                    text_encoder="offline", device="cpu", progress=False, log=lambda *_: None,
+                                    **opts)
+            m = res["metrics"]
+            p = m[m["primary"]]
+            rows.append({"codec": codec, "latent": opts["latent_dim"], "mIoU": p["miou"], "loc": p["loc"],
+                         "mIoU_3d": p["miou_3d"], "queries": p["n"], "train_s": res["train_time_s"],
+                         "stage_s": time.perf_counter() - t1})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(rows, ["codec", "latent", "mIoU", "loc", "mIoU_3d", "queries", "train_s", "stage_s"])

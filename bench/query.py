@@ -1,6 +1,29 @@
-"""Query latency: text embedding -> relevancy heatmap, and 3D selection.
+"""Query latency: text embedding -> relevancy heatmap, and 3D selection; both codecs.
 
-    python bench/query.py [--quick] [--threads N] [--out bench/results/query.json]
+    python bench/query.py [--quick] [--threads N] [--no-frame] [--quality]
+                          [--out bench/results/query.json]
+
+**Relevancy frames** (issue #15; default on, ``--no-frame`` skips): what the viewer and
+``langfield query`` do per frame, colour + depth of one view and one text query (relevancy
+against the canonical phrases, level choice, smoothing, mask), 100k Gaussians at 640x480, as a
+ratio to the colour + depth frame of the same Gaussians in the same process (wall time, best of
+the repeats, and CPU time of the process):
+
+* ``rgb``: ``LanguageField.render(language=False)`` (the baseline);
+* ``autoencoder``: ``render()`` + ``query()`` (3 levels x 3 latents, LangSplat's decoder shape);
+* ``codebook render+query``: ``render()`` (colour pass, coefficients left for later) +
+  ``query()`` (the fused sparse relevancy pass: coefficients blended and scored inside the tile);
+* ``codebook render_query``: ``LanguageField.render_query()``: colour, depth, alpha and
+  relevancy in one pass over the tiles;
+* ``codebook dense maps``: the reference path (every level's L coefficients rendered as dense
+  channels, then decoded without a decoder).
+
+The codebook's coefficients are random top-4-of-64 weights per Gaussian and level (every tile
+uses every entry: the worst case of the per-tile quadratic form); ``--quality`` repeats the frame
+ratio on the trained tabletop fields (their real coefficients) at 640x480.
+**3D selection**: 100k Gaussians x 3 levels, both codecs. **Quality** (``--quality``): the
+tabletop scene (labels features, offline text encoder; one RGB run, then the language stage with
+each codec): held-out name-query mIoU, localisation, 3D mIoU and language-stage time.
 
 Cases (LangSplat's autoencoder, 512 -> ... -> 3 -> ... -> 512, random weights; latent 3):
   640x480, 3 levels, 1 query: the decode pass (fused last layer, as query_maps runs it) and
@@ -16,7 +39,11 @@ The decode is ~240k multiply-adds per pixel per level: it dominates everything e
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -47,8 +74,25 @@ def main():
     ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--no-frame", action="store_true", help="skip the relevancy-frame comparison of the codecs")
+    ap.add_argument("--no-micro", action="store_true", help="skip the autoencoder decode micro-benchmarks")
+    ap.add_argument("--quality", action="store_true", help="train both codecs on the tabletop scene (minutes)")
+    ap.add_argument("--gaussians", type=int, default=100_000)
+    ap.add_argument("--size", default="640x480")
+    ap.add_argument("--codebook-size", type=int, default=64)
+    ap.add_argument("--topk", type=int, default=4)
+    ap.add_argument("--train-size", default="96x96")
+    ap.add_argument("--views", type=int, default=16)
+    ap.add_argument("--rgb-steps", type=int, default=300)
+    ap.add_argument("--lang-steps", type=int, default=1000)
+    ap.add_argument("--ae-steps", type=int, default=800)
+    ap.add_argument("--train-codebook-size", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--codebook-lr", type=float, default=0.01)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "query.json")
     args = ap.parse_args()
+    if args.quick:
+        args.gaussians = min(args.gaussians, 20_000)
+        args.rgb_steps, args.lang_steps, args.ae_steps = 100, 200, 200
     if args.threads:
         torch.set_num_threads(args.threads)
     rep = 1 if args.quick else 3
@@ -58,6 +102,26 @@ def main():
     def tm(fn, repeats):
         return timeit(fn, repeats=repeats, sync=sync)
 
+    payload = {"machine": machine(), "device": str(dev), "threads": args.threads or torch.get_num_threads(),
+               "load_before": _load()}
+    if not args.no_micro:
+        payload["micro"] = micro(args, dev, tm, rep)
+    if not args.no_frame:
+        payload["frame"] = frames(args, rep)
+    if args.quality:
+        payload["quality"] = quality(args)
+    payload["load_after"] = _load()
+    write_json(args.out, payload)
+
+
+def _load():
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
+
+
+def micro(args, dev, tm, rep):
     torch.manual_seed(0)
     ae = SceneAutoencoder().eval().to(dev)
     for p in ae.parameters():
@@ -112,8 +176,152 @@ def main():
         r.setdefault("Mgauss/s", "")
     table = print_table(rows, ["case", "ms", "Mpix/s", "Mgauss/s"])
     print(f"fused decode vs decode()+matmul: {t_unf / t_dec:.2f}x")
-    write_json(args.out, {"machine": machine(), "device": str(dev), "threads": args.threads or torch.get_num_threads(),
-                          "chunk": args.chunk, "rows": rows, "fused_speedup": t_unf / t_dec, "table": table})
+    return {"chunk": args.chunk, "rows": rows, "fused_speedup": t_unf / t_dec, "table": table}
+
+
+
+
+def timed(fn, repeats):
+    """(best wall seconds, best process CPU seconds) over ``repeats`` runs after one warm-up."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return min(wall), min(cpu)
+
+
+def codebook_twin(field, L, k, seed=0):
+    """The same Gaussians with a random codebook (unit rows) and random top-k weights per level."""
+    from langfield.codec.codebook import CodebookCodec, project_topk_simplex
+    from langfield.field import LanguageField
+
+    g = field.gaussians
+    gen = torch.Generator().manual_seed(seed)
+    D = field.text_encoder.encode(["x"]).shape[-1]
+    codec = CodebookCodec(F.normalize(torch.randn(L, D, generator=gen), dim=-1), topk=k).eval()
+    nl = len(field.levels)
+    lang = project_topk_simplex(torch.rand(g.num, nl, L, generator=gen), k).reshape(g.num, nl * L)
+    return LanguageField(g.clone().set_lang(lang, requires_grad=False), decoder=codec, text_encoder=field.text_encoder,
+                         levels=field.levels, latent_dim=L, cameras=field.cameras, kind="memory", stage="language")
+
+
+def frame_rows(fields, cam, W, H, text, repeats, label=""):
+    """Relevancy frames of ``fields`` ({"autoencoder": f, "codebook": f}) at W x H from ``cam``:
+    rows with wall / CPU ms and the ratio to the colour frame of the same Gaussians."""
+    from langfield.field import LanguageField
+    from langfield.query import query_maps
+
+    K = cam.K.copy()
+    K[0] *= W / cam.width
+    K[1] *= H / cam.height
+    vm = cam.viewmat
+    rows = []
+    base = next(iter(fields.values()))
+    rgb_only = LanguageField(base.gaussians, cameras=base.cameras, kind="memory")
+    t_rgb = timed(lambda: rgb_only.render(vm, K, W, H, language=False), repeats)
+
+    def row(case, t):
+        rows.append({"case": f"{label}{case}", "wall_ms": 1e3 * t[0], "cpu_ms": 1e3 * t[1],
+                     "x_rgb_wall": t[0] / t_rgb[0], "x_rgb_cpu": t[1] / t_rgb[1]})
+
+    row("rgb + depth frame (baseline)", t_rgb)
+    if "autoencoder" in fields:
+        f = fields["autoencoder"]
+        row("autoencoder: render + query", timed(lambda: f.query(f.render(vm, K, W, H), text), repeats))
+    if "codebook" in fields:
+        f = fields["codebook"]
+        row("codebook: render + query (fused sparse pass)",
+            timed(lambda: f.query(f.render(vm, K, W, H), text), repeats))
+        row("codebook: render_query (one pass)", timed(lambda: f.render_query(vm, K, W, H, text), repeats))
+
+        def dense_maps():
+            r = f.render(vm, K, W, H)
+            z = {lv: r.latents[lv] for lv in f.levels}  # LazyLatents: the sparse pass, maps [H, W, L]
+            tq = f.text_query
+            return query_maps(z, f.codec, tq.embed(text), tq.canon, valid=r.alpha > 0.5)
+
+        row("codebook: render + coefficient maps + decode (reference path)", timed(dense_maps, max(1, repeats // 2)))
+        a = f.query(f.render(vm, K, W, H), text)
+        b = f.render_query(vm, K, W, H, text)[1]
+        c = dense_maps()
+        rows[-1]["max_rel_diff_vs_fused"] = float((a.relevancy - c.relevancy).abs().max())
+        rows[-2]["max_rel_diff_vs_fused"] = float((a.relevancy - b.relevancy).abs().max())
+    return rows
+
+
+def frames(args, rep):
+    import langfield.viewer  # noqa: F401  (the viewer package, installed from viewer/)
+    from langfield.viewer.synthetic import blob_field
+
+    W, H = (int(v) for v in args.size.lower().split("x"))
+    n_bg = args.gaussians // 10
+    per = (args.gaussians - n_bg) // 3
+    ae = blob_field(per, n_background=args.gaussians - 3 * per, decoder="mlp", text_dim=512, scale=0.02)
+    cb = codebook_twin(ae, args.codebook_size, args.topk)
+    reps = 2 if args.quick else 5
+    rows = frame_rows({"autoencoder": ae, "codebook": cb}, ae.cameras[0], W, H, "mug", reps)
+    # 3D selection
+    sel = []
+    for name, f in (("autoencoder", ae), ("codebook", cb)):
+        t = timed(lambda: f.select("mug"), max(1, reps // 2))
+        sel.append({"case": f"3D selection, {name} ({f.num:,} Gaussians x {len(f.levels)} levels)",
+                    "wall_ms": 1e3 * t[0], "cpu_ms": 1e3 * t[1]})
+    print(f"\nrelevancy frame: {ae.num:,} Gaussians, {W}x{H}, {torch.get_num_threads()} torch threads, "
+          f"codebook L={args.codebook_size} k={args.topk} (random weights), load {_load()}")
+    table = print_table(rows + sel, ["case", "wall_ms", "cpu_ms", "x_rgb_wall", "x_rgb_cpu", "max_rel_diff_vs_fused"])
+    return {"gaussians": ae.num, "size": [W, H], "codebook_size": args.codebook_size, "topk": args.topk,
+            "rows": rows, "selection": sel, "table": table}
+
+
+def quality(args):
+    """Both codecs on the tabletop scene: one RGB run, then the language stage per codec; the
+    held-out name queries (mIoU, localisation, 3D mIoU), the stage's time, and the relevancy
+    frame ratio of each trained field at --size."""
+    import langfield.train.language as LL
+    from langfield.field import LanguageField
+    from langfield.scenes import make_scene
+    from langfield.train.rgb import train_rgb
+
+    tmp = Path(tempfile.mkdtemp(prefix="lf_bench_query_"))
+    rows, fr = [], []
+    W, H = (int(v) for v in args.size.lower().split("x"))
+    try:
+        data, base = tmp / "data", tmp / "rgb"
+        t0 = time.perf_counter()
+        make_scene("tabletop", data, views=args.views, size=args.train_size, progress=False, workers=1)
+        train_rgb(data, base, steps=args.rgb_steps, device="cpu", progress=False, evaluate=False)
+        print(f"\nquality: tabletop {args.train_size}, {args.views} views, RGB {args.rgb_steps} steps in "
+              f"{time.perf_counter() - t0:.0f} s; language stage {args.lang_steps} steps per codec")
+        runs = [("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps))]
+        runs += [("codebook", dict(latent_dim=L, ae_steps=30, lr=args.codebook_lr)) for L in args.train_codebook_size]
+        fields = {}
+        for codec, opts in runs:
+            run = tmp / f"{codec}{opts['latent_dim']}"
+            shutil.copytree(base, run)
+            t1, c1 = time.perf_counter(), time.process_time()
+            res = LL.train_language(run, features="labels", codec=codec, steps=args.lang_steps, text_encoder="offline",
+                                    device="cpu", progress=False, log=lambda *_: None, **opts)
+            m = res["metrics"]
+            p = m[m["primary"]]
+            rows.append({"codec": codec, "latent": opts["latent_dim"], "mIoU": p["miou"], "loc": p["loc"],
+                         "mIoU_3d": p["miou_3d"], "queries": p["n"], "train_s": res["train_time_s"],
+                         "stage_s": time.perf_counter() - t1, "stage_cpu_s": time.process_time() - c1})
+            fields[f"{codec}{opts['latent_dim']}"] = LanguageField.load(run, device="cpu")
+        ae = fields["autoencoder3"]
+        cam = next(c for c in ae.cameras if c.split == "test")
+        for name, f in fields.items():
+            kind = "autoencoder" if name.startswith("auto") else "codebook"
+            fr += frame_rows({kind: f}, cam, W, H, "red mug", 2 if args.quick else 5, label=f"trained {name}: ")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_table(rows, ["codec", "latent", "mIoU", "loc", "mIoU_3d", "queries", "train_s", "stage_s", "stage_cpu_s"])
+    print(f"\nrelevancy frames of the trained fields, {W}x{H}:")
+    table = print_table(fr, ["case", "wall_ms", "cpu_ms", "x_rgb_wall", "x_rgb_cpu", "max_rel_diff_vs_fused"])
+    return {"rows": rows, "frames": fr, "frames_table": table, "size": args.train_size, "views": args.views,
+            "rgb_steps": args.rgb_steps, "lang_steps": args.lang_steps}
 
 
 if __name__ == "__main__":

@@ -28,16 +28,17 @@ from __future__ import annotations
 import json
 import os
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = ["LanguageField", "FieldCamera", "FieldRender", "FieldError", "NoLanguageError", "latest_language_checkpoint",
-           "LANGUAGE_DIR"]
+           "LANGUAGE_DIR", "LazyLatents", "SparsePass"]
 
 PathLike = Union[str, os.PathLike]
 LANGUAGE_DIR = "language"  # RUN/language/checkpoints/
@@ -63,12 +64,76 @@ class FieldCamera:
     time: Optional[float] = None
 
 
+class LazyLatents(Mapping):
+    """``{level: [H, W, L]}`` made on first access by ``compute()`` (a codebook field's
+    coefficient maps come from a second, sparse pass that a query through the fused path never
+    needs). Iterating and ``len`` do not compute; thread-safe."""
+
+    def __init__(self, levels: Sequence[str], compute: Callable[[], Dict[str, Tensor]]):
+        self._levels = list(levels)
+        self._compute: Optional[Callable[[], Dict[str, Tensor]]] = compute
+        self._maps: Optional[Dict[str, Tensor]] = None
+        self._lock = threading.Lock()
+
+    @property
+    def computed(self) -> bool:
+        return self._maps is not None
+
+    def _get(self) -> Dict[str, Tensor]:
+        with self._lock:
+            if self._maps is None:
+                self._maps = self._compute()
+                self._compute = None
+            return self._maps
+
+    def __getitem__(self, level: str) -> Tensor:
+        if level not in self._levels:
+            raise KeyError(level)
+        return self._get()[level]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._levels)
+
+    def __len__(self) -> int:
+        return len(self._levels)
+
+    def __repr__(self) -> str:
+        return f"LazyLatents({self._levels}, computed={self.computed})"
+
+
+@dataclass
+class SparsePass:
+    """What a codebook field's render keeps for its queries: the scene snapshot, the cameras,
+    the colour pass's projection and tile lists (``meta``; None: project again) and the
+    per-Gaussian (index, weight) pairs (``k`` per level, channels of all levels)."""
+    gaussians: Any
+    cameras: Any
+    meta: Optional[Dict[str, Any]]
+    idx: Tensor  # [N, levels * k] int32
+    w: Tensor  # [N, levels * k]
+    k: int
+    latent_dim: int
+    levels: List[str]
+    backend: str = "auto"
+    t: Optional[float] = None
+
+    def latents(self) -> Dict[str, Tensor]:
+        """The coefficient maps of every level through the sparse pass."""
+        from langfield.render.sparse import render_sparse
+
+        L = self.latent_dim
+        z = render_sparse(self.gaussians, self.cameras, self.idx, self.w, len(self.levels) * L, meta=self.meta,
+                          t=self.t, backend=self.backend).lang[0]
+        return {lv: z[..., i * L:(i + 1) * L] for i, lv in enumerate(self.levels)}
+
+
 @dataclass
 class FieldRender:
     rgb: Tensor  # [H, W, 3] in [0, 1]
     depth: Tensor  # [H, W] expected depth (0 where nothing is drawn)
     alpha: Tensor  # [H, W]
-    latents: Optional[Dict[str, Tensor]] = None  # {level: [H, W, L]}
+    latents: Optional[Mapping] = None  # {level: [H, W, L]} (a LazyLatents for codebook fields)
+    sparse: Optional[SparsePass] = field(default=None, repr=False, compare=False)  # codebook fields
 
     @property
     def size(self) -> Tuple[int, int]:
@@ -333,13 +398,50 @@ class LanguageField:
             levels, L = list(self.levels), self.latent_dim
             deg = self.sh_degree if sh_degree is None else min(int(sh_degree), g.sh_degree)
             with_lang = language and decoder is not None and g.lang is not None and bool(levels)
-        out = render(g, Cameras.of(viewmat, K, width, height, device=g.device), t=t, sh_degree=deg,
-                     language=with_lang, depth=True, background=background, backend=self.backend)
+        cams = Cameras.of(viewmat, K, width, height, device=g.device)
+        if with_lang and self._sparse_ok(g, decoder):
+            # codebook: colour + depth now; the coefficients through the sparse pass when asked for
+            # (LazyLatents), a query through the fused sparse relevancy pass (no coefficient maps)
+            out = render(g, cams, t=t, sh_degree=deg, depth=True, background=background, backend=self.backend)
+            idx, w, k = self._sparse_pairs(g, L, len(levels))
+            sp = SparsePass(g, cams, out.meta, idx, w, k, L, levels, self.backend, t)
+            return FieldRender(rgb=out.rgb[0].clamp(0, 1), depth=out.depth[0], alpha=out.alpha[0],
+                               latents=LazyLatents(levels, sp.latents), sparse=sp)
+        out = render(g, cams, t=t, sh_degree=deg, language=with_lang, depth=True, background=background,
+                     backend=self.backend)
         lat = None
         if with_lang:
             z = out.lang[0]
             lat = {lv: z[..., i * L:(i + 1) * L] for i, lv in enumerate(levels)}
         return FieldRender(rgb=out.rgb[0].clamp(0, 1), depth=out.depth[0], alpha=out.alpha[0], latents=lat)
+
+    @staticmethod
+    def _sparse_ok(g, decoder) -> bool:
+        """The sparse path serves codebook codecs on static Gaussians (a dynamic model's latents
+        change with time; its render stays dense)."""
+        from langfield.scene import Gaussians
+
+        return (getattr(decoder, "kind", None) == "codebook" and hasattr(decoder, "codebook")
+                and isinstance(g, Gaussians) and type(g).activated is Gaussians.activated and g.lang is not None)
+
+    def _sparse_pairs(self, g, L: int, n_levels: int) -> Tuple[Tensor, Tensor, int]:
+        """(index, weight) pairs of the stored coefficients, cached per tensor version: ``k`` is
+        the largest number of non-zeros of a level (the codec's top-k for a trained field; more
+        for a checkpoint taken while the coefficients were still dense), so the pairs are exact."""
+        from langfield.render.sparse import sparse_topk
+
+        lang = g.lang
+        key = (id(g), lang.data_ptr(), lang._version, tuple(lang.shape), L)
+        with self._lock:
+            hit = getattr(self, "_pairs_cache", None)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        x = lang.detach().reshape(lang.shape[0], n_levels, L)
+        k = max(1, int((x != 0).sum(-1).max())) if lang.shape[0] else 1
+        idx, w = sparse_topk(lang.detach(), L, k)
+        with self._lock:
+            self._pairs_cache = (key, (idx, w, k))
+        return idx, w, k
 
     def render_camera(self, cam: Union[int, FieldCamera], **kw) -> FieldRender:
         c = self.cameras[cam] if isinstance(cam, int) else cam
@@ -369,11 +471,79 @@ class LanguageField:
             decoder = self.decoder
         tq = self.text_query
         emb, canon = tq.embed(texts), tq.canon
+        sp = render.sparse
+        if sp is not None and stride == 1 and hasattr(decoder, "codebook"):
+            res = self._query_sparse(sp, decoder, emb, canon, li, texts, threshold=threshold, smooth=smooth,
+                                     min_alpha=min_alpha)
+            return res[0] if isinstance(text, str) else res
         maps = render.latents if li is None else {self.levels[li]: render.latents[self.levels[li]]}
         valid = render.alpha > min_alpha if min_alpha > 0 else None
         res = query_maps(maps, decoder, emb, canon, smooth=smooth, threshold=threshold, stride=stride, valid=valid,
                          chunk=chunk, texts=texts)
         return res[0] if isinstance(text, str) else res
+
+    @staticmethod
+    def _codebook_scores(codec, emb: Tensor, canon: Tensor) -> Tuple[Tensor, Tensor]:
+        """``A = C E^T [L, Q + canonical]`` (the queries first) and the codebook Gram ``G``."""
+        import torch.nn.functional as F
+
+        C = codec.codebook
+        E = F.normalize(torch.cat([emb.reshape(-1, emb.shape[-1]), canon]).to(C.device, C.dtype), dim=-1)
+        return C @ E.t(), codec.gram() if hasattr(codec, "gram") else C @ C.t()
+
+    def _query_sparse(self, sp: SparsePass, codec, emb: Tensor, canon: Tensor, li: Optional[int], texts: List[str],
+                      *, threshold: float, smooth: Optional[int], min_alpha: float, colors: bool = False,
+                      background=(0.0, 0.0, 0.0), sh_degree: Optional[int] = None):
+        """The codebook query through the fused sparse relevancy pass (``sp.meta`` None: one pass
+        that also draws colour + depth; returns ``(results, RenderOutput)`` then)."""
+        from langfield.query import TEMPERATURE, results_from_relevancy
+        from langfield.render.sparse import render_sparse_relevancy, select_levels
+
+        A, G = self._codebook_scores(codec, emb, canon)
+        dev = sp.w.device
+        if li is None:
+            idx, w, keys = sp.idx, sp.w, list(sp.levels)
+        else:
+            idx, w = select_levels(sp.idx, sp.w, sp.latent_dim, sp.k, [li])
+            keys = [sp.levels[li]]
+        rel, out = render_sparse_relevancy(
+            sp.gaussians, sp.cameras, idx, w, len(keys), A.to(dev), G.to(dev), len(texts), temperature=TEMPERATURE,
+            min_alpha=float(min_alpha) if min_alpha > 0 else -1.0, meta=sp.meta, colors=colors, depth=colors,
+            background=background if colors else None, sh_degree=sh_degree, t=sp.t, backend=sp.backend)
+        res = results_from_relevancy(rel[0], keys, smooth=smooth, threshold=threshold, texts=texts)
+        return (res, out) if sp.meta is None else res
+
+    @torch.no_grad()
+    def render_query(self, viewmat, K, width: int, height: int, text: Union[str, Sequence[str]], *,
+                     level: Union[str, int, None] = "auto", threshold: float = 0.4, smooth: Optional[int] = None,
+                     min_alpha: float = 0.5, background=(0.0, 0.0, 0.0), sh_degree: Optional[int] = None,
+                     t: Optional[float] = None):
+        """A relevancy frame: ``(render, result)`` (a list of texts -> a list of results), the same
+        as ``r = render(...)`` then ``query(r, text, ...)``. A codebook field does it in **one**
+        pass over the tiles: colour, depth, alpha and every level's relevancy together, the
+        per-pixel coefficients never leaving the tile (``render.latents`` is computed if read)."""
+        from langfield.render.model import Cameras
+
+        self._require_language()
+        texts = _texts(text)
+        li = self.level_index(level)
+        with self._lock:
+            g, decoder = self.gaussians, self.decoder
+            levels, L = list(self.levels), self.latent_dim
+            deg = self.sh_degree if sh_degree is None else min(int(sh_degree), g.sh_degree)
+        if not self._sparse_ok(g, decoder):
+            r = self.render(viewmat, K, width, height, background=background, sh_degree=sh_degree, t=t)
+            return r, self.query(r, text, level=level, threshold=threshold, smooth=smooth, min_alpha=min_alpha)
+        cams = Cameras.of(viewmat, K, width, height, device=g.device)
+        idx, w, k = self._sparse_pairs(g, L, len(levels))
+        sp = SparsePass(g, cams, None, idx, w, k, L, levels, self.backend, t)
+        tq = self.text_query
+        res, out = self._query_sparse(sp, decoder, tq.embed(texts), tq.canon, li, texts, threshold=threshold,
+                                      smooth=smooth, min_alpha=min_alpha, colors=True, background=background,
+                                      sh_degree=deg)
+        r = FieldRender(rgb=out.rgb[0].clamp(0, 1), depth=out.depth[0], alpha=out.alpha[0],
+                        latents=LazyLatents(levels, sp.latents), sparse=sp)
+        return r, (res[0] if isinstance(text, str) else res)
 
     @torch.no_grad()
     def select(self, text: Union[str, Sequence[str]], *, level: Union[str, int, None] = "auto",

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["CANONICAL_PHRASES", "TEMPERATURE", "TextEncoderLike", "TextQuery", "relevancy", "relevancy_from_scores",
-           "decode_scores", "relevancy_maps", "query_maps", "result_from_maps", "QueryResult", "Selection",
+           "decode_scores", "relevancy_maps", "query_maps", "result_from_maps", "results_from_relevancy", "QueryResult",
+           "Selection",
            "select_gaussians", "recolor", "box_filter", "majority_filter", "auto_smooth", "normalize_map", "split_levels",
            "heatmap_overlay", "colormap", "save_png"]
 
@@ -274,19 +275,21 @@ def relevancy_maps(latent_maps: Union[Mapping[Hashable, Tensor], Sequence[Tensor
 def box_filter(x: Tensor, size: int) -> Tensor:
     """Mean over ``size`` x ``size`` windows of ``[..., H, W]`` with reflected borders
     (as OpenCV's default, BORDER_REFLECT_101); ``size`` <= 1 returns ``x``. Odd sizes are
-    centred; an even size has one more pixel before than after."""
+    centred; an even size has one more pixel before than after. Running sums (float64
+    prefix sums along each axis): O(1) per pixel whatever the size."""
     if size <= 1:
         return x
     shape = x.shape
     H, W = shape[-2:]
     t = x.reshape(-1, 1, H, W).float()
     a, b = (size - 1) // 2, size // 2
-    # horizontal then vertical: separable, O(size) per pixel
     mode = "reflect" if (H > max(a, b) and W > max(a, b)) else "replicate"
-    t = F.pad(t, (b, a, b, a), mode=mode)
-    t = F.avg_pool2d(t, (1, size), stride=1)
-    t = F.avg_pool2d(t, (size, 1), stride=1)
-    return t.reshape(shape)
+    t = F.pad(t, (b, a, b, a), mode=mode)[:, 0].double()
+    c = F.pad(t.cumsum(-1), (1, 0))  # horizontal then vertical window sums
+    t = c[..., size:] - c[..., :-size]
+    c = F.pad(t.cumsum(-2), (0, 0, 1, 0))
+    t = (c[..., size:, :] - c[..., :-size, :]) * (1.0 / (size * size))
+    return t.float().reshape(shape)
 
 
 def majority_filter(mask: Tensor, size: int) -> Tensor:
@@ -392,11 +395,19 @@ def query_maps(latent_maps: Union[Mapping[Hashable, Tensor], Sequence[Tensor], T
     see :func:`relevancy_maps`."""
     rel, keys = relevancy_maps(latent_maps, decoder, text_emb, canon_emb, temperature=temperature, chunk=chunk,
                                valid=valid, stride=stride)
-    single = torch.as_tensor(text_emb).ndim == 1
-    res = [result_from_maps(rel[q], keys, smooth=smooth, mask_blend=mask_blend, threshold=threshold,
-                            majority=majority, text=None if texts is None else texts[q])
-           for q in range(rel.shape[0])]
-    return res[0] if single else res
+    res = results_from_relevancy(rel, keys, smooth=smooth, mask_blend=mask_blend, threshold=threshold,
+                                 majority=majority, texts=texts)
+    return res[0] if torch.as_tensor(text_emb).ndim == 1 else res
+
+
+def results_from_relevancy(rel: Tensor, keys: Sequence[Hashable], *, smooth: Optional[int] = None,
+                           mask_blend: float = 0.5, threshold: float = 0.4, majority: int = 0,
+                           texts: Optional[Sequence[str]] = None) -> List[QueryResult]:
+    """:func:`result_from_maps` of every query of a relevancy stack ``[Q, levels, H, W]`` (what
+    :func:`relevancy_maps` returns, or a codebook field's fused pass) -> Q results."""
+    return [result_from_maps(rel[q], keys, smooth=smooth, mask_blend=mask_blend, threshold=threshold,
+                             majority=majority, text=None if texts is None else texts[q])
+            for q in range(rel.shape[0])]
 
 
 # ------------------------------------------------------------------------------------------

@@ -135,6 +135,116 @@ def test_render_sparse_of_a_model_equals_render_language():
     assert float((b.lang - full.lang).abs().max()) <= 1e-6
 
 
+# ------------------------------------------------------------------ fused relevancy (queries without maps)
+def codebook_and_embeddings(L, D=24, Q=2, C=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cb = F.normalize(torch.randn(L, D, generator=g), dim=-1)
+    E = F.normalize(torch.randn(Q + C, D, generator=g), dim=-1)
+    return cb, E
+
+
+@pytest.mark.parametrize("C,L,levels,k,tile,min_alpha", [(1, 64, 3, 4, 16, 0.5), (2, 16, 2, 3, 16, -1.0),
+                                                         (1, 32, 1, 5, 8, 0.2), (1, 8, 2, 8, 5, 0.5)])
+def test_fused_relevancy_equals_reference(C, L, levels, k, tile, min_alpha):
+    """The fused op (coefficients blended and scored inside the tile) = the torch reference
+    (dense maps, then cosines and LERF relevancy), with colour channels blended in the same pass
+    exactly as rasterization() renders them."""
+    from langfield.render.sparse import rasterize_sparse_relevancy, scores_to_relevancy
+
+    s = random_scene(300, C=C, width=45, height=34, D=3, seed=C + L + k)
+    weights = sparse_weights(300, levels, L, k, seed=k)
+    col = torch.rand(C, 300, 4, generator=torch.Generator().manual_seed(2))
+    bg = torch.rand(C, 4, generator=torch.Generator().manual_seed(3))
+    dense_lang, alpha, meta = rasterization(s.means, s.quats, s.scales, s.opacities, weights, s.viewmats, s.Ks,
+                                            s.width, s.height, backend="cpu", tile_size=tile)
+    dense_col, _, _ = rasterization(s.means, s.quats, s.scales, s.opacities, col, s.viewmats, s.Ks, s.width,
+                                    s.height, backend="cpu", tile_size=tile, backgrounds=bg)
+    idx, w = sparse_topk(weights, L, k)
+    cb, E = codebook_and_embeddings(L)
+    A, G = cb @ E.t(), cb @ cb.t()
+    args = (meta["means2d"].detach(), meta["conics"].detach(), idx, w, meta["opacities"].detach(), s.width, s.height,
+            tile, meta["isect_offsets"], meta["flatten_ids"], levels, A, G, 2)
+    ref = scores_to_relevancy(dense_lang, A, G, levels, 2, 10.0, alpha[..., 0], min_alpha)
+    assert ref.shape == (C, 2, levels, s.height, s.width) and float(ref.std()) > 0.05
+    for be in ("cpu", "torch"):
+        rel, rgb, a = rasterize_sparse_relevancy(*args, min_alpha=min_alpha, colors=col, backgrounds=bg, backend=be)
+        assert float((rel - ref).abs().max()) <= 2e-6, be
+        assert float((rgb - dense_col).abs().max()) <= 1e-6 and float((a - alpha[..., 0]).abs().max()) <= 1e-6, be
+        rel2, none, _ = rasterize_sparse_relevancy(*args, min_alpha=min_alpha, backend=be)  # no colour channels
+        assert none is None and torch.equal(rel2, rel)
+    if min_alpha > 0:
+        empty = (alpha[..., 0] <= min_alpha)[:, None, None].expand_as(rel)
+        assert bool(empty.any()) and bool((rel[empty] == 0).all()) and bool((rel[~empty] > 0).all())
+    with pytest.raises(ValueError, match="must be"):
+        rasterize_sparse_relevancy(*args[:-1], 5)  # Q = every column: no canonical phrase left
+
+
+def codebook_field(N=600, L=16, k=4, levels=("subpart", "part", "whole"), dense_until_done=True, seed=0):
+    """blob_field's geometry and text encoder with a codebook codec: each object's Gaussians use
+    entries near its name's embedding (so queries find them), the background random ones."""
+    import langfield.viewer  # noqa: F401
+    from langfield.field import LanguageField
+    from langfield.viewer.synthetic import blob_field
+
+    base = blob_field(N // 3, n_background=N // 4, text_dim=32)
+    g = base.gaussians
+    n = g.num
+    gen = torch.Generator().manual_seed(seed)
+    names = base.text_encoder.encode(["red mug", "green ball", "blue box"])
+    cb = F.normalize(torch.cat([names,
+                                torch.randn(L - 3, 32, generator=gen)]), dim=-1)
+    obj = torch.arange(n) // (N // 3)  # 0, 1, 2 objects, 3 background
+    raw = torch.rand(n, len(levels), L, generator=gen)
+    for o in range(3):
+        raw[obj == o, :, o] += 3.0
+    raw[obj == 3, :, :3] = -1.0  # the background never uses the names' entries
+    w = project_topk_simplex(raw, k if dense_until_done else L).reshape(n, -1)
+    codec = CodebookCodec(cb, topk=k).eval()
+    return LanguageField(g.clone().set_lang(w, requires_grad=False), decoder=codec, text_encoder=base.text_encoder,
+                         levels=list(levels), latent_dim=L, cameras=base.cameras, kind="memory", stage="language")
+
+
+@pytest.mark.parametrize("k_sparse", [True, False])
+def test_field_codebook_render_query_equals_dense_reference(k_sparse):
+    """LanguageField on a codebook codec: render() draws colour + depth and keeps the sparse pass
+    for later (latents on demand = the dense render within 1e-6, also for coefficients that are
+    not k-sparse yet); query() through the fused pass = query_maps on the dense maps;
+    render_query() (one pass) = render() + query(); a level given = that level's maps."""
+    from langfield.field import LazyLatents
+    from langfield.query import query_maps
+    from langfield.render.model import Cameras, render
+
+    f = codebook_field(dense_until_done=k_sparse)
+    cam = f.cameras[0]
+    texts = ["red mug", "green ball", "blue box"]
+    r = f.render_camera(cam)
+    assert isinstance(r.latents, LazyLatents) and not r.latents.computed and r.sparse is not None
+    res = f.query(r, texts)
+    assert not r.latents.computed  # the fused pass never made the coefficient maps
+    full = render(f.gaussians, Cameras.of(cam.viewmat, cam.K, cam.width, cam.height), language=True, depth=True)
+    assert torch.equal(r.rgb, full.rgb[0].clamp(0, 1)) and torch.equal(r.alpha, full.alpha[0])
+    dense = {lv: full.lang[0][..., i * 16:(i + 1) * 16] for i, lv in enumerate(f.levels)}
+    for lv in f.levels:
+        assert float((r.latents[lv] - dense[lv]).abs().max()) <= 1e-6
+    tq = f.text_query
+    ref = query_maps(dense, f.codec, tq.embed(texts), tq.canon, valid=r.alpha > 0.5)
+    r1, one = f.render_query(cam.viewmat, cam.K, cam.width, cam.height, texts)
+    assert torch.equal(r1.rgb, r.rgb) and float((r1.depth - r.depth).abs().max()) <= 1e-6
+    for x, y, z, name in zip(res, ref, one, texts):
+        assert float((x.relevancy - y.relevancy).abs().max()) <= 1e-5
+        assert x.level == y.level == z.level and x.point == y.point == z.point
+        assert torch.equal(x.relevancy, z.relevancy) and torch.equal(x.mask, z.mask)
+        assert x.text == name
+    # the queries find their objects, left to right in camera 0's view: mug, ball, box
+    assert res[0].point[0] < res[1].point[0] < res[2].point[0], [x.point for x in res]
+    assert all(0.01 < float(x.mask.float().mean()) < 0.3 for x in res)
+    one_level = f.query(r, "blue box", level="part")
+    ref_level = query_maps({"part": dense["part"]}, f.codec, tq.embed("blue box"), tq.canon, valid=r.alpha > 0.5)
+    assert one_level.levels == ["part"] and float((one_level.relevancy - ref_level.relevancy).abs().max()) <= 1e-5
+    # stride > 1 (approximate, opt-in) takes the maps
+    assert f.query(r, "blue box", stride=2).relevancy.shape == (3, cam.height, cam.width)
+
+
 # ------------------------------------------------------------------ the codec
 def test_projection_and_activation():
     v = torch.tensor([[0.3, -1.0, 2.0, 0.1, 0.5], [0.0, 0.0, 0.0, 0.0, 0.0], [5.0, 4.0, 3.0, 2.0, 1.0]])
@@ -326,11 +436,23 @@ def test_saved_run_gives_identical_queries_and_sparse_render(codebook_run, tmp_p
     for x, y in zip(a.select(texts), b.select(texts)):
         assert torch.equal(x.mask, y.mask) and x.level == y.level and int(x.mask.sum()) > 0
     # the sparse pass gives the dense render's coefficients and the same query answers
+    from langfield.query import query_maps
+    from langfield.render.model import render
+
     idx, w = a.codec.sparse(a.gaussians.lang)
     cams = Cameras.of(cam.viewmat, cam.K, cam.width, cam.height)
     sp = render_sparse(a.gaussians, cams, idx, w, a.gaussians.lang_dim).lang[0]
-    dense = torch.cat([ra.latents[lv] for lv in a.levels], -1)
+    dense = render(a.gaussians, cams, language=True).lang[0]
     assert float((sp - dense).abs().max()) <= 1e-6
+    lazy = torch.cat([ra.latents[lv] for lv in a.levels], -1)  # the field's render: the sparse pass on demand
+    assert float((lazy - dense).abs().max()) <= 1e-6
+    tq = a.text_query
+    ref = query_maps({lv: dense[..., i * CODEBOOK_SIZE:(i + 1) * CODEBOOK_SIZE] for i, lv in enumerate(a.levels)},
+                     a.codec, tq.embed(texts), tq.canon, valid=ra.alpha > 0.5)
+    _, one = a.render_query(cam.viewmat, cam.K, cam.width, cam.height, texts)
+    for x, y, z in zip(a.query(ra, texts), ref, one):  # fused pass = decode of the dense maps = one-pass frame
+        assert float((x.relevancy - y.relevancy).abs().max()) <= 1e-5 and x.level == y.level == z.level
+        assert torch.equal(x.relevancy, z.relevancy) and torch.equal(x.mask, z.mask)
     q = next(q for q in view.queries if q.text == "red mug")
     gt = torch.from_numpy(q.mask)
     res = a.query(ra, q.text)

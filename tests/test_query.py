@@ -169,6 +169,23 @@ def test_box_filter():
     assert torch.allclose(normalize_map(torch.full((1, 4, 4), 3.0)), torch.zeros(1, 4, 4))
 
 
+@pytest.mark.parametrize("size", [2, 3, 4, 11, 21, 29, 30])
+def test_box_filter_equals_window_means(size):
+    """The running-sum box filter = the mean of each window of the reflect-101 padded map
+    (replicated borders when the image is smaller than the window)."""
+    import torch.nn.functional as F
+
+    for H, W in ((48, 64), (7, 9)):
+        x = torch.rand(3, H, W, generator=torch.Generator().manual_seed(size))
+        a, b = (size - 1) // 2, size // 2
+        mode = "reflect" if (H > max(a, b) and W > max(a, b)) else "replicate"
+        pad = F.pad(x[:, None].double(), (b, a, b, a), mode=mode)
+        ref = F.avg_pool2d(pad, size, stride=1)[:, 0].float()
+        out = box_filter(x, size)
+        assert out.shape == x.shape and out.dtype == torch.float32
+        assert float((out - ref).abs().max()) <= 1e-6, (size, H, W)
+
+
 def test_split_levels():
     r = torch.arange(2 * 3 * 9.0).reshape(2, 3, 9)
     d = split_levels(r, 3)

@@ -188,6 +188,36 @@ LF_API int lf_rasterize_sparse_bwd(
     float *v_sp_w,                // out [C,N,K]
     void *stream);
 
+// Relevancy without the coefficient maps (a sparse codebook's text query, fused):
+// blends the K (channel, weight) pairs of every Gaussian into per-pixel
+// coefficients z (channels [0, n_levels * L): level l owns [l L, (l+1) L)),
+// as lf_rasterize_sparse_fwd does, but keeps them in the tile and writes, per
+// level and pixel, the LERF relevancy of Q queries:
+//   s_m = (z A[:, m]) / max(sqrt(z G z), 1e-12)       (cosines of normalize(z C))
+//   rel_q = sigmoid(temperature * (s_q - max_{m >= Q} s_m))
+// with A = C E^T [L, M] (codebook-to-embedding cosines: Q queries, then M - Q
+// canonical phrases) and G = C C^T [L, L]; 0 where the pixel's alpha is not
+// above min_alpha. Only the codebook entries a tile uses enter its quadratic
+// form. Optionally (D > 0) D dense channels colors [C,N,D] are blended in the
+// same pass (with backgrounds [C,D] or NULL), exactly as lf_rasterize_fwd
+// renders them. No gradients.
+LF_API int lf_rasterize_sparse_relevancy_fwd(
+    int C, int N, int K, int n_levels, int L, int M, int Q, int D, int width, int height, int tile_size,
+    int tile_width, int tile_height,
+    const float *means2d, const float *conics, const int32_t *sp_idx, const float *sp_w,
+    const float *opacities,
+    const float *colors,          // [C,N,D] or NULL when D == 0
+    const float *backgrounds,     // [C,D] or NULL
+    const int32_t *tile_offsets, const int32_t *flatten_ids, int64_t n_isects,
+    const float *A,               // [L,M]
+    const float *G,               // [L,L]
+    float temperature, float min_alpha,
+    float *render,                // out [C,H,W,D] or NULL when D == 0
+    float *relevancy,             // out [C,Q,n_levels,H,W]
+    float *render_alphas,         // out [C,H,W]
+    int32_t *last_ids,            // out [C,H,W]
+    void *stream);
+
 #ifdef __cplusplus
 }
 #endif

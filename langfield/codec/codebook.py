@@ -224,12 +224,13 @@ class CodebookCodec(nn.Module):
         z = z.to(C.device, C.dtype).reshape(-1, self.latent_dim)
         emb = emb.to(device=C.device, dtype=C.dtype)
         A = C @ emb.t()  # [L, K]
-        G = self._gram()
+        G = self.gram()
         dots = z @ A
         nrm = ((z @ G) * z).sum(-1).clamp_min(0).sqrt().clamp_min(1e-12)
         return dots / nrm[:, None]
 
-    def _gram(self) -> Tensor:
+    def gram(self) -> Tensor:
+        """``G = C C^T [L, L]``, cached per codebook version."""
         C = self.codebook
         key = (C.data_ptr(), C.device, C._version)
         if getattr(self, "_gram_key", None) != key:

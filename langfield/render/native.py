@@ -18,7 +18,7 @@ from torch import Tensor
 
 from langfield.render._build import load_library
 
-__all__ = ["project", "sh", "isect", "rasterize", "rasterize_sparse", "NativeError"]
+__all__ = ["project", "sh", "isect", "rasterize", "rasterize_sparse", "rasterize_sparse_relevancy", "NativeError"]
 
 
 class NativeError(RuntimeError):
@@ -240,6 +240,8 @@ def rasterize(means2d, conics, colors, opacities, backgrounds, width, height, ti
 _SPARSE_SIGNATURES = {
     "lf_rasterize_sparse_fwd": [ctypes.c_int] * 9 + [ctypes.c_void_p] * 7 + [ctypes.c_int64] + [ctypes.c_void_p] * 4,
     "lf_rasterize_sparse_bwd": [ctypes.c_int] * 9 + [ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 4,
+    "lf_rasterize_sparse_relevancy_fwd": [ctypes.c_int] * 13 + [ctypes.c_void_p] * 9 + [ctypes.c_int64]
+    + [ctypes.c_void_p] * 2 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 5,
 }
 
 
@@ -305,3 +307,38 @@ def rasterize_sparse(means2d, conics, sp_idx, sp_w, opacities, width, height, ti
     """Native twin of :func:`langfield.render.reference.rasterize_sparse` (gradients: ``sp_w`` only)."""
     return _RasterizeSparse.apply(means2d, conics, sp_idx, sp_w, opacities, int(width), int(height),
                                   int(tile_size), tile_offsets, flatten_ids, int(n_channels))
+
+
+@torch.no_grad()
+def rasterize_sparse_relevancy(means2d, conics, sp_idx, sp_w, opacities, width, height, tile_size, tile_offsets,
+                               flatten_ids, n_levels, A, G, n_queries, temperature, min_alpha, colors=None,
+                               backgrounds=None):
+    """lf_rasterize_sparse_relevancy_fwd (no gradients): ``sp_idx``/``sp_w`` ``[C, N, K]`` with
+    channels in ``[0, n_levels * L)``, ``A [L, M]`` (queries first), ``G [L, L]``; optional dense
+    ``colors [C, N, D]`` (+ ``backgrounds [C, D]``) blended in the same pass. Returns
+    ``(relevancy [C, Q, n_levels, H, W], render [C, H, W, D] or None, alphas [C, H, W],
+    last_ids [C, H, W])``."""
+    C, N, K = sp_w.shape
+    L, M = A.shape
+    dev = sp_w.device
+    th, tw = tile_offsets.shape[1], tile_offsets.shape[2]
+    m2, co, op = _c(means2d), _c(conics), _c(opacities)
+    idx_ = sp_idx.detach().to(torch.int32).contiguous()
+    w_ = _c(sp_w)
+    A_, G_ = _c(A), _c(G)
+    D = 0 if colors is None else int(colors.shape[-1])
+    col_ = _c(colors) if D else None
+    bg_ = _c(backgrounds) if (D and backgrounds is not None) else None
+    tile_offsets = tile_offsets.contiguous()
+    flatten_ids = flatten_ids.contiguous()
+    rel = torch.empty((C, int(n_queries), int(n_levels), height, width), dtype=torch.float32, device=dev)
+    render = torch.empty((C, height, width, D), dtype=torch.float32, device=dev) if D else None
+    alphas = torch.empty((C, height, width), dtype=torch.float32, device=dev)
+    last_ids = torch.empty((C, height, width), dtype=torch.int32, device=dev)
+    lib = _sparse_lib(sp_w)
+    _check(lib, lib.lf_rasterize_sparse_relevancy_fwd(
+        C, N, K, int(n_levels), L, M, int(n_queries), D, int(width), int(height), int(tile_size), tw, th, _p(m2),
+        _p(co), _p(idx_), _p(w_), _p(op), _p(col_), _p(bg_), _p(tile_offsets), _p(flatten_ids), flatten_ids.numel(),
+        _p(A_), _p(G_), float(temperature), float(min_alpha), _p(render), _p(rel), _p(alphas), _p(last_ids),
+        _stream(sp_w)), "rasterize_sparse_relevancy forward")
+    return rel, render, alphas, last_ids

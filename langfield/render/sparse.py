@@ -16,6 +16,11 @@ rules); gradients flow to the weights (geometry is a constant of this op).
   reuses the projection and tile lists of an earlier :func:`~langfield.render.model.render` of
   the same model and cameras through its ``meta``) and returns a
   :class:`~langfield.render.model.RenderOutput` with ``lang`` and ``alpha``.
+* :func:`rasterize_sparse_relevancy` / :func:`render_sparse_relevancy` -- a codebook field's text
+  query fused into the sparse pass: the per-pixel coefficients stay in the tile and only the
+  relevancy ``[C, Q, levels, H, W]`` comes out (``lf_rasterize_sparse_relevancy_fwd``; the torch
+  reference renders the coefficient maps and scores them), optionally with colour + depth blended
+  in the same pass (one walk over the tiles for a whole relevancy frame).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from torch import Tensor
 
 from langfield.render.model import Cameras, RenderOutput
 
-__all__ = ["sparse_topk", "dense_from_sparse", "rasterize_sparse", "render_sparse"]
+__all__ = ["sparse_topk", "dense_from_sparse", "rasterize_sparse", "render_sparse", "rasterize_sparse_relevancy",
+           "render_sparse_relevancy", "scores_to_relevancy", "select_levels"]
 
 
 def sparse_topk(lang: Tensor, latent_dim: int, k: int) -> Tuple[Tensor, Tensor]:
@@ -142,3 +148,168 @@ def render_sparse(model, cameras: Cameras, idx: Tensor, w: Tensor, n_channels: i
     render_, alphas, _last = rasterize_sparse(means2d, conics, idx.to(dev), w, opac, cameras.width, cameras.height,
                                               ts, tile_offsets, flatten_ids, int(n_channels), backend=be)
     return RenderOutput(rgb=None, alpha=alphas[..., 0], lang=render_, meta={"backend": be, "sparse_k": w.shape[-1]})
+
+
+def select_levels(idx: Tensor, w: Tensor, latent_dim: int, k: int, levels) -> Tuple[Tensor, Tensor]:
+    """The pairs of some levels only: ``idx``/``w`` ``[..., n*k]`` as :func:`sparse_topk` makes
+    them (k pairs per level, level ``l``'s channels in ``[l L, (l+1) L)``) -> the pairs of
+    ``levels`` (a list of level indices), channels renumbered to ``[0, len(levels) L)``."""
+    L, k = int(latent_dim), int(k)
+    parts_i, parts_w = [], []
+    for j, lv in enumerate(levels):
+        parts_i.append(idx[..., lv * k:(lv + 1) * k] + (j - lv) * L)
+        parts_w.append(w[..., lv * k:(lv + 1) * k])
+    return torch.cat(parts_i, -1), torch.cat(parts_w, -1)
+
+
+def scores_to_relevancy(z: Tensor, A: Tensor, G: Tensor, n_levels: int, n_queries: int, temperature: float,
+                        alpha: Optional[Tensor] = None, min_alpha: float = -1.0) -> Tensor:
+    """The reference of the fused op's epilogue: coefficient maps ``z [C, H, W, n_levels * L]`` ->
+    relevancy ``[C, Q, n_levels, H, W]`` (cosines ``z A / sqrt(z G z)``, LERF relevancy of the
+    first ``n_queries`` columns of ``A`` against the others; 0 where ``alpha <= min_alpha``)."""
+    C, H, W, n = z.shape
+    L = n // int(n_levels)
+    Q = int(n_queries)
+    A = A.to(z.device, torch.float32)
+    G = G.to(z.device, torch.float32)
+    out = torch.empty(C, Q, int(n_levels), H, W, dtype=torch.float32, device=z.device)
+    for lv in range(int(n_levels)):
+        zl = z[..., lv * L:(lv + 1) * L].reshape(-1, L).float()
+        dots = zl @ A
+        nrm = ((zl @ G) * zl).sum(-1).clamp_min(0).sqrt().clamp_min(1e-12)
+        s = dots / nrm[:, None]
+        r = torch.sigmoid(temperature * (s[:, :Q] - s[:, Q:].amax(-1, keepdim=True)))
+        out[:, :, lv] = r.reshape(C, H, W, Q).permute(0, 3, 1, 2)
+    if alpha is not None:
+        out = out * (alpha.reshape(C, 1, 1, H, W) > min_alpha)
+    return out
+
+
+@torch.no_grad()
+def rasterize_sparse_relevancy(means2d: Tensor, conics: Tensor, sp_idx: Tensor, sp_w: Tensor, opacities: Tensor,
+                               width: int, height: int, tile_size: int, tile_offsets: Tensor, flatten_ids: Tensor,
+                               n_levels: int, A: Tensor, G: Tensor, n_queries: int, *, temperature: float = 10.0,
+                               min_alpha: float = -1.0, colors: Optional[Tensor] = None,
+                               backgrounds: Optional[Tensor] = None, backend: str = "auto"):
+    """A codebook field's text query on projected Gaussians in one pass (no gradients): the
+    (index, weight) pairs ``[N, K]`` / ``[C, N, K]`` (channels ``[0, n_levels * L)``) are blended
+    per pixel and scored against ``A [L, M]`` (codebook-to-embedding cosines, the ``n_queries``
+    queries first, then the canonical phrases) with the codebook Gram ``G [L, L]``. Optional
+    dense ``colors [C, N, D]`` (and ``backgrounds [C, D]``) are blended in the same pass.
+    Returns ``(relevancy [C, Q, n_levels, H, W], render [C, H, W, D] or None, alphas [C, H, W])``.
+    The native op never materialises the ``[H, W, n_levels * L]`` coefficient maps; the torch
+    reference does (and is what the op is tested against)."""
+    from langfield.render.api import resolve_backend
+
+    C, N = means2d.shape[:2]
+    L = int(A.shape[0])
+    n_ch = int(n_levels) * L
+    sp_idx, sp_w = _check_pairs(sp_idx, sp_w, n_ch, C, N)
+    if tuple(G.shape) != (L, L) or int(A.shape[1]) <= int(n_queries) or int(n_queries) < 1:
+        raise ValueError(f"rasterize_sparse_relevancy: A {tuple(A.shape)} must be [L, Q + canonical] with "
+                         f"Q={n_queries} >= 1 and G {tuple(G.shape)} [L, L]")
+    if colors is not None and colors.dim() == 2:
+        colors = colors.unsqueeze(0).expand(C, *colors.shape)
+    be = resolve_backend(backend, means2d.device, torch.float32)
+    if be in ("cpu", "cuda"):
+        from langfield.render import native
+
+        rel, render_, alphas, _ = native.rasterize_sparse_relevancy(
+            means2d, conics, sp_idx, sp_w.to(torch.float32), opacities, int(width), int(height), int(tile_size),
+            tile_offsets, flatten_ids, int(n_levels), A, G, int(n_queries), float(temperature), float(min_alpha),
+            colors=colors, backgrounds=backgrounds)
+        return rel, render_, alphas
+    from langfield.render import reference
+
+    D = 0 if colors is None else int(colors.shape[-1])
+    dense = dense_from_sparse(sp_idx, sp_w.float(), n_ch)
+    feats = dense if colors is None else torch.cat([colors.float(), dense], -1)
+    bg = None
+    if colors is not None and backgrounds is not None:
+        bg = torch.cat([backgrounds.float(), backgrounds.new_zeros(C, n_ch).float()], -1)
+    out, alphas, _ = reference.rasterize(means2d, conics, feats, opacities, bg, int(width), int(height),
+                                         int(tile_size), tile_offsets, flatten_ids)
+    alphas = alphas[..., 0]
+    rel = scores_to_relevancy(out[..., D:], A, G, int(n_levels), int(n_queries), float(temperature), alphas,
+                              float(min_alpha))
+    return rel, (out[..., :D] if D else None), alphas
+
+
+@torch.no_grad()
+def render_sparse_relevancy(model, cameras: Cameras, idx: Tensor, w: Tensor, n_levels: int, A: Tensor, G: Tensor,
+                            n_queries: int, *, temperature: float = 10.0, min_alpha: float = -1.0,
+                            meta: Optional[Dict[str, Any]] = None, colors: bool = False,
+                            sh_degree: Optional[int] = None, depth: bool = False, background=None,
+                            t: Optional[float] = None, backend: str = "auto", eps2d: float = 0.3,
+                            near_plane: float = 0.01, far_plane: float = 1e10, tile_size: int = 16):
+    """:func:`rasterize_sparse_relevancy` on a scene model: reuses the projection and tile lists of
+    ``meta`` (an earlier :func:`~langfield.render.model.render` of the same model and cameras)
+    or projects the model itself; with ``colors`` (and ``depth``, ``background``, ``sh_degree``
+    as :func:`~langfield.render.model.render` takes them; not with ``meta``) the SH colour and
+    the expected depth are blended in the same pass. Returns ``(relevancy [C, Q, n_levels, H, W],
+    RenderOutput(rgb, alpha, depth))``: the colour, alpha and depth equal
+    :func:`~langfield.render.model.render`'s."""
+    from langfield.render.api import backend_ops, resolve_backend
+
+    C = len(cameras)
+    dev = w.device
+    W_, H_ = cameras.width, cameras.height
+    if meta is not None:
+        if colors or depth:
+            raise ValueError("render_sparse_relevancy: colours and depth come with their own pass (meta=None)")
+        if not (meta.get("n_cameras") == C and "isect_offsets" in meta and meta.get("width") == W_
+                and meta.get("height") == H_):
+            raise ValueError("render_sparse_relevancy: meta is not a render of these cameras")
+        means2d, conics, opac = meta["means2d"].detach(), meta["conics"].detach(), meta["opacities"].detach()
+        tile_offsets, flatten_ids, ts = meta["isect_offsets"], meta["flatten_ids"], int(meta["tile_size"])
+        be = backend if backend != "auto" else (meta.get("backend") or "auto")
+        feats = bg = None
+        depths = None
+    else:
+        if t is None and cameras.times is not None and len(cameras) > 0:
+            t = float(cameras.times[0])
+        a = model.activated(t)
+        be = resolve_backend(backend, a.means.device, torch.float32)
+        ops = backend_ops(be if be != "gsplat" else "torch")
+        f32 = (lambda x: x.to(torch.float32)) if be in ("cpu", "cuda") else (lambda x: x)
+        vm, Ks = cameras.viewmats.to(a.means.device), cameras.Ks.to(a.means.device)
+        radii, means2d, depths, conics, _ = ops.project(
+            f32(a.means), f32(a.quats), f32(a.scales), f32(a.opacities), f32(vm), f32(Ks), W_, H_, eps2d,
+            near_plane, far_plane, 0.0, False)
+        ts = int(tile_size)
+        tile_offsets, flatten_ids, _ = ops.isect(radii, means2d, depths, W_, H_, ts)
+        opac = f32(a.opacities).unsqueeze(0).expand(C, -1).contiguous()
+        feats = bg = None
+        parts = []
+        if colors:
+            deg = a.sh_degree if sh_degree is None else min(int(sh_degree), a.sh_degree)
+            k = (deg + 1) ** 2
+            sh = a.sh if a.sh.shape[1] == k else a.sh[:, :k]
+            coeffs = f32(sh).unsqueeze(0).expand(C, *sh.shape)
+            visible = (radii > 0).all(dim=-1)
+            campos = torch.linalg.inv(f32(vm))[:, :3, 3]
+            dirs = f32(a.means).unsqueeze(0) - campos.unsqueeze(1)
+            parts.append(torch.clamp_min(ops.sh(int(deg), dirs, coeffs, visible) + 0.5, 0.0))
+            if background is not None:
+                b = torch.as_tensor(background, dtype=torch.float32, device=a.means.device)
+                bg = b.reshape(1, 3).expand(C, 3) if b.numel() == 3 else b.reshape(C, 3)
+        if depth:
+            parts.append(depths.unsqueeze(-1))
+            if bg is not None:
+                bg = torch.cat([bg, bg.new_zeros(C, 1)], -1)
+        if parts:
+            feats = torch.cat(parts, -1).contiguous()
+    if be == "gsplat":
+        be = "torch"
+    rel, dense, alphas = rasterize_sparse_relevancy(
+        means2d, conics, idx.to(dev), w, opac, W_, H_, ts, tile_offsets, flatten_ids, int(n_levels), A.to(dev),
+        G.to(dev), int(n_queries), temperature=temperature, min_alpha=min_alpha, colors=feats, backgrounds=bg,
+        backend=be)
+    out = RenderOutput(rgb=None, alpha=alphas, meta={"backend": be})
+    if dense is not None:
+        if colors:
+            out.rgb = dense[..., :3]
+        if depth:
+            d = dense[..., -1] / alphas.clamp(min=1e-10)
+            out.depth = torch.where(alphas > 1e-4, d, torch.zeros_like(d))
+    return rel, out
