@@ -16,7 +16,11 @@ names and the dataset's cameras.
   ``<stem>.json`` / run config naming the text encoder: queries too).
 
 :meth:`render` draws colour, expected depth, alpha and every level's latents in **one** pass
-of the rasterizer (SH colours evaluated per Gaussian, latents as extra channels);
+of the rasterizer (SH colours evaluated per Gaussian, latents as extra channels; a codebook
+field draws colour + depth and keeps its sparse pass for later: ``latents`` is a
+:class:`LazyLatents`, and :meth:`query` scores the Gaussians' (index, weight) pairs inside the
+tiles without making coefficient maps; :meth:`render_query` does colour, depth and relevancy in
+one pass);
 :meth:`query` turns a render into relevancy / heatmap / mask for a text (LERF relevancy,
 level choice, smoothing; :mod:`langfield.query`); :meth:`select` scores the Gaussians
 themselves (3D selection); :meth:`reload` picks up a newer checkpoint of a run that is still
