@@ -248,6 +248,9 @@ DP_OPTS = dict(steps=24, batch_size=2, downscale=2, ckpt_every=8, keep_checkpoin
                refine_every=5, refine_stop_iter=14, grow_grad2d=2e-4, background="random", progress=False,
                save_renders=False, backend="cpu")
 
+LANG_OPTS = dict(features="labels", text_encoder="offline", steps=6, ae_steps=30, ckpt_every=3, keep_checkpoints=0,
+                 device="cpu", backend="cpu", progress=False)
+
 DP = """
 import json, os, signal, sys, torch
 torch.set_num_threads(1)
@@ -266,6 +269,8 @@ try:
         except D.DistError as e:
             print("MISMATCH " + json.dumps(str(e)), flush=True)
         m = train_rgb(scene, out, resume=True, progress=False)
+        from langfield.train.language import train_language
+        train_language(out, evaluate=False, log=lambda *_: None, **json.loads(sys.argv[5]))
     else:
         m = train_rgb(scene, out, hooks=[die], **opts)
     print("RESULT " + json.dumps({"rank": d.rank, "step": m.get("step"), "n": m.get("num_gaussians")}), flush=True)
@@ -319,7 +324,8 @@ def test_data_parallel_equals_one_rank_batch_survives_a_killed_rank_and_resumes(
     assert m_one["num_gaussians"] == m_ref["num_gaussians"] and abs(m_one["psnr"] - m_ref["psnr"]) < 1e-3
 
     # ranks that disagree are refused at start; then the killed job resumes on 2 ranks
-    res = launch(DP, 2, tmp_path, args=(scene, dp, "mismatch", json.dumps(DP_OPTS)), timeout=120)
+    res = launch(DP, 2, tmp_path, args=(scene, dp, "mismatch", json.dumps(DP_OPTS), json.dumps(LANG_OPTS)),
+                 timeout=180)
     for rc, text in res:
         mm = _result(text, "MISMATCH")
         assert mm.startswith("the ranks disagree on the training configuration and data: config.seed (rank 0: 0, "
@@ -329,6 +335,22 @@ def test_data_parallel_equals_one_rank_batch_survives_a_killed_rank_and_resumes(
     _assert_same(_splats(dp, 24), _splats(ref, 24), "resumed on 2 ranks")
     m_dp = json.loads((dp / "metrics.json").read_text())
     assert abs(m_dp["psnr"] - m_ref["psnr"]) < 1e-3 and m_dp["num_gaussians"] == m_ref["num_gaussians"]
+
+    # the language stage: features extracted by both ranks, codec fitted by rank 0, latents
+    # trained on 2 ranks x 1 view == 1 process x 2 views
+    from langfield.run import RunFolder
+    from langfield.train.language import train_language
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (the codec fit's reductions then add in the same order)
+    try:
+        train_language(ref, evaluate=False, log=lambda *_: None, batch_size=2, **LANG_OPTS)
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (RunFolder(r).store("language").latest()[1] for r in (ref, dp))
+    assert a.step == b.step == 6 and json.loads((dp / "config.json").read_text())["language"]["config"]["batch_size"] == 2
+    _assert_same({"lang": b.tensors["splats"]["lang"]}, {"lang": a.tensors["splats"]["lang"]}, "language", atol=1e-5)
+    assert float(a.tensors["splats"]["lang"].abs().max()) > 1e-3  # it trained
     assert not (tmp_path / "dp-mm").exists() or not any((tmp_path / "dp-mm").iterdir())
 
 

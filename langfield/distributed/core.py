@@ -81,6 +81,7 @@ class Dist:
         self.timeout_s = float(timeout_s)
         self.store = store
         self.n_collectives = 0
+        self.n_waits = 0
         self.step = -1  # what the trainer reports through set_step (named in errors)
         self.host = socket.gethostname()
         self.bytes_sent = 0  # payload bytes handed to collectives by this rank (benchmarks)
@@ -132,7 +133,23 @@ class Dist:
     def report(self, message: str) -> None:
         """Leave this rank's error in the store, so the other ranks' errors can name it."""
         line = " ".join(str(message).split())[:400]
-        self._store_set(f"failed/{self.rank}", f"{self.host} pid {os.getpid()}: {line}")
+        # with the collective count: a rank that caught the error and went on (its heartbeat
+        # moves past the count) is not reported as failed later
+        self._store_set(f"failed/{self.rank}", f"{self.n_collectives}|{self.host} pid {os.getpid()}: {line}")
+
+    def _failure(self, r: int) -> Optional[str]:
+        """Rank ``r``'s failure note, unless it went on with the job after writing it."""
+        f = self._store_get(f"failed/{r}")
+        if f is None:
+            return None
+        n, _, msg = f.partition("|")
+        b = self._store_get(f"beat/{r}")
+        try:
+            if b is not None and int(b.split("|")[0]) > int(n):
+                return None
+        except ValueError:
+            pass
+        return msg
 
     def _culprit(self) -> str:
         """Who stopped the job, as well as the store can tell (one clause)."""
@@ -147,7 +164,7 @@ class Dist:
         for r in range(self.world):
             if r == self.rank:
                 continue
-            f = self._store_get(f"failed/{r}")
+            f = self._failure(r)
             if f is not None:
                 failed.append(f"rank {r} failed ({f})")
             b = self._store_get(f"beat/{r}")
@@ -198,7 +215,8 @@ class Dist:
         if self.store is None:  # pragma: no cover - no store to poll: a plain barrier
             return self.barrier(what)
         self.n_collectives += 1
-        tag = f"wait/{self.n_collectives}"
+        self.n_waits += 1
+        tag = f"wait/{self.n_waits}"  # every rank makes the same sequence of waits
         self._store_set(f"{tag}/{self.rank}", "1")
         self._store_set(f"beat/{self.rank}", f"{self.n_collectives}|{what}|{self.step}|{self.host}|{os.getpid()}")
         last: Dict[int, Any] = {}
@@ -213,7 +231,7 @@ class Dist:
                 return
             now_ = time.monotonic()
             for r in pending:
-                f = self._store_get(f"failed/{r}")
+                f = self._failure(r)
                 if f is not None:
                     raise DistError(f"rank {self.rank}/{self.world}: waiting for the other ranks ({what}): rank {r} "
                                     f"failed ({f})")

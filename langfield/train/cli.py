@@ -178,6 +178,11 @@ def cli_train(
                   file=sys.stderr)
         if batch_size not in (None, 1) or no_lr_batch_scaling:
             raise _fail("--batch-size is not available for dynamic runs yet (one camera per step)")
+        from langfield.distributed import get as _job
+
+        if _job().active:
+            raise _fail(f"dynamic runs are not data-parallel yet: run this one without torchrun (this job has "
+                        f"{_job().world} ranks)")
         return cli_train_dynamic(data, out, **dyn)
     plain_warnings()
     from langfield.run import NonFiniteError, RunError

@@ -95,6 +95,11 @@ class LangConfig:
     label_merge: float = 0.0
     extract_batch: int = 1
 
+    # several processes (torchrun)
+    batch_size: Optional[int] = None
+    """Training views per step over all ranks (each of N ranks renders batch_size / N); default
+    1, or N under ``torchrun``; stored resolved (the run resumes on any divisor of it)."""
+
     def validate(self) -> None:
         def bad(msg):
             raise ValueError(msg)
@@ -115,6 +120,8 @@ class LangConfig:
             bad(f"--ckpt-every must be >= 1, got {self.ckpt_every}")
         if self.rgb_weight < 0:
             bad(f"--rgb-weight must be >= 0, got {self.rgb_weight}")
+        if self.batch_size is not None and self.batch_size < 1:
+            bad(f"the language stage's batch_size must be >= 1, got {self.batch_size}")
         for k in ("label_noise", "label_drop", "label_merge"):
             if getattr(self, k) < 0:
                 bad(f"--{k.replace('_', '-')} must be >= 0")
@@ -243,6 +250,13 @@ class LanguageTrainer(EpochSampler):
         self.perm = torch.zeros(0, dtype=torch.long)
         self.pos = 0
         self.last_ckpt_step: Optional[int] = None
+        from langfield import distributed
+
+        self.job = distributed.get()
+        self.batch = int(cfg.batch_size or 1)
+        if self.batch % self.job.world:
+            raise LanguageError(f"the language stage's batch ({self.batch} views per step) is not a multiple of the "
+                                f"{self.job.world} ranks of this job; run it with a divisor of it")
 
     # ---- set-up ------------------------------------------------------------------------------
     def prepare(self, resume: bool, overwrite_features: bool = False) -> None:
@@ -286,10 +300,10 @@ class LanguageTrainer(EpochSampler):
         # 3. parameters
         ck = None
         if resume:
-            _p, ck = self.rf.store("language").latest(quarantine=True)  # corrupt newest: warned, moved aside
+            _p, ck = self.rf.store("language").latest(quarantine=self.job.is_main)  # corrupt newest: moved aside
             if ck is not None and ck.step > cfg.steps:
                 raise LanguageError(f"--lang-steps {cfg.steps} is below the language checkpoint's step {ck.step}")
-        _bp, base = self.rf.store("rgb").latest(quarantine=True)
+        _bp, base = self.rf.store("rgb").latest(quarantine=self.job.is_main)
         if base is None:
             raise LanguageError(f"{self.root}: no readable RGB checkpoint in {self.rf.checkpoints}")
         self.rgb_step = int(base.step)
@@ -305,7 +319,8 @@ class LanguageTrainer(EpochSampler):
         self.targets = _Targets(self.cache, names, sizes, self.codec, self.levels, self.device)
         self.log(f"[language] targets for {len(names)} views encoded in {time.perf_counter() - t0:.1f} s")
         self._cams = CameraCache(self.ds.frames, self.device)
-        self._write_config()
+        if self.job.is_main:
+            self._write_config()
 
     def _frame_name(self, i: int) -> str:
         f = self.ds.frames[i]
@@ -340,6 +355,13 @@ class LanguageTrainer(EpochSampler):
         terminal, plain lines in a log)."""
         return self.cfg.progress
 
+    def fingerprint(self) -> Dict[str, Any]:
+        """What every rank must agree on before the first language step."""
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in ("progress", "device", "extract_batch")}
+        return {"config": cfg, "data": self.doc.get("data"), "rgb_step": self.rgb_step, "step": self.step,
+                "num_gaussians": self.gaussians.num, "levels": self.levels, "train_views": list(self.train_idx),
+                "backend": self.backend, "codec": self.codec.report.get("fit_key")}
+
     def _ae_key(self) -> Dict[str, Any]:
         c = self.cfg
         return {"features": self.cache.extractor, "features_config": self.cache.config, "latent_dim": c.latent_dim,
@@ -366,6 +388,9 @@ class LanguageTrainer(EpochSampler):
                          f"{codec.report.get('heldout_cos', float('nan')):.4f})")
                 return codec
             self.log(f"[language] {c.codec}: the features or options changed; fitting again")
+        if not self.job.is_main:  # rank 0 fits and writes the codec; the others only read it
+            raise LanguageError(f"rank {self.job.rank}: {path} is not the codec rank 0 fitted for these features and "
+                                f"options (is the run folder shared by every node?)")
 
         def chunks():
             for i in self.train_idx:
@@ -448,6 +473,8 @@ class LanguageTrainer(EpochSampler):
 
     # ---- training ----------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
+        if self.batch > 1 or self.job.active:
+            return self._train_step_batch()
         c = self.cfg
         i = self._next_index()
         cams = self._cams[i]
@@ -489,10 +516,73 @@ class LanguageTrainer(EpochSampler):
                 project(self.gaussians.splats["lang"].data, self.step / c.steps)
         return {"loss": float(loss.detach()), "lang_l1": lang_l}
 
+    def _view_loss(self, i: int):
+        """``(loss, language L1)`` of one training view (the terms of :meth:`train_step`)."""
+        c = self.cfg
+        target, valid = self.targets.get(i)
+        nl = len(self.levels)
+        cams = self._cams[i]
+        if c.joint:
+            bg = torch.zeros(3, device=self.device)
+            out = render(self.gaussians, cams, sh_degree=self.sh_degree, language=True, background=bg,
+                         backend=self.backend, validate=False)
+            pred_rgb, pred = out.rgb[0], out.lang[0]
+        else:
+            out = render(self.gaussians, cams, colors=False, language=True, backend=self.backend, validate=False)
+            pred = out.lang[0]
+        L, T = self.cfg.latent_dim, self.codec.target_dim
+        loss = pred.new_zeros(())
+        for li in range(nl):
+            loss = loss + self.codec.loss(pred[..., li * L:(li + 1) * L], target[..., li * T:(li + 1) * T],
+                                          valid[..., li])
+        lang_l = loss.detach()
+        if c.joint and c.rgb_weight > 0:
+            from langfield.eval.views import composite_on
+            from langfield.train.losses import rgb_loss
+
+            image, alpha = self.ds._cached_rgba(i)
+            gt = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+            l_rgb, _, _ = rgb_loss(pred_rgb.clamp(0, 1), gt, self.tcfg.ssim_lambda)
+            loss = loss + c.rgb_weight * l_rgb
+        return loss, lang_l
+
+    def _train_step_batch(self) -> Dict[str, float]:
+        """``batch`` views per step, this rank's share rendered here, the gradients summed over
+        the ranks (as the RGB stage, :mod:`langfield.distributed.dp`)."""
+        from langfield import distributed
+
+        c, job, B = self.cfg, self.job, self.batch
+        job.set_step(self.step)
+        views = [self._next_index() for _ in range(B)]
+        stats = torch.zeros(2, dtype=torch.float64)
+        for j in job.share(B):
+            loss, lang_l = self._view_loss(views[j])
+            (loss / B).backward()
+            stats += torch.stack([loss.detach().double().cpu(), lang_l.double().cpu()])
+        params = [p for p in self.gaussians.splats.values() if p.requires_grad]
+        stats = distributed.all_reduce_grads(params, extra=stats, dist_=job)
+        lv, lang_l = float(stats[0]) / B, float(stats[1]) / B
+        if not math.isfinite(lv):
+            raise LanguageError(f"language training stopped at step {self.step + 1}: the loss is not finite")
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        self.step += 1
+        project = getattr(self.codec, "project_", None)
+        if project is not None:
+            with torch.no_grad():
+                project(self.gaussians.splats["lang"].data, self.step / c.steps)
+        return {"loss": lv, "lang_l1": lang_l}
+
     def save_checkpoint(self) -> Path:
         g = self.gaussians
         if not all(bool(torch.isfinite(p).all()) for p in g.splats.values()):
             raise LanguageError("language training produced non-finite parameters; nothing was saved")
+        if self.job.active:  # identical on every rank (checked); rank 0 writes
+            self.job.check_params(g.splats, self.step)
+            if not self.job.is_main:
+                self.last_ckpt_step = self.step
+                return self.rf.store("language").path(self.step)
         optim = {}
         for k, opt in self.optimizers.items():
             st = opt.state.get(g.splats[k], {})
@@ -514,7 +604,7 @@ class LanguageTrainer(EpochSampler):
         if self.step >= c.steps:
             return
         mode = None if c.progress is None else ("bar" if c.progress else "off")
-        bar = Progress(c.steps, self.step, desc="language", mode=mode)
+        bar = Progress(c.steps, self.step, desc="language", mode=mode if self.job.is_main else "off")
         ema = None
         try:
             t0 = time.perf_counter()
@@ -572,22 +662,31 @@ def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *
         cfg = replace(config or LangConfig(), **options)
         if has_ckpt and not overwrite:
             resume = True
+    from langfield import distributed
+
+    job = distributed.get()
+    if cfg.batch_size is None:  # a new stage: one view per rank and step (stored resolved)
+        cfg = replace(cfg, batch_size=job.world if (stored is None or overwrite) else 1)
     try:
         cfg.validate()
     except ValueError as e:
         raise LanguageError(str(e)) from None
-    from langfield import distributed
-
-    job = distributed.get()
     try:
         if job.active and not job.is_main:
-            # a torchrun job: every rank extracts its share of the images into the one cache;
-            # rank 0 then fits the codec and trains the latents alone (not data-parallel yet)
+            # a torchrun job: every rank extracts its share of the images into the one cache,
+            # waits for rank 0 to fit the codec, then trains its share of each batch
             tr = LanguageTrainer(run, cfg, log=lambda m: log(f"[rank {job.rank}/{job.world}] {m}"),
                                  extractor=extractor)
             tr._load_data()
-            tr._extract(overwrite)
-            return {"step": None, "train_time_s": None, "metrics": None}
+            tr.cache = tr._extract(overwrite)
+            job.wait_all("rank 0 fitting the language codec")
+            tr._prepare_rest(resume)
+            job.check_same("language stage", tr.fingerprint())
+            tr.train()
+            if tr.last_ckpt_step != tr.step:
+                tr.save_checkpoint()
+            job.barrier("end of the language stage")
+            return {"step": tr.step, "train_time_s": tr.train_time, "metrics": None}
         with rf.lock():
             return _train_language_locked(run, rf, cfg, resume, overwrite, evaluate, log, extractor)
     except RunError as e:
@@ -612,10 +711,16 @@ def _train_language_locked(run: Path, rf: RunFolder, cfg: LangConfig, resume: bo
         tr.prepare(resume=resume, overwrite_features=overwrite)
     except CacheCorruptError as e:
         raise LanguageError(f"{e}; run the same command again to recompute it") from None
+    job = tr.job
+    if job.active:  # the codec is written: the other ranks read it and join
+        job.wait_all("rank 0 fitting the language codec")
+        job.check_same("language stage", tr.fingerprint())
     already = tr.step >= cfg.steps
     tr.train()
     if tr.last_ckpt_step != tr.step:
         tr.save_checkpoint()
+    if job.active:
+        job.barrier("end of the language stage")
     if not already:
         log(f"[language] {tr.step} steps in {tr.train_time:.1f} s ({tr.train_time / max(tr.step, 1) * 1000:.1f} "
             f"ms/step); {tr.gaussians.num} Gaussians x {len(tr.levels)} levels x {cfg.latent_dim} latents "
