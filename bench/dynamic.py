@@ -4,6 +4,7 @@ dynamic scene, query latency at a new time and render frames/s with deformation.
     python bench/dynamic.py                      # full (D-NeRF 200x200 step sweep: long on a CPU)
     python bench/dynamic.py --quick              # small step counts and sizes
     python bench/dynamic.py --only dnerf --steps 1000,3000,6000 --scenes jumpingjacks
+    python bench/dynamic.py --only query --run RUN   # query latency of an existing dynamic run
 
 Prints a table and writes ``bench/results/dynamic.json``. Each D-NeRF scene is trained once to
 the largest step count; held-out PSNR (the test split's (view, time) pairs) is measured at
@@ -13,6 +14,8 @@ each step count on the way, with the training time so far (evaluation excluded).
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import sys
 import tempfile
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _util import machine, print_table, write_json  # noqa: E402
@@ -27,7 +31,7 @@ from _util import machine, print_table, write_json  # noqa: E402
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def bench_dnerf(scene: str, steps, work: Path, device: str, deform_kw: dict):
+def bench_dnerf(scene: str, steps, work: Path, device: str, deform_kw: dict, train_kw: dict):
     from langfield.dynamic.train import DynamicConfig, DynamicTrainer
     from langfield.train.config import TrainConfig
 
@@ -35,16 +39,22 @@ def bench_dnerf(scene: str, steps, work: Path, device: str, deform_kw: dict):
     if not data.is_dir():
         return [{"bench": f"dnerf {scene}", "note": f"{data} missing"}]
     steps = sorted(steps)
-    cfg = TrainConfig(steps=steps[-1], init_random=20_000, sh_degree=3, ckpt_every=10**9, progress=False,
-                      save_renders=False, device=device)
+    kw = dict(steps=steps[-1], init_random=20_000, sh_degree=3, ckpt_every=10**9, progress=False,
+              save_renders=False, device=device)
+    kw.update(train_kw)
+    cfg = TrainConfig(**kw)
     dyn = DynamicConfig(**deform_kw)
     tr = DynamicTrainer.create_dynamic(data, work / f"dnerf_{scene}", cfg, dyn, overwrite=True)
     rows = []
+    cpu = 0.0
     for s in steps:
+        c0 = time.process_time()
         tr.train(stop_at=s)
+        cpu += time.process_time() - c0
         r = tr.evaluate(write_renders=False)
         rows.append({"bench": f"dnerf {scene} 200x200", "steps": s, "psnr": r["psnr"], "ssim": r["ssim"],
-                     "train_s": tr.train_time, "gaussians": tr.gaussians.num, "views": r["n_views"]})
+                     "train_s": tr.train_time, "cpu_s": cpu, "gaussians": tr.gaussians.num, "views": r["n_views"],
+                     "load": os.getloadavg()[0]})
         print(rows[-1], flush=True)
     tr.save_checkpoint()
     return rows
@@ -66,7 +76,7 @@ def bench_language(work: Path, device: str, size: int, frames: int, rgb_steps: i
     t_rgb = time.perf_counter() - t0
     t0 = time.perf_counter()
     r = train_dynamic_language(run, states=2, overwrite=True, steps=lang_steps, features="labels",
-                               text_encoder="offline", ae_steps=500, device=device, progress=False, lr=0.01,
+                               text_encoder="offline", ae_steps=800, ae_lr=3e-3, device=device, progress=False, lr=0.01,
                                log=lambda *_: None)
     t_lang = time.perf_counter() - t0
     mt = r["metrics"]
@@ -77,54 +87,100 @@ def bench_language(work: Path, device: str, size: int, frames: int, rgb_steps: i
 
 
 def bench_query(run: Path, device: str, size: int = 256, repeats: int = 5):
-    """Latency of render + one query at times the run never saw, and render frames/s with deformation."""
-    import numpy as np
-
+    """Latency of render + one query at times the run never saw (deformation, state mixer,
+    rasterization with the language channels, relevancy), best of ``repeats`` (wall and CPU
+    time), with its parts; render frames/s with deformation; and the same render without the
+    deformation (ratio baseline measured in the same process)."""
     from langfield.field import LanguageField
 
     f = LanguageField.load(run, device=device)
+    g = f.gaussians
     cam = f.cameras[0]
     s = size / max(cam.width, cam.height)
     K = np.array(cam.K, dtype=np.float64)
     K[:2] *= s
     W = H = size
-    times_q, times_r = [], []
     sync = (lambda: torch.cuda.synchronize()) if f.device.type == "cuda" else (lambda: None)
-    f.query(f.render(cam.viewmat, K, W, H, t=0.5), "box")  # warm-up
+    from langfield.dynamic.query import LatticeQuery
+
+    text, level = "open box", ("state" if "state" in f.levels else f.levels[-1])
+    r = f.render(cam.viewmat, K, W, H, t=0.5)
+    f.query(r, text, level=level)  # warm-up (text embedding, caches)
+    t0 = time.perf_counter()
+    lq = LatticeQuery(f, text, level)  # once per text: independent of t and of the view
+    setup = time.perf_counter() - t0
+    err = lq.max_error(r)
+    wall, cpu, parts_deform, parts_query, times_r, exact = [], [], [], [], [], []
     for k in range(repeats):
         t = 0.123 + 0.77 * k / max(repeats - 1, 1) + 1e-3  # new times
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         r = f.render(cam.viewmat, K, W, H, t=t)
-        f.query(r, "open box")
+        t1 = time.perf_counter()
+        lq.query(r)
         sync()
-        times_q.append(time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        wall.append(t2 - t0)
+        cpu.append(time.process_time() - c0)
+        parts_query.append(t2 - t1)
+        if k < 2:  # the exact per-pixel decode, for comparison
+            t0 = time.perf_counter()
+            f.query(r, text, level=level)
+            sync()
+            exact.append(time.perf_counter() - t0)
+        with torch.no_grad():
+            t3 = time.perf_counter()
+            g.activated(t + 1e-4)
+            sync()
+            parts_deform.append(time.perf_counter() - t3)
         t0 = time.perf_counter()
         f.render(cam.viewmat, K, W, H, t=t, language=False)
         sync()
         times_r.append(time.perf_counter() - t0)
-    return {"bench": f"query at a new time {W}x{H}", "query_ms": 1e3 * min(times_q),
-            "render_fps": 1.0 / min(times_r), "gaussians": f.num}
+    g.deform_enabled = False
+    static = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f.render(cam.viewmat, K, W, H, t=0.5, language=False)
+        sync()
+        static.append(time.perf_counter() - t0)
+    g.deform_enabled = True
+    return {"bench": f"query at a new time {W}x{H}", "query_ms": 1e3 * min(wall), "query_cpu_ms": 1e3 * min(cpu),
+            "deform_ms": 1e3 * min(parts_deform), "relevancy_ms": 1e3 * min(parts_query),
+            "exact_relevancy_ms": 1e3 * min(exact), "lattice_setup_ms": 1e3 * setup, "lattice_max_err": err,
+            "render_fps": 1.0 / min(times_r), "static_render_fps": 1.0 / min(static), "gaussians": f.num,
+            "load": os.getloadavg()[0], "threads": torch.get_num_threads()}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["dnerf", "language", "all"], default="all")
+    ap.add_argument("--only", choices=["dnerf", "language", "query", "all"], default="all")
+    ap.add_argument("--run", default=None, help="with --only query: the dynamic language run to time")
     ap.add_argument("--steps", default=None, help="comma-separated D-NeRF step counts")
     ap.add_argument("--scenes", default="jumpingjacks,bouncingballs")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "dynamic.json"))
     ap.add_argument("--keep", default=None, help="keep the runs in this folder")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--train", default="{}", help="JSON of TrainConfig overrides for the D-NeRF runs")
+    ap.add_argument("--deform", default="{}", help="JSON of DynamicConfig overrides for the D-NeRF runs")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
     steps = [int(s) for s in (a.steps or ("200,500" if a.quick else "2000,6000,14000")).split(",")]
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="lf_bench_dyn_"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     deform_kw = dict(resolutions=(16, 32), time_resolution=16, features=8, hidden=32) if a.quick else {}
+    deform_kw.update(json.loads(a.deform))
+    train_kw = json.loads(a.train)
     try:
         if a.only in ("dnerf", "all"):
             for sc in a.scenes.split(","):
-                rows += bench_dnerf(sc.strip(), steps, work, a.device, deform_kw)
+                rows += bench_dnerf(sc.strip(), steps, work, a.device, deform_kw, train_kw)
+        if a.only == "query":
+            if not a.run:
+                ap.error("--only query needs --run RUN")
+            rows.append(bench_query(Path(a.run), a.device))
         if a.only in ("language", "all"):
             size, frames = (48, 12) if a.quick else (96, 16)
             run, row = bench_language(work, a.device, size, frames, 300 if a.quick else 1500,
@@ -135,8 +191,9 @@ def main():
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    cols = ["bench", "steps", "psnr", "ssim", "train_s", "gaussians", "miou", "loc", "acc", "viou", "query_ms",
-            "render_fps"]
+    cols = ["bench", "steps", "psnr", "ssim", "train_s", "cpu_s", "gaussians", "miou", "loc", "acc", "viou", "query_ms",
+            "query_cpu_ms", "deform_ms", "relevancy_ms", "exact_relevancy_ms", "lattice_max_err", "render_fps",
+            "static_render_fps"]
     print_table(rows, cols)
     write_json(Path(a.out), {"machine": machine(), "quick": a.quick, "rows": rows})
 

@@ -183,18 +183,50 @@ class DeformationField(nn.Module):
             ts = (tt * (2.0 ** f_t) * math.pi).reshape(n, -1)
             return torch.cat([u, xs.sin(), xs.cos(), tt, ts.sin(), ts.cos()], -1)
         q = torch.cat([u, tt], -1)  # [N, 4] in [-1, 1]
+        spatial = self._spatial(x, q)
         outs = []
         k = 0
-        for _r in cfg.resolutions:
-            prod = None
+        for ri, _r in enumerate(cfg.resolutions):
+            prod = spatial[ri]
             for a, b in _PAIRS:
-                grid = torch.stack([q[:, a], q[:, b]], -1)[None, None]  # [1, 1, N, 2] (x = a, y = b)
-                s = F.grid_sample(self.planes[k], grid, mode="bilinear", padding_mode="border",
-                                  align_corners=True)[0, :, 0].T  # [N, F]
-                prod = s if prod is None else prod * s
+                if b == 3:
+                    grid = torch.stack([q[:, a], q[:, b]], -1)[None, None]  # [1, 1, N, 2] (x = a, y = b)
+                    s = F.grid_sample(self.planes[k], grid, mode="bilinear", padding_mode="border",
+                                      align_corners=True)[0, :, 0].T  # [N, F]
+                    prod = prod * s
                 k += 1
             outs.append(prod)
         return torch.cat(outs, -1)
+
+    def _spatial(self, x: Tensor, q: Tensor) -> List[Tensor]:
+        """Per resolution, the product of the three spatial planes' samples at ``q`` [N, F]:
+        independent of t, so kept (outside autograd only) while ``x`` and the planes are the
+        same tensors, unchanged in place: a query at a new time then samples only the three
+        space-time planes."""
+        key = None
+        if not torch.is_grad_enabled():
+            key = (x.data_ptr(), x._version, tuple(x.shape), str(x.device), x.dtype,
+                   tuple(p._version for p in self.planes), tuple(p.data_ptr() for p in self.planes))
+            c = getattr(self, "_spatial_cache", None)
+            if c is not None and c[2] is x and c[0] == key:
+                return c[1]
+        out = []
+        k = 0
+        for _r in self.cfg.resolutions:
+            prod = None
+            for a, b in _PAIRS:
+                if b != 3:
+                    grid = torch.stack([q[:, a], q[:, b]], -1)[None, None]
+                    s = F.grid_sample(self.planes[k], grid, mode="bilinear", padding_mode="border",
+                                      align_corners=True)[0, :, 0].T
+                    prod = s if prod is None else prod * s
+                k += 1
+            out.append(prod)
+        if key is not None:
+            self._spatial_cache = (key, out, x)  # holding x: its memory is not reused meanwhile
+        else:
+            self._spatial_cache = None
+        return out
 
     def forward(self, x: Tensor, t: float) -> Deformation:
         h = self.trunk(self.encode(x, t))

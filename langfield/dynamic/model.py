@@ -11,12 +11,15 @@ Time-sensitive language (:mod:`langfield.dynamic.language`): optional ``K`` stat
 per Gaussian (``states`` [N, K, L]) mixed by a small network (``mixer``) of the deformation
 feature at ``t``: ``softmax(mixer(feature(x, t))) @ states``. When present, the latents the
 renderer gets are ``[time-agnostic levels..., state]``: the run's levels plus a ``state``
-level, so :class:`~langfield.field.LanguageField` queries it like any level. ``.lang`` (used
+level, so :class:`~langfield.field.LanguageField` queries it like any level. Optional
+per-Gaussian temporal logits ``time_logits`` [N, R, K] (R bins over t, linearly
+interpolated) are added to the mixer's logits. ``.lang`` (used
 by 3D selection) gives the state channel at ``.time`` (set it with :meth:`set_time`).
 
 Checkpoints: tensors ``splats`` (canonical), ``deform`` (the field's state dict), and with
-time-sensitive language ``states`` / ``mixer``; config.json ``model``: ``{"kind":
-"deformable", "deform": DeformConfig, "states": {"k": K, "hidden": H} | None}``.
+time-sensitive language ``states`` (``prototypes``, optional ``time_logits``) / ``mixer``;
+config.json ``model``: ``{"kind": "deformable", "deform": DeformConfig, "states": {"k": K,
+"hidden": H, "time_bins": R, ...} | None}``.
 """
 
 from __future__ import annotations
@@ -51,9 +54,22 @@ class StateMixer(nn.Module):
         f = (2.0 ** torch.arange(self.t_freqs, device=like.device, dtype=like.dtype)) * math.pi * tt
         return torch.cat([tt, f.sin(), f.cos()]).expand(n, -1)
 
+    def logits(self, feature: Tensor, t: float) -> Tensor:
+        return self.net(torch.cat([feature, self.encode_t(t, feature.shape[0], feature)], -1))
+
     def forward(self, feature: Tensor, t: float) -> Tensor:
-        x = torch.cat([feature, self.encode_t(t, feature.shape[0], feature)], -1)
-        return torch.softmax(self.net(x), -1)
+        return torch.softmax(self.logits(feature, t), -1)
+
+
+def interp_time(grid: Tensor, t: float) -> Tensor:
+    """``grid [N, R, K]`` (R bins evenly over t in [0, 1]) linearly interpolated at ``t`` -> [N, K]."""
+    R = grid.shape[1]
+    if R == 1:
+        return grid[:, 0]
+    x = min(max(float(t), 0.0), 1.0) * (R - 1)
+    i0 = min(int(math.floor(x)), R - 2)
+    w = x - i0
+    return (1.0 - w) * grid[:, i0] + w * grid[:, i0 + 1]
 
 
 class DeformableGaussians(Gaussians):
@@ -70,6 +86,7 @@ class DeformableGaussians(Gaussians):
         self.deform_enabled = True
         self.states: Optional[nn.Parameter] = None
         self.mixer: Optional[StateMixer] = None
+        self.time_logits: Optional[nn.Parameter] = None
         self.time = 0.0
 
     # ---- construction -------------------------------------------------------------------
@@ -82,10 +99,13 @@ class DeformableGaussians(Gaussians):
                    requires_grad=requires_grad, copy=True, deform=field)
 
     def set_states(self, states: Optional[Tensor], mixer: Optional[StateMixer] = None,
-                   requires_grad: bool = True) -> "DeformableGaussians":
-        """Time-sensitive language: prototypes [N, K, L] and their mixer (None removes them)."""
+                   requires_grad: bool = True, time_logits: Optional[Tensor] = None) -> "DeformableGaussians":
+        """Time-sensitive language: prototypes [N, K, L] and their mixer (None removes them);
+        optional per-Gaussian temporal logits [N, R, K] added to the mixer's (R bins over t,
+        interpolated linearly): a state switch of an object that neither moves nor changes its
+        deformation feature is then a per-Gaussian function of t, not only of the shared network."""
         if states is None:
-            self.states, self.mixer = None, None
+            self.states, self.mixer, self.time_logits = None, None, None
             return self
         if states.ndim != 3 or states.shape[0] != self.num:
             raise ValueError(f"states must be [N, K, L] with N = {self.num}, got {tuple(states.shape)}")
@@ -93,6 +113,13 @@ class DeformableGaussians(Gaussians):
             mixer = StateMixer(self.deform.cfg.hidden, int(states.shape[1]))
         self.states = nn.Parameter(states.detach().to(self.device).clone(), requires_grad=requires_grad)
         self.mixer = mixer.to(self.device)
+        if time_logits is not None:
+            if time_logits.ndim != 3 or time_logits.shape[0] != self.num or time_logits.shape[2] != states.shape[1]:
+                raise ValueError(f"time_logits must be [N, R, K] = [{self.num}, R, {states.shape[1]}], got "
+                                 f"{tuple(time_logits.shape)}")
+            self.time_logits = nn.Parameter(time_logits.detach().to(self.device).clone(), requires_grad=requires_grad)
+        else:
+            self.time_logits = None
         return self
 
     def set_time(self, t: float) -> "DeformableGaussians":
@@ -108,7 +135,10 @@ class DeformableGaussians(Gaussians):
             raise ValueError("the model has no time-sensitive states")
         if feature is None:
             feature = self.deformation(t).feature
-        return self.mixer(feature, t)
+        logits = self.mixer.logits(feature, t)
+        if self.time_logits is not None:
+            logits = logits + interp_time(self.time_logits, t)
+        return torch.softmax(logits, -1)
 
     def state_latents(self, t: float, feature: Optional[Tensor] = None) -> Tensor:
         """The time-sensitive latents [N, L] at ``t``."""
@@ -157,7 +187,8 @@ class DeformableGaussians(Gaussians):
         st = None
         if self.states is not None:
             st = {"k": int(self.states.shape[1]), "hidden": self.mixer.hidden, "t_freqs": self.mixer.t_freqs,
-                  "latent_dim": int(self.states.shape[2])}
+                  "latent_dim": int(self.states.shape[2]),
+                  "time_bins": 0 if self.time_logits is None else int(self.time_logits.shape[1])}
         return {"kind": MODEL_KIND, "deform": self.deform.cfg.to_dict(), "states": st}
 
     def model_tensors(self) -> Dict[str, Any]:
@@ -165,6 +196,8 @@ class DeformableGaussians(Gaussians):
         out: Dict[str, Any] = {"deform": {k: v.detach() for k, v in self.deform.state_dict().items()}}
         if self.states is not None:
             out["states"] = {"prototypes": self.states.detach()}
+            if self.time_logits is not None:
+                out["states"]["time_logits"] = self.time_logits.detach()
             out["mixer"] = {k: v.detach() for k, v in self.mixer.state_dict().items()}
         return out
 
@@ -197,7 +230,11 @@ class DeformableGaussians(Gaussians):
                 mixer.load_state_dict(t["mixer"])
             except RuntimeError as e:
                 raise RunError(f"checkpoint mixer: {str(e).splitlines()[0]}") from None
-            g.set_states(t["states"]["prototypes"], mixer, requires_grad=requires_grad)
+            try:
+                g.set_states(t["states"]["prototypes"], mixer, requires_grad=requires_grad,
+                             time_logits=t["states"].get("time_logits"))
+            except ValueError as e:
+                raise RunError(f"checkpoint states: {e}") from None
         if not requires_grad:
             for p in g.parameters():
                 p.requires_grad_(False)
