@@ -23,6 +23,10 @@ Sections, each check in its own try/except so one failure hides nothing:
    channels in one pass; ours vs gsplat, plus gsplat rendering RGB and the 9 features in two
    passes. Targets: ours >= gsplat for RGB, >= 1.3x gsplat's two passes for RGB+features.
 4. CPU backend vs CUDA on one small case, for reference.
+5. the modes (``scripts/gpu_sections.py``): online mapping frames/s with language at 640x480
+   (target >= 5), codebook relevancy parity and frames/s at 1080p with 1M Gaussians (target
+   >= 500), dynamic query frames/s at a new time (target >= 100). Each starts only while enough
+   time is left before ``--deadline``.
 
 Writes ``$OUT/gpu_check.json`` after every section (so a timeout still leaves numbers) and
 prints markdown tables. The exit code is 0 whatever the checks say: read the FAIL lines and
@@ -36,7 +40,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import signal
@@ -838,7 +841,8 @@ def main(argv=None) -> int:
     ap.add_argument("--time-h", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: parity_cpu,parity_gsplat,timings,cpu_ref")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: parity_cpu,parity_gsplat,timings,cpu_ref,"
+                    "codebook,dynamic,slam")
     args = ap.parse_args(argv)
 
     if args.build_gsplat:
@@ -939,6 +943,23 @@ def main(argv=None) -> int:
                 print()
         except Exception as e:  # noqa: BLE001
             res.data["errors"].append({"where": "cpu_reference", "error": short_exc(e)})
+
+    # 5. the modes: fastest first, each only with enough time left
+    import gpu_sections  # noqa: E402  (scripts/gpu_sections.py)
+    for name, need_s, fn in (("codebook", 90, gpu_sections.codebook_section),
+                             ("dynamic", 60, getattr(gpu_sections, "dynamic_section", None)),
+                             ("slam", 120, gpu_sections.slam_section)):
+        if fn is None or name in skip:
+            continue
+        if time.time() + need_s > args.deadline:
+            res.data["errors"].append({"where": name, "error": f"skipped: under {need_s}s left before the deadline"})
+            continue
+        log(f"\n== {name} ==")
+        try:
+            fn(res, args, gpu and bool(built.get("cuda")))
+        except Exception as e:  # noqa: BLE001
+            res.data["errors"].append({"where": name, "error": short_exc(e)})
+        res.save()
 
     line = summarize(res)
     fails = []
