@@ -33,7 +33,6 @@ from torch import Tensor
 from langfield.dynamic.field import DeformConfig, DeformationField
 from langfield.dynamic.model import DeformableGaussians
 from langfield.io.checkpoint import atomic_write_json
-from langfield.render.model import render
 from langfield.run import NonFiniteError, RunError, RunFolder
 from langfield.train.config import TrainConfig
 from langfield.train.rgb import RGBTrainer, lr_means, run_training
@@ -258,14 +257,7 @@ class DynamicTrainer(RGBTrainer):
         lr_grid, lr_mlp = self._deform_lrs()
         for grp in self.deform_opt.param_groups:
             grp["lr"] = lr_grid if grp["name"] == "grid" else lr_mlp
-        try:
-            out = render(g, cams, sh_degree=self.sh_degree_at(step), background=bg, backend=self.backend,
-                         absgrad=cfg.absgrad)
-        except ValueError as e:
-            if "non-finite" in str(e):
-                raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
-                                     self.last_ckpt_step) from None
-            raise
+        out = self._render_step(g, cams, bg, step)
         pred, info = out.rgb[0], out.meta
         if self.strategy is not None:
             self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)

@@ -436,6 +436,18 @@ class RGBTrainer(EpochSampler):
         v = 1.0 if self.background == "white" else 0.0
         return torch.full((3,), v, device=self.device)
 
+    def _render_step(self, model, cams, bg: Tensor, step: int):
+        """The step's render of ``model`` (the one render path), a non-finite input named as a
+        :class:`NonFiniteError` that keeps the last checkpoint."""
+        try:
+            return render(model, cams, sh_degree=self.sh_degree_at(step), background=bg, backend=self.backend,
+                          absgrad=self.cfg.absgrad)
+        except ValueError as e:
+            if "non-finite" in str(e):
+                raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
+                                     self.last_ckpt_step) from None
+            raise
+
     def train_step(self) -> Dict[str, float]:
         """One optimisation step; returns {"loss", "psnr"} as floats (synchronises)."""
         from langfield.train.losses import rgb_loss
@@ -453,14 +465,7 @@ class RGBTrainer(EpochSampler):
         lr = lr_means(cfg, self.scene_scale, step)
         for g in self.optimizers["means"].param_groups:
             g["lr"] = lr
-        try:
-            out = render(self.gaussians, cams, sh_degree=self.sh_degree_at(step), background=bg,
-                         backend=self.backend, absgrad=cfg.absgrad)
-        except ValueError as e:
-            if "non-finite" in str(e):
-                raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
-                                     self.last_ckpt_step) from None
-            raise
+        out = self._render_step(self.gaussians, cams, bg, step)
         pred, info = out.rgb[0], out.meta
         if self.strategy is not None:
             self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
@@ -507,14 +512,7 @@ class RGBTrainer(EpochSampler):
             i, bg = views[j]
             image, alpha = self.ds._cached_rgba(i)
             target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
-            try:
-                out = render(self.gaussians, self._cams[i], sh_degree=self.sh_degree_at(step), background=bg,
-                             backend=self.backend, absgrad=cfg.absgrad)
-            except ValueError as e:
-                if "non-finite" in str(e):
-                    raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
-                                         self.last_ckpt_step) from None
-                raise
+            out = self._render_step(self.gaussians, self._cams[i], bg, step)
             pred, info = out.rgb[0], out.meta
             if self.strategy is not None:
                 self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
