@@ -475,46 +475,24 @@ class LanguageTrainer(EpochSampler):
     def train_step(self) -> Dict[str, float]:
         if self.batch > 1 or self.job.active:
             return self._train_step_batch()
-        c = self.cfg
-        i = self._next_index()
-        cams = self._cams[i]
-        target, valid = self.targets.get(i)
-        nl = len(self.levels)
-        if c.joint:
-            bg = torch.zeros(3, device=self.device)
-            out = render(self.gaussians, cams, sh_degree=self.sh_degree, language=True, background=bg,
-                         backend=self.backend, validate=False)
-            pred_rgb, pred = out.rgb[0], out.lang[0]
-        else:
-            out = render(self.gaussians, cams, colors=False, language=True, backend=self.backend, validate=False)
-            pred = out.lang[0]
-        L, T = self.cfg.latent_dim, self.codec.target_dim
-        loss = pred.new_zeros(())
-        for li in range(nl):
-            loss = loss + self.codec.loss(pred[..., li * L:(li + 1) * L], target[..., li * T:(li + 1) * T],
-                                          valid[..., li])
-        lang_l = float(loss.detach())
-        if c.joint and c.rgb_weight > 0:
-            from langfield.train.losses import rgb_loss
-            from langfield.eval.views import composite_on
-
-            image, alpha = self.ds._cached_rgba(i)
-            # the dataset composites RGBA on white; the render's background is black
-            gt = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
-            l_rgb, _, _ = rgb_loss(pred_rgb.clamp(0, 1), gt, self.tcfg.ssim_lambda)
-            loss = loss + c.rgb_weight * l_rgb
+        loss, lang_l = self._view_loss(self._next_index())
         if not math.isfinite(float(loss.detach())):
             raise LanguageError(f"language training stopped at step {self.step + 1}: the loss is not finite")
         loss.backward()
+        self._apply_step()
+        return {"loss": float(loss.detach()), "lang_l1": float(lang_l)}
+
+    def _apply_step(self) -> None:
+        """The optimisers' step on the accumulated gradients, then the codec's projection (e.g.
+        the codebook's top-k simplex weights)."""
         for opt in self.optimizers.values():
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
-        project = getattr(self.codec, "project_", None)  # e.g. the codebook's top-k simplex weights
+        project = getattr(self.codec, "project_", None)
         if project is not None:
             with torch.no_grad():
-                project(self.gaussians.splats["lang"].data, self.step / c.steps)
-        return {"loss": float(loss.detach()), "lang_l1": lang_l}
+                project(self.gaussians.splats["lang"].data, self.step / self.cfg.steps)
 
     def _view_loss(self, i: int):
         """``(loss, language L1)`` of one training view (the terms of :meth:`train_step`)."""
@@ -551,7 +529,7 @@ class LanguageTrainer(EpochSampler):
         the ranks (as the RGB stage, :mod:`langfield.distributed.dp`)."""
         from langfield import distributed
 
-        c, job, B = self.cfg, self.job, self.batch
+        job, B = self.job, self.batch
         job.set_step(self.step)
         views = [self._next_index() for _ in range(B)]
         stats = torch.zeros(2, dtype=torch.float64)
@@ -564,14 +542,7 @@ class LanguageTrainer(EpochSampler):
         lv, lang_l = float(stats[0]) / B, float(stats[1]) / B
         if not math.isfinite(lv):
             raise LanguageError(f"language training stopped at step {self.step + 1}: the loss is not finite")
-        for opt in self.optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        self.step += 1
-        project = getattr(self.codec, "project_", None)
-        if project is not None:
-            with torch.no_grad():
-                project(self.gaussians.splats["lang"].data, self.step / c.steps)
+        self._apply_step()
         return {"loss": lv, "lang_l1": lang_l}
 
     def save_checkpoint(self) -> Path:
