@@ -14,7 +14,6 @@ Without CUDA they run small CPU variants of the same code paths (`gpu_check.py -
 from __future__ import annotations
 
 import math
-import statistics
 import tempfile
 import time
 import traceback
@@ -107,25 +106,9 @@ def _scaled_K(cam, W, H):
 
 
 def _measure(fn, cuda: bool, warmup: int, repeats: int) -> Dict[str, float]:
-    for _ in range(warmup):
-        fn()
-    if cuda:
-        torch.cuda.synchronize()
-    ts: List[float] = []
-    for _ in range(repeats):
-        if cuda:
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            ts.append(e0.elapsed_time(e1))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-    ts.sort()
-    return {"median_ms": statistics.median(ts), "min_ms": ts[0], "max_ms": ts[-1], "repeats": repeats}
+    from gpu_check import Timer  # scripts/gpu_check.py: one timing helper for both scripts
+
+    return Timer(cuda).measure(fn, warmup, repeats)
 
 
 def codebook_parity(device: str) -> List[Dict[str, Any]]:
