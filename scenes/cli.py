@@ -32,6 +32,7 @@ def scenes_make(
     fov: Optional[float] = None,
     aa: int = 2,
     test_every: int = 8,
+    holdout: Literal["camera", "times"] = "camera",
     formats: Optional[Tuple[Literal["tum", "replica", "dnerf"], ...]] = None,
     workers: Optional[int] = None,
     points: int = 20_000,
@@ -58,6 +59,9 @@ def scenes_make(
         fov: horizontal field of view in degrees (default 50, 65 for rgbd).
         aa: supersampling per axis at edges (1 = off).
         test_every: every N-th view is held out (split 'test', with queries); 0 = none.
+        holdout: dynamic scenes with --camera static: camera 0 held out at every time (camera),
+            or held-out times of seen cameras as the test split plus camera 0 never trained
+            as the val split, with queries_val.json (times; needs 3+ views).
         formats: extra writers (default: tum replica for rgbd, dnerf for dynamic).
         workers: render processes (default 2 for 16+ views); output is identical.
         points: size of points3d.ply (surface samples from the training views' depth, like an
@@ -80,7 +84,7 @@ def scenes_make(
         raise CliError("langfield scenes make: --points must be >= 1")
     try:
         res = make_scene(name, out, kind=kind, views=views, frames=frames, size=size, seed=seed, fov=fov, aa=aa,
-                         camera=camera, test_every=test_every, formats=formats, workers=workers, progress=True,
+                         camera=camera, test_every=test_every, holdout=holdout, formats=formats, workers=workers, progress=True,
                          max_points=points, noise=noise, overwrite=overwrite)
     except SceneExistsError as e:
         print(f"langfield scenes make: {e}", file=sys.stderr)

@@ -23,8 +23,8 @@ from langfield.scenes.model import LEVELS, Scene
 KINDS = ("multiview", "rgbd", "dynamic")
 #: what make_scene writes into its folder (cleared by ``overwrite=True``, nothing else is touched)
 SCENE_OUTPUTS = ("images", "depth", "labels", "queries", "tum", "replica", "transforms.json", "transforms_train.json",
-                 "transforms_val.json", "transforms_test.json", "labels.json", "queries.json", "points3d.ply",
-                 "scene.json")
+                 "transforms_val.json", "transforms_test.json", "labels.json", "queries.json", "queries_val.json",
+                 "points3d.ply", "scene.json")
 
 
 class SceneExistsError(FileExistsError):
@@ -50,6 +50,9 @@ def clear_outputs(out: Union[str, Path]) -> List[str]:
         else:
             p.unlink()
     return gone
+#: dynamic static-camera splits: "camera" (camera 0 held out at every time) or "times" (held-out
+#: times of seen cameras as ``test``, camera 0 never trained as ``val``)
+HOLDOUTS = ("camera", "times")
 DEFAULT_FOV = {"multiview": 50.0, "rgbd": 65.0, "dynamic": 50.0}
 
 
@@ -129,9 +132,12 @@ def render_frames(scene: Scene, frames: List[dict], w: int, h: int, aa: int = 2,
 
 # ----------------------------------------------------------------------------- cameras
 def plan_cameras(scene: Scene, kind: str, views: Optional[int], frames: Optional[int], w: int, h: int,
-                 seed: int, fov: Optional[float], camera: str, test_every: int) -> Tuple[np.ndarray, List[dict]]:
+                 seed: int, fov: Optional[float], camera: str, test_every: int,
+                 holdout: str = "camera") -> Tuple[np.ndarray, List[dict]]:
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; use one of {', '.join(KINDS)}")
+    if holdout not in HOLDOUTS:
+        raise ValueError(f"unknown holdout {holdout!r}; use one of {', '.join(HOLDOUTS)}")
     for label, v in (("views", views), ("frames", frames)):
         if v is not None and v < 1:
             raise ValueError(f"--{label} must be at least 1 (got {v})")
@@ -158,10 +164,18 @@ def plan_cameras(scene: Scene, kind: str, views: Optional[int], frames: Optional
         t0, t1 = scene.time_range
         times = [t0 + (t1 - t0) * i / max(nf - 1, 1) for i in range(nf)]
         nv = (views or 4) if camera == "static" else 1
+        if holdout == "times" and (camera != "static" or nv < 3 or test_every <= 0):
+            raise ValueError("holdout 'times' needs static cameras (camera 'static'), at least 3 views and "
+                             "test_every > 0")
         vms, fidx = cams.dynamic_cameras(scene.center, scene.radius, nf, nv, mode=camera, seed=seed)
         for i, (vm, fi) in enumerate(zip(vms, fidx)):
             cam = i % nv if camera == "static" else None
-            if camera == "static" and nv > 1 and test_every > 0:
+            if camera == "static" and nv > 1 and test_every > 0 and holdout == "times":
+                # held-out times of seen cameras (as 4D LangSplat evaluates on frames of the
+                # training videos): at each time one of cameras 1..nv-1 in turn is held out
+                # (test); camera 0 is never trained on (val: the unseen-camera numbers)
+                sp = "val" if cam == 0 else ("test" if int(fi) % (nv - 1) == cam - 1 else "train")
+            elif camera == "static" and nv > 1 and test_every > 0:
                 sp = "test" if cam == 0 else "train"
             else:
                 sp = split(i)
@@ -287,13 +301,47 @@ def _points(frames, results, max_points: int, seed: int):
     return xyz, rgb
 
 
+def _queries_doc(scene: Scene, kind: str, frs: List[dict], results: List[dict], split: str, out: Path) -> dict:
+    qviews = []
+    for f, r in zip(frs, results):
+        if f["split"] != split:
+            continue
+        entries, absent, used = [], [], set()
+        for text, level, ids, mask, sensitive in query_masks(scene, r["labels"], f["time"]):
+            if not mask.any():
+                absent.append(text)
+                continue
+            s = W.slug(text)
+            while s in used:
+                s += "_"
+            used.add(s)
+            mpath = f"queries/{f['name']}/{s}.png"
+            W.save_rgb(out / mpath, mask.astype(np.uint8) * 255)  # 8-bit greyscale
+            entries.append({"text": text, "level": level, "ids": ids, "mask": mpath, "pixels": int(mask.sum()),
+                            "time_sensitive": sensitive})
+        v = {"file_path": f["file_path"], "name": f["name"], "queries": entries, "absent": absent}
+        if f["time"] is not None:
+            v["time"] = float(f["time"])
+        qviews.append(v)
+    qdoc = {
+        "scene": scene.name, "levels": list(LEVELS),
+        "mask_format": "8-bit PNG, 255 = pixel belongs to the query; equals isin(labels/<level>, ids)",
+        "views": qviews,
+    }
+    if kind == "dynamic" and any(o.states for o in scene.objects):
+        # per time-sensitive query: where it holds ([t0, t1) intervals of the scene's time) and
+        # which other states of the same object it competes with (4D LangSplat's Acc / vIoU)
+        qdoc["time_sensitive"] = state_table(scene)
+    return qdoc
+
+
 # ----------------------------------------------------------------------------- main entry
 def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[str] = None,
                views: Optional[int] = None, frames: Optional[int] = None,
                size: Union[str, Sequence[int]] = (256, 256), seed: int = 0, fov: Optional[float] = None,
                aa: int = 2, camera: str = "orbit", test_every: int = 8, formats: Optional[Sequence[str]] = None,
                workers: Optional[int] = None, max_points: int = 20_000, progress: bool = False,
-               noise: bool = False, overwrite: bool = False) -> dict:
+               noise: bool = False, overwrite: bool = False, holdout: str = "camera") -> dict:
     """Render ``scene`` (a built-in name or a :class:`Scene`) and write it under ``out``.
 
     ``kind``: multiview (hemisphere of ``views`` cameras, default 64), rgbd (hand-held walk
@@ -306,7 +354,10 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
     ``noise``: the TUM / Replica copies get Kinect-like sensor depth (``writers.sensor_depth``:
     noise growing with distance, holes at depth edges and on dark surfaces; seeded by
     ``seed`` and the frame index) while ``depth/*.npy`` stays exact; off by default (the
-    exact output is unchanged). A folder that already holds scene files
+    exact output is unchanged). ``holdout`` (dynamic, static cameras): ``camera`` holds camera 0
+    out at every time (split test); ``times`` holds out, at each time, one of cameras 1..N-1 in
+    turn (split test: held-out times of seen cameras, with queries.json) and keeps camera 0 out
+    of training altogether (split val, with queries_val.json: the unseen-camera numbers). A folder that already holds scene files
     (:data:`SCENE_OUTPUTS`) raises :class:`SceneExistsError` unless ``overwrite``, which
     removes them first.
 
@@ -320,7 +371,7 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
     w, h = parse_size(size)
     if aa < 1:
         raise ValueError("aa must be >= 1")
-    K, frs = plan_cameras(scene, kind, views, frames, w, h, seed, fov, camera, test_every)
+    K, frs = plan_cameras(scene, kind, views, frames, w, h, seed, fov, camera, test_every, holdout)
     if formats is None:
         formats = {"multiview": (), "rgbd": ("tum", "replica"), "dynamic": ("dnerf",)}[kind]
     bad = [f for f in formats if f not in ("tum", "replica", "dnerf", "nerfstudio")]
@@ -364,38 +415,12 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
                        extra={"scene": scene.name, "kind": kind, "seed": seed, "depth_format": "npy float32 z-depth (m)"})
     W.write_json(out / "labels.json", label_table(scene))
 
-    # queries on held-out views
-    qviews = []
-    for f, r in zip(frs, results):
-        if f["split"] != "test":
+    # queries on held-out views (test: queries.json; val, the never-trained camera of holdout
+    # "times": queries_val.json)
+    for split, qname in (("test", "queries.json"), ("val", "queries_val.json")):
+        if split == "val" and not any(f["split"] == "val" for f in frs):
             continue
-        entries, absent, used = [], [], set()
-        for text, level, ids, mask, sensitive in query_masks(scene, r["labels"], f["time"]):
-            if not mask.any():
-                absent.append(text)
-                continue
-            s = W.slug(text)
-            while s in used:
-                s += "_"
-            used.add(s)
-            mpath = f"queries/{f['name']}/{s}.png"
-            W.save_rgb(out / mpath, mask.astype(np.uint8) * 255)  # 8-bit greyscale
-            entries.append({"text": text, "level": level, "ids": ids, "mask": mpath, "pixels": int(mask.sum()),
-                            "time_sensitive": sensitive})
-        v = {"file_path": f["file_path"], "name": f["name"], "queries": entries, "absent": absent}
-        if f["time"] is not None:
-            v["time"] = float(f["time"])
-        qviews.append(v)
-    qdoc = {
-        "scene": scene.name, "levels": list(LEVELS),
-        "mask_format": "8-bit PNG, 255 = pixel belongs to the query; equals isin(labels/<level>, ids)",
-        "views": qviews,
-    }
-    if kind == "dynamic" and any(o.states for o in scene.objects):
-        # per time-sensitive query: where it holds ([t0, t1) intervals of the scene's time) and
-        # which other states of the same object it competes with (4D LangSplat's Acc / vIoU)
-        qdoc["time_sensitive"] = state_table(scene)
-    W.write_json(out / "queries.json", qdoc)
+        W.write_json(out / qname, _queries_doc(scene, kind, frs, results, split, out))
 
     images = [r["rgb"] for r in results]
     depths = [r["depth"] for r in results]
@@ -419,6 +444,8 @@ def make_scene(scene: Union[str, Scene], out: Union[str, Path], kind: Optional[s
                     "camera": f.get("camera"), "viewmat": np.asarray(f["viewmat"]).tolist(),
                     "K": np.asarray(f["K"]).tolist()} for f in frs],
     }
+    if holdout != "camera":  # only written when not the default (other scenes' bytes unchanged)
+        meta["holdout"] = holdout
     if noise:
         meta["sensor_noise"] = {"applies_to": [f for f in formats if f in ("tum", "replica")], **W.KINECT_NOISE}
     W.write_json(out / "scene.json", meta)

@@ -94,8 +94,9 @@ def write_nerfstudio(out: Path, frames: List[dict], K, w: int, h: int, ply: Opti
             "depth_unit_scale_factor": 1.0}
     if ply:
         meta["ply_file_path"] = ply
+    has_val = any(f["split"] == "val" for f in frames)  # else val = test
     for split in ("train", "val", "test"):
-        want = "test" if split == "val" else split
+        want = "test" if split == "val" and not has_val else split
         meta[f"{split}_filenames"] = [f["file_path"] for f in frames if f["split"] == want]
     meta.update(extra or {})
     meta["frames"] = []
@@ -117,8 +118,9 @@ def write_dnerf(out: Path, frames: List[dict], K, w: int, h: int) -> List[Path]:
     """D-NeRF / Blender style ``transforms_{train,val,test}.json`` with per-frame ``time``."""
     paths = []
     intr = intrinsics_dict(K, w, h)
+    has_val = any(f["split"] == "val" for f in frames)  # else val = test
     for split in ("train", "val", "test"):
-        want = "test" if split == "val" else split
+        want = "test" if split == "val" and not has_val else split
         meta = {"camera_angle_x": intr["camera_angle_x"], **{k: v for k, v in intr.items() if k != "camera_angle_x"},
                 "frames": []}
         for f in frames:
