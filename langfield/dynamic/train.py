@@ -180,13 +180,40 @@ class DynamicTrainer(RGBTrainer):
             groups.append({"params": planes, "lr": self._deform_lrs()[0], "name": "grid"})
         groups.append({"params": list(d.trunk.parameters()) + list(d.out.parameters()), "lr": self._deform_lrs()[1],
                        "name": "mlp"})
-        self.deform_opt = torch.optim.Adam(groups, eps=1e-15)
+        # the batch rule of the Gaussians' Adams (eps 1e-15, betas (0.9, 0.999) for one camera)
+        self.deform_opt = torch.optim.Adam(groups, **self._batch_scaling()[1])
 
     def _deform_lrs(self):
         c = self.dcfg
         s = max(self.step - c.warmup, 0)
         total = max(self.cfg.steps - c.warmup, 1)
-        return (exp_decay(c.grid_lr, c.lr_final, s, total), exp_decay(c.mlp_lr, c.lr_final, s, total))
+        f = self._batch_scaling()[0]  # sqrt(B) with a batch of B cameras, as the Gaussians' rates
+        return (f * exp_decay(c.grid_lr, c.lr_final, s, total), f * exp_decay(c.mlp_lr, c.lr_final, s, total))
+
+    # ---- data-parallel jobs -------------------------------------------------------------------
+    def fingerprint(self) -> Dict[str, Any]:
+        out = super().fingerprint()
+        out["dynamic"] = self.dcfg.to_dict()
+        return out
+
+    def _all_params(self) -> Dict[str, Tensor]:
+        """The canonical Gaussians and the deformation field's parameters (``deform.*``): what
+        every rank must hold bit for bit."""
+        g = self.gaussians
+        out = dict(g.splats.items())
+        if isinstance(g, DeformableGaussians):
+            out.update({f"deform.{k}": v for k, v in g.deform.named_parameters()})
+        return out
+
+    def _sync_start(self) -> None:
+        super()._sync_start()
+        g = self.gaussians
+        if self.job.active and isinstance(g, DeformableGaussians):  # resumed: the stored field
+            from langfield import distributed
+
+            field = {f"deform.{k}": v for k, v in g.deform.named_parameters()}
+            distributed.broadcast_params(field)
+            self.job.check_params(field, self.step)
 
     def _write_config(self, resumed_from: Optional[int] = None) -> None:
         super()._write_config(resumed_from)
@@ -212,6 +239,11 @@ class DynamicTrainer(RGBTrainer):
         if not self._params_finite():
             raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), self.step,
                                  self.last_ckpt_step)
+        if self.job.active:  # identical on every rank (checked), written by rank 0 alone
+            self.job.check_params(self._all_params(), self.step)
+            if not self.job.is_main:
+                self.last_ckpt_step = self.step
+                return self.run.store("rgb").path(self.step)
         g = self.gaussians
         cfg = {"stage": "rgb", "train": self.cfg.to_dict(), "dynamic": self.dcfg.to_dict(), "model": g.model_config(),
                "sampler_pos": self.pos, "train_time_s": self.train_time, "num_gaussians": g.num,
@@ -242,6 +274,8 @@ class DynamicTrainer(RGBTrainer):
         from langfield.eval.views import composite_on
         from langfield.train.losses import rgb_loss
 
+        if self.batch > 1 or self.job.active:
+            return self._train_step_batch()
         cfg, dc = self.cfg, self.dcfg
         step = self.step
         g = self.gaussians
@@ -283,6 +317,77 @@ class DynamicTrainer(RGBTrainer):
         with torch.no_grad():
             mse = float(((pred.detach() - target) ** 2).mean())
         self.step = step + 1
+        return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
+
+    def _train_step_batch(self) -> Dict[str, float]:
+        """A step on ``batch`` cameras (each at its frame's time), this rank's share of them
+        rendered here: :meth:`RGBTrainer._train_step_batch` with the deformation field. The
+        field's gradients ride in the same flat all-reduce as the Gaussians'; the plane
+        regularisers are added once per step after the reduction (identical on every rank), so
+        ``N ranks x B/N cameras`` takes the step of ``1 process x B cameras``."""
+        from langfield import distributed
+        from langfield.distributed.dp import strategy_post_backward
+        from langfield.eval.views import composite_on
+        from langfield.train.losses import rgb_loss
+
+        cfg, dc, job, B = self.cfg, self.dcfg, self.job, self.batch
+        step = self.step
+        job.set_step(step)
+        g = self.gaussians
+        params = g.splats
+        g.deform_enabled = step >= dc.warmup
+        views = []
+        for _ in range(B):  # every rank draws the whole batch: the samplers stay in step
+            i = self._next_index()
+            views.append((i, self._bg()))
+        for grp in self.optimizers["means"].param_groups:
+            grp["lr"] = self._lrs()["means"]
+        lr_grid, lr_mlp = self._deform_lrs()
+        for grp in self.deform_opt.param_groups:
+            grp["lr"] = lr_grid if grp["name"] == "grid" else lr_mlp
+        infos = []
+        stats = torch.zeros(2, dtype=torch.float64)
+        for j in job.share(B):
+            i, bg = views[j]
+            image, alpha = self.ds._cached_rgba(i)
+            target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+            out = self._render_step(g, self._cams[i], bg, step)
+            pred, info = out.rgb[0], out.meta
+            if self.strategy is not None:
+                self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
+            loss, _l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
+            (loss / B).backward()
+            with torch.no_grad():
+                stats += torch.stack([loss.detach().double().cpu(),
+                                      ((pred.detach() - target) ** 2).mean().double().cpu()])
+            infos.append(info)
+        field = list(g.deform.parameters()) if g.deform_enabled else []
+        stats = distributed.all_reduce_grads(list(params.values()) + field, extra=stats, dist_=job)
+        lv, mse = float(stats[0]) / B, float(stats[1]) / B
+        if g.deform_enabled and (dc.tv_weight > 0 or dc.time_smooth_weight > 0):
+            reg = g.deform.regularization(dc.tv_weight, dc.time_smooth_weight)
+            reg.backward()  # after the reduction: once per step, the same on every rank
+            lv += float(reg.detach())
+        if not math.isfinite(lv):  # the same on every rank (the reduced loss): all stop together
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            self.deform_opt.zero_grad(set_to_none=True)
+            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if g.deform_enabled:
+            self.deform_opt.step()
+        self.deform_opt.zero_grad(set_to_none=True)
+        if self.strategy is not None:
+            strategy_post_backward(self.strategy, params, self.optimizers, self.strategy_state, step, infos, B, job)
+            if cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0 and step < cfg.refine_stop_iter:
+                from gsplat.strategy.ops import reset_opa
+
+                reset_opa(params, self.optimizers, self.strategy_state, value=cfg.prune_opa * 2.0)
+        self.step = step + 1
+        if job.active and self.step % cfg.sync_check_every == 0:
+            job.check_params(self._all_params(), self.step)
         return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
 
     def evaluate(self, write_renders: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
