@@ -646,3 +646,57 @@ def test_browser_heatmap_lights_the_queried_object(field):
                 browser.close()
     finally:
         app.stop()
+
+
+# ------------------------------------------------------------------------------------------ codebook fields
+
+@pytest.fixture(scope="module")
+def cb_field():
+    return blob_field(N_OBJ, colors=GREY, decoder="codebook")
+
+
+@pytest.mark.parametrize("quality", ["rest", "motion"])
+def test_codebook_field_frames_come_from_render_query(cb_field, quality):
+    """A codebook field's relevancy and mask frames are ``field.render_query`` (one sparse pass):
+    the image equals the overlay of ``field.query(field.render(...))``'s heatmap / mask, pixel for
+    pixel, and the heatmap lights the queried object; the 3D selection is highlighted on top."""
+    from langfield.query import heatmap_overlay
+
+    renderer = FrameRenderer(cb_field, exact_budget=0 if quality == "motion" else None)
+    c = cb_field.cameras[0]
+    w, h = 160, 120
+    for k in (0, 2):
+        name = OBJECTS[k][0]
+        for mode in ("relevancy", "mask"):
+            fr = renderer.render(cam_state(c), Settings(mode=mode, query=name), w, h, quality=quality)
+            assert fr.path == "fused" and fr.mode == mode and fr.message == ""
+            r = cb_field.render(fr.viewmat, fr.K, w, h, background=renderer.background)
+            q = cb_field.query(r, name)
+            assert fr.level == q.level
+            if mode == "relevancy":
+                want = heatmap_overlay(r.rgb, q.heatmap, alpha=0.6)
+            else:
+                m = q.mask[..., None]
+                want = torch.where(m, 0.45 * r.rgb + 0.55 * torch.tensor([0.1, 1.0, 0.3]), 0.3 * r.rgb)
+            want = (want.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
+            assert int(np.abs(fr.image.astype(int) - want.astype(int)).max()) <= 1
+        heat = renderer.render(cam_state(c), Settings(mode="relevancy", query=name), w, h, quality=quality)
+        masks = object_masks(cb_field, heat.viewmat, heat.K, w, h)
+        hot = warmth(heat.image)
+        on, off = hot[masks[k]].mean(), max(hot[m].mean() for i, m in enumerate(masks) if i != k)
+        assert on > 0.15 and on - off > 0.2, (on, off)
+    # a fixed level, the threshold and the 3D selection
+    fr = renderer.render(cam_state(c), Settings(mode="mask", query="green ball", level="whole", select=True), w, h,
+                         quality=quality)
+    assert fr.level == "whole" and fr.selected == N_OBJ and fr.path == "fused"
+    r = cb_field.render(fr.viewmat, fr.K, w, h, background=renderer.background)
+    q = cb_field.query(r, "green ball", level="whole")
+    sel = cb_field.select("green ball")
+    assert int(sel.mask.sum()) == N_OBJ
+    m = q.mask[..., None]
+    want = torch.where(m, 0.45 * r.rgb + 0.55 * torch.tensor([0.1, 1.0, 0.3]), 0.3 * r.rgb)
+    cov = cb_field.render_selection(sel.mask, fr.viewmat, fr.K, w, h).clamp(0, 1)[..., None] * 0.7
+    want = want * (1 - cov) + cov * torch.tensor([1.0, 0.15, 0.85])
+    want = (want.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
+    assert int(np.abs(fr.image.astype(int) - want.astype(int)).max()) <= 1
+    assert fr.image[masks[1]][:, 0].mean() > 100  # the selected (green ball) Gaussians are highlighted in magenta

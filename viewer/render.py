@@ -23,6 +23,11 @@ Two ways to a relevancy map (both LERF relevancy, then :func:`langfield.query.re
 * **fast**: each Gaussian's latent is decoded once per query (cached), and its relevancy is
   rendered as an extra channel, normalised by alpha. Used while the camera moves, and always
   when ``exact_budget`` is 0. Cheap per frame (one channel per level in the same pass).
+
+A **codebook** field (sparse coefficients over a global codebook, no decoder) takes neither:
+its relevancy frames come from :meth:`LanguageField.render_query` (``path == "fused"``): colour,
+alpha and every level's relevancy in one sparse pass, exactly the numbers of
+``field.query(field.render(...), text)``, at rest and in motion.
 """
 
 from __future__ import annotations
@@ -364,6 +369,9 @@ class FrameRenderer:
             sel_mask = self.selection_mask(g, text, li, settings.threshold, t)
             n_selected = int(sel_mask.sum())
             extras.append(sel_mask.to(g.device, torch.float32)[:, None])
+        if mode in ("relevancy", "mask") and self.fused_ok(g, decoder):
+            return self._fused_frame(g, vm, K, width, height, settings, mode, text, li, levels, sel_mask,
+                                     n_selected, messages, quality, t0, cancelled)
         exact = mode in ("relevancy", "mask") and quality == "rest" and self.exact_budget > 0
         if mode in ("relevancy", "mask"):
             if exact:
@@ -441,6 +449,46 @@ class FrameRenderer:
         return Frame(image=img, width=width, height=height, mode=mode, quality=quality, message="; ".join(messages),
                      level=used_level, path=path, selected=n_selected, seconds=time.perf_counter() - t0,
                      viewmat=vm, K=K, time=t)
+
+    def fused_ok(self, g, decoder) -> bool:
+        """A codebook field on static Gaussians: its relevancy frames come from
+        :meth:`LanguageField.render_query` (colour, alpha and relevancy in one sparse pass, no
+        per-pixel decode), at rest and in motion alike."""
+        f = self.field
+        return hasattr(f, "render_query") and f._sparse_ok(g, decoder)
+
+    def _fused_frame(self, g, vm, K, width: int, height: int, settings: Settings, mode: str, text: str,
+                     li: Optional[int], levels: List[str], sel_mask: Optional[torch.Tensor], n_selected: Optional[int],
+                     messages: List[str], quality: str, t0: float, cancelled: Callable[[], bool]) -> Frame:
+        """A relevancy / mask frame of a codebook field through ``field.render_query`` (the same
+        numbers as ``field.query``), plus the 3D selection's footprint when asked for."""
+        from langfield.query import heatmap_overlay
+
+        level = "auto" if li is None else levels[li]
+        r, res = self.field.render_query(vm, K, width, height, text, level=level,
+                                         threshold=float(settings.threshold), background=self.background)
+        if cancelled():
+            raise Cancelled()
+        rgb = r.rgb
+        if mode == "relevancy":
+            out = heatmap_overlay(rgb, res.heatmap, alpha=0.6)
+        else:
+            m = res.mask.to(rgb.device)[..., None]
+            hl = torch.tensor(MASK_COLOR, device=rgb.device)
+            out = torch.where(m, 0.45 * rgb + 0.55 * hl, 0.3 * rgb)
+        if sel_mask is not None:
+            cov = self.field.render_selection(sel_mask, vm, K, width, height)
+            s = cov.to(out.device).clamp(0, 1)[..., None] * 0.7
+            out = out * (1 - s) + s * torch.tensor(HIGHLIGHT, device=out.device)
+        if li is None:
+            with self._lock:
+                if len(self._known_level) > 64:
+                    self._known_level.clear()
+                self._known_level[(id(g), text)] = levels.index(res.level)
+        img = (out.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+        return Frame(image=img, width=width, height=height, mode=mode, quality=quality, message="; ".join(messages),
+                     level=res.level, path="fused", selected=n_selected, seconds=time.perf_counter() - t0,
+                     viewmat=vm, K=K, time=None)
 
     @torch.no_grad()
     def _exact_relevancy(self, maps: torch.Tensor, keys: List[str], L: int, valid: torch.Tensor, decoder, text: str,

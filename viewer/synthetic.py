@@ -77,7 +77,9 @@ def blob_field(n_per_object: int = 400, *, objects=OBJECTS, colors: Optional[Seq
     that a heatmap is the only difference between them); ``n_background`` adds Gaussians
     without meaning (zero latents) scattered around the objects; ``decoder="mlp"`` uses a
     randomly initialised :class:`~langfield.autoencoder.SceneAutoencoder` of LangSplat's shape
-    instead of the linear decoder (for timing: its relevancy means nothing)."""
+    instead of the linear decoder (for timing: its relevancy means nothing); ``decoder="codebook"``
+    a :class:`~langfield.codec.codebook.CodebookCodec` whose entries are the objects' embeddings
+    (the same one-hot latents, now sparse coefficients: the fused sparse query path)."""
     from langfield.features.text import OfflineTextEncoder
     from langfield.field import LanguageField
     from langfield.scene import Gaussians, rgb_to_sh
@@ -115,8 +117,13 @@ def blob_field(n_per_object: int = 400, *, objects=OBJECTS, colors: Optional[Seq
             dec = SceneAutoencoder(in_dim=text_dim, latent_dim=3).eval()
         L = 3
         z = torch.randn(N, 3, generator=gen)
+    elif decoder == "codebook":
+        from langfield.codec.codebook import CodebookCodec
+
+        dec = CodebookCodec(emb, topk=1).eval()  # one entry per object; latents one-hot (1-sparse, on the simplex)
+        L = n_obj
     else:
-        raise ValueError(f"decoder must be 'linear' or 'mlp', got {decoder!r}")
+        raise ValueError(f"decoder must be 'linear', 'mlp' or 'codebook', got {decoder!r}")
     lang = z.repeat(1, len(levels))
     quats = torch.zeros(N, 4)
     quats[:, 0] = 1
