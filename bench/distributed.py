@@ -12,6 +12,11 @@
    ``bytes/rank = N/W * 4 P * 4  +  V * 4 P * 2`` (P floats per Gaussian: 59 at SH degree 3;
    parameters, gradient, two Adam moments; the gathered visible rows V and their gradient;
    transient receive buffers of W x max-rows-per-shard x (P + 1) floats come on top).
+3. **Sharded training in the real trainer** (``langfield train --shard-gaussians``): 2 gloo
+   ranks train the tabletop scene with N Gaussians, batch 2, densification on, sharded and
+   data-parallel (replicated); per rank: the Gaussians it holds and the bytes of their
+   parameters + Adam moments (measured on the trainer's tensors after a step), the rows it
+   gathered to render its camera, the step time (wall and CPU).
 
 Prints tables and writes bench/results/distributed.json.
 
@@ -107,6 +112,30 @@ def worker_dp(scene: str, out: str, n_gauss: int, steps: int, batch: int) -> Non
                                   "comm_per_step": comm, "allreduce_s": pure}), flush=True)
 
 
+def worker_train(scene: str, out: str, n_gauss: int, steps: int, shard: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    from langfield.distributed.shard import shard_state_bytes
+    from langfield.train.config import TrainConfig
+    from langfield.train.rgb import RGBTrainer
+
+    cfg = TrainConfig(steps=steps + 2, batch_size=2, densify=True, refine_start_iter=0, refine_every=2,
+                      refine_stop_iter=steps + 2, init_random=n_gauss, progress=False, save_renders=False,
+                      ckpt_every=10**6, backend="cpu", background="black", sh_degree=3, shard_gaussians=bool(shard))
+    tr = RGBTrainer.create(scene, out, cfg, overwrite=True)
+    tr.train_step()  # warm-up (first-use costs)
+    job = tr.job
+    t0, p0 = time.perf_counter(), time.process_time()
+    for _ in range(steps):
+        tr.train_step()
+    wall, cpu = (time.perf_counter() - t0) / steps, (time.process_time() - p0) / steps
+    rows = tr.sharder.gathered_rows if tr.sharder is not None else tr.num_global
+    print("RESULT " + json.dumps({"rank": job.rank, "n": tr.num_global, "own": tr.gaussians.num,
+                                  "state_bytes": shard_state_bytes(tr.gaussians, tr.optimizers),
+                                  "gathered_rows": rows, "s_per_step": wall, "cpu_per_step": cpu}), flush=True)
+
+
 def worker_shard(n: int, fov_scale: float, steps: int) -> None:
     import torch
 
@@ -159,14 +188,7 @@ def worker_shard(n: int, fov_scale: float, steps: int) -> None:
 # ---- the benchmark --------------------------------------------------------------------------------
 
 def bench_dp(sizes, steps: int, workdir: Path):
-    from langfield.scenes import make_scene
-
-    scene = workdir / "scene"
-    make_scene("tabletop", scene, views=12, size=(128, 96), test_every=6)
-    tj = scene / "transforms.json"  # no SfM points: --init-random Gaussians of the size asked for
-    doc = json.loads(tj.read_text())
-    doc.pop("ply_file_path", None)
-    tj.write_text(json.dumps(doc))
+    scene = _scene_without_points(workdir)
     rows = []
     for n in sizes:
         one = launch(1, ["dp", scene, workdir / f"one{n}", n, steps, 2])[0]
@@ -180,6 +202,36 @@ def bench_dp(sizes, steps: int, workdir: Path):
                      "comm_ratio": comm / r0["s_per_step"], "allreduce_s": pure,
                      "allreduce_ratio": pure / r0["s_per_step"], "cpu_step_1x2_s": one["cpu_per_step"],
                      "cpu_step_2x1_s": r0["cpu_per_step"], "allreduce_MB": n * 59 * 4 / 1e6})
+    return rows
+
+
+def _scene_without_points(workdir: Path) -> Path:
+    from langfield.scenes import make_scene
+
+    scene = workdir / "scene"
+    if not scene.exists():
+        make_scene("tabletop", scene, views=12, size=(128, 96), test_every=6)
+        tj = scene / "transforms.json"  # no SfM points: --init-random Gaussians of the size asked for
+        doc = json.loads(tj.read_text())
+        doc.pop("ply_file_path", None)
+        tj.write_text(json.dumps(doc))
+    return scene
+
+
+def bench_train(sizes, steps: int, workdir: Path):
+    scene = _scene_without_points(workdir)
+    rows = []
+    for n in sizes:
+        rep_ = launch(2, ["train", scene, workdir / f"rep{n}", n, steps, 0])
+        sh = launch(2, ["train", scene, workdir / f"sh{n}", n, steps, 1])
+        full = max(r["state_bytes"] for r in rep_)
+        for r in sh:
+            rows.append({"gaussians": r["n"], "rank": r["rank"], "own": r["own"], "own_frac": r["own"] / r["n"],
+                         "state_MB": r["state_bytes"] / 1e6, "replicated_MB": full / 1e6,
+                         "ratio": r["state_bytes"] / full, "gathered_rows": r["gathered_rows"],
+                         "step_sharded_s": r["s_per_step"], "cpu_sharded_s": r["cpu_per_step"],
+                         "step_replicated_s": max(x["s_per_step"] for x in rep_),
+                         "cpu_replicated_s": max(x["cpu_per_step"] for x in rep_)})
     return rows
 
 
@@ -217,17 +269,33 @@ def worked_example(n: float = 50e6, world: int = 8, visible: float = 0.1, P: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["train"], help="only part 2b (the sharded trainer); merged into the JSON")
     ap.add_argument("--worker", nargs="+")
     a = ap.parse_args()
     if a.worker:
         kind, rest = a.worker[0], a.worker[1:]
         if kind == "dp":
             worker_dp(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]))
+        elif kind == "train":
+            worker_train(rest[0], rest[1], int(rest[2]), int(rest[3]), int(rest[4]))
         else:
             worker_shard(int(rest[0]), float(rest[1]), int(rest[2]))
         return
     load = os.getloadavg()
     t0, c0 = time.perf_counter(), time.process_time()
+    if a.only == "train":  # part 2b alone, merged into the existing results
+        with tempfile.TemporaryDirectory() as tmp:
+            tr = bench_train([20_000] if a.quick else [20_000, 100_000], 3 if a.quick else 4, Path(tmp))
+        print(f"\n2b. the real trainer: --shard-gaussians vs data-parallel (replicated), 2 gloo ranks, batch 2, "
+              f"densification on (load {load[0]:.1f})")
+        print_table(tr, ["gaussians", "rank", "own", "own_frac", "state_MB", "replicated_MB", "ratio", "gathered_rows",
+                         "step_sharded_s", "cpu_sharded_s", "step_replicated_s", "cpu_replicated_s"])
+        path = HERE / "results" / "distributed.json"
+        doc = json.loads(path.read_text()) if path.is_file() else {}
+        doc.update({"sharded_trainer": tr, "sharded_trainer_load": [load, os.getloadavg()],
+                    "sharded_trainer_wall_s": time.perf_counter() - t0})
+        write_json(path, doc)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         dp = bench_dp([2_000, 20_000] if a.quick else [2_000, 20_000, 100_000], 4 if a.quick else 8, Path(tmp))
     print(f"\n1. data-parallel overhead, 2 gloo ranks x 1 camera vs 1 process x 2 cameras (128x96, load {load[0]:.1f})")
@@ -237,6 +305,12 @@ def main() -> None:
     print("\n2. Gaussian-sharded memory per rank (2 gloo ranks), measured vs model")
     print_table(sh, ["N", "fov_scale", "rank", "visible_frac", "state_MB", "state_model_MB", "gathered_MB",
                      "rank_total_MB", "model_total_MB", "replicated_MB", "sent_MB_per_step"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = bench_train([20_000] if a.quick else [20_000, 100_000], 3 if a.quick else 4, Path(tmp))
+    print("\n2b. the real trainer: --shard-gaussians vs data-parallel (replicated), 2 gloo ranks, batch 2, "
+          "densification on")
+    print_table(tr, ["gaussians", "rank", "own", "own_frac", "state_MB", "replicated_MB", "ratio", "gathered_rows",
+                     "step_sharded_s", "cpu_sharded_s", "step_replicated_s", "cpu_replicated_s"])
     ex = [worked_example(visible=v) for v in (0.05, 0.1, 0.25)]
     print("\n3. worked example: 50M Gaussians (SH degree 3), 8 GPUs")
     print_table(ex, ["N", "gpus", "visible_frac", "replicated_GB", "shard_state_GB", "gathered_GB",
@@ -244,7 +318,7 @@ def main() -> None:
     write_json(HERE / "results" / "distributed.json", {
         "machine": machine(), "load_before": load, "load_after": os.getloadavg(), "quick": a.quick,
         "wall_s": time.perf_counter() - t0, "cpu_s_parent": time.process_time() - c0,
-        "data_parallel": dp, "sharded": sh, "worked_example": ex})
+        "data_parallel": dp, "sharded": sh, "sharded_trainer": tr, "worked_example": ex})
 
 
 if __name__ == "__main__":

@@ -13,6 +13,13 @@ Failures never hang: the group is created with a timeout on every collective
 error names the rank: the one that reported its own error into the store (:meth:`Dist.report`),
 else the one whose heartbeat is behind. :class:`DistError` is that one-line error.
 
+Liveness does not depend on collectives: every rank runs a heartbeat thread
+(:meth:`Dist.start_heartbeat`) that writes into the store every few seconds while the process
+is alive and its interpreter runs. Long local work on one rank (rank 0 fitting the codec or
+writing a checkpoint, uneven feature extraction) is waited for with :meth:`Dist.wait_all`,
+which has no limit on the wait but stops, naming the rank, when a rank's heartbeat has been
+silent for the timeout (killed, stopped, stuck holding the interpreter) or it failed and exited.
+
 Consistency checks: :meth:`Dist.check_same` refuses a job whose ranks see a different
 configuration or dataset (one message listing what differs); :meth:`Dist.check_params`
 compares an exact integer hash of the parameters across ranks (data-parallel training keeps
@@ -26,6 +33,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
@@ -86,6 +94,8 @@ class Dist:
         self.host = socket.gethostname()
         self.bytes_sent = 0  # payload bytes handed to collectives by this rank (benchmarks)
         self.comm_s = 0.0  # wall seconds spent in collectives (waiting for peers included)
+        self._beat_stop: Optional[threading.Event] = None
+        self._beat_thread: Optional[threading.Thread] = None
 
     # ---- who am I --------------------------------------------------------------------------
     @property
@@ -202,14 +212,58 @@ class Dist:
             self.comm_s += time.perf_counter() - t0
 
     def heartbeat(self, what: str) -> None:
-        """Say "still working" (long local work between collectives: extraction of images)."""
+        """Say what this rank is working on (long local work between collectives: extraction
+        of images); liveness itself comes from the heartbeat thread (:meth:`start_heartbeat`)."""
         if self.active:
             self._store_set(f"work/{self.rank}", f"{time.time():.3f}|{what}")
 
+    @property
+    def beat_period_s(self) -> float:
+        """Seconds between the heartbeat thread's beats: a tenth of the timeout, 0.2 .. 5 s."""
+        return min(5.0, max(0.2, self.timeout_s / 10.0))
+
+    def start_heartbeat(self) -> None:
+        """Start this rank's heartbeat: a daemon thread that writes ``alive/<rank>`` (a counter,
+        the time and where the main thread is) into the job's store every :attr:`beat_period_s`
+        seconds, independently of collectives. A rank busy with long local work (rank 0 fitting
+        the codec, evaluating, writing a big checkpoint) keeps beating, so :meth:`wait_all` on
+        the other ranks waits for it however long it takes; a rank that was killed, stopped
+        (SIGSTOP) or whose interpreter is stuck (a deadlock holding the GIL) stops beating and
+        is named after ``timeout_s`` seconds of silence. Started by :func:`init`."""
+        if not self.active or self.store is None or self._beat_thread is not None:
+            return
+        stop = threading.Event()
+        main_ident = threading.main_thread().ident
+        period = self.beat_period_s
+
+        def beat() -> None:
+            n = 0
+            while True:
+                n += 1
+                self._store_set(f"alive/{self.rank}", f"{n}|{time.time():.3f}|{_where(main_ident)}")
+                if stop.wait(period):
+                    return
+
+        t = threading.Thread(target=beat, name=f"langfield-heartbeat-rank{self.rank}", daemon=True)
+        self._beat_stop, self._beat_thread = stop, t
+        t.start()
+
+    def stop_heartbeat(self, exiting: bool = True) -> None:
+        """Stop the heartbeat thread; ``exiting``: say so in the store (a rank that reported
+        an error and exits is then named at once by the ranks waiting for it)."""
+        if self._beat_stop is not None:
+            self._beat_stop.set()
+        if self._beat_thread is not None and self._beat_thread is not threading.current_thread():
+            self._beat_thread.join(timeout=1.0)
+        if exiting and self._beat_thread is not None:
+            self._store_set(f"alive/{self.rank}", f"exited|{time.time():.3f}|exited")
+        self._beat_stop = self._beat_thread = None
+
     def wait_all(self, what: str, poll_s: float = 0.2) -> None:
-        """A barrier for long, uneven work (feature extraction): no limit on the total wait, but
-        a rank silent (no :meth:`heartbeat`) for longer than the timeout, or one that reported
-        an error, stops every waiting rank with a :class:`DistError` naming it."""
+        """A barrier for long, uneven work (feature extraction, rank 0 fitting the codec): no
+        limit on the total wait, but a rank silent for longer than the timeout (neither its
+        heartbeat thread, :meth:`start_heartbeat`, nor a :meth:`heartbeat` moved), or one that
+        reported an error, stops every waiting rank with a :class:`DistError` naming it."""
         if not self.active:
             return
         if self.store is None:  # pragma: no cover - no store to poll: a plain barrier
@@ -221,6 +275,8 @@ class Dist:
         self._store_set(f"beat/{self.rank}", f"{self.n_collectives}|{what}|{self.step}|{self.host}|{os.getpid()}")
         last: Dict[int, Any] = {}
         seen: Dict[int, float] = {}
+        failed_since: Dict[int, float] = {}
+        t_log = time.monotonic()
         while True:
             try:
                 pending = [r for r in range(self.world) if not self.store.check([f"{_PREFIX}{tag}/{r}"])]
@@ -232,16 +288,27 @@ class Dist:
             now_ = time.monotonic()
             for r in pending:
                 f = self._failure(r)
+                w = (self._store_get(f"work/{r}"), self._store_get(f"alive/{r}"))
                 if f is not None:
-                    raise DistError(f"rank {self.rank}/{self.world}: waiting for the other ranks ({what}): rank {r} "
-                                    f"failed ({f})")
-                w = self._store_get(f"work/{r}")
+                    # a rank that reported an error stops the wait once it has exited, or when it
+                    # neither exits nor arrives within the timeout (it may also have caught the
+                    # error and be on its way here: then it arrives and the note is stale)
+                    failed_since.setdefault(r, now_)
+                    if (w[1] or "").startswith("exited") or now_ - failed_since[r] > self.timeout_s:
+                        raise DistError(f"rank {self.rank}/{self.world}: waiting for the other ranks ({what}): "
+                                        f"rank {r} failed ({f})")
                 if r not in seen or w != last.get(r):
                     last[r], seen[r] = w, now_
                 elif now_ - seen[r] > self.timeout_s:
+                    where = (w[1] or "").split("|", 2)[-1] if w[1] else ""
                     raise DistError(f"rank {self.rank}/{self.world}: waiting for the other ranks ({what}): rank {r} "
-                                    f"stopped responding (no sign of work for {self.timeout_s:.0f} s; last: "
-                                    f"{(w or 'nothing').split('|')[-1]})")
+                                    f"stopped responding (no heartbeat for {self.timeout_s:.0f} s: killed, stopped or "
+                                    f"stuck; last work: {(w[0] or 'nothing').split('|')[-1]}"
+                                    + (f"; last seen at {where}" if where else "") + ")")
+            if now_ - t_log > 60.0 and pending:  # a long wait says what it waits for
+                t_log = now_
+                log(f"still waiting for rank(s) {', '.join(map(str, pending))} ({what}); alive at "
+                    + "; ".join(f"{(last.get(r, (None, None))[1] or '?').split('|', 2)[-1]}" for r in pending))
             time.sleep(poll_s)
 
     # ---- collectives -------------------------------------------------------------------------
@@ -276,6 +343,16 @@ class Dist:
         self.collective(what, lambda: dist.all_gather(out, t.contiguous()))
         return out
 
+    def all_gather_var(self, t: Tensor, what: str = "all_gather") -> List[Tensor]:
+        """Every rank's ``t`` (same dtype and trailing shape, any number of rows), in rank order."""
+        if not self.active:
+            return [t]
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        lens = [int(x) for x in self.all_gather(n, what=f"{what} (sizes)")]
+        buf = t.new_zeros((max(max(lens), 1), *t.shape[1:]))
+        buf[:t.shape[0]] = t
+        return [p[:k] for p, k in zip(self.all_gather(buf, what=what), lens)]
+
     def broadcast(self, t: Tensor, src: int = 0, what: str = "broadcast") -> Tensor:
         if not self.active:
             return t
@@ -309,7 +386,8 @@ class Dist:
     def on_main(self, fn: Callable[[], Any], errors: tuple = (Exception,), what: str = "rank 0's step") -> Any:
         """Run ``fn`` on rank 0 only; when it raises one of ``errors``, every rank raises the same
         exception type with rank 0's message (no rank is left waiting). Returns rank 0's result
-        (JSON-serialisable) on every rank."""
+        (JSON-serialisable) on every rank. The other ranks wait with :meth:`wait_all`: ``fn``
+        may take longer than the collectives' timeout as long as rank 0's heartbeat goes on."""
         if not self.active:
             return fn()
         res: Dict[str, Any] = {}
@@ -320,6 +398,8 @@ class Dist:
             except errors as e:
                 exc = e
                 res = {"ok": False, "type": type(e).__name__, "message": str(e)}
+        # rank 0's work may outlast the collectives' timeout: the others wait on its heartbeat
+        self.wait_all(what)
         res = self.broadcast_json(res, what=what)
         if res["ok"]:
             return res.get("value")
@@ -383,6 +463,17 @@ def _beat_words(beat: Optional[str]) -> str:
         return beat
     n, what, step, host, pid = parts
     return f"last seen at {what} #{n}, step {step}, on {host} pid {pid}"
+
+
+def _where(ident: Optional[int]) -> str:
+    """Where the thread ``ident`` is (``file.py:line function``), for heartbeats."""
+    try:
+        f = sys._current_frames().get(ident)
+        if f is None:
+            return "finished"
+        return f"{os.path.basename(f.f_code.co_filename)}:{f.f_lineno} {f.f_code.co_name}"
+    except Exception:  # pragma: no cover - never let the heartbeat thread die of a report
+        return "?"
 
 
 def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
@@ -487,6 +578,7 @@ def init(device: Optional[str] = None, timeout_s: Optional[float] = None) -> Dis
     except Exception:  # pragma: no cover - older/newer torch: errors name ranks less precisely
         store = None
     _STATE = Dist(rank, world, local_rank, backend, timeout_s, store)
+    _STATE.start_heartbeat()  # liveness independent of collectives (long local work on one rank)
     import atexit
 
     atexit.register(shutdown)  # leave the group cleanly at the end of the command
@@ -503,6 +595,8 @@ def shutdown() -> None:
     global _STATE
     if _STATE is not None and _STATE.active:
         import torch.distributed as dist
+
+        _STATE.stop_heartbeat()
 
         try:
             if dist.is_initialized():

@@ -37,7 +37,8 @@ import torch
 
 from .core import Dist
 
-__all__ = ["batch_adam_kwargs", "strategy_post_backward", "reduce_strategy_stats"]
+__all__ = ["batch_adam_kwargs", "strategy_post_backward", "reduce_strategy_stats", "accumulate_stats", "refine_due",
+           "reset_stats"]
 
 
 def batch_adam_kwargs(batch: int, scaling: bool = True) -> Tuple[float, Dict[str, Any]]:
@@ -80,7 +81,17 @@ def strategy_post_backward(strategy, params, optimizers, state: Dict[str, Any], 
     module docstring), which is then taken by gsplat's own ``_grow_gs`` / ``_prune_gs``."""
     if step >= strategy.refine_stop_iter:
         return
-    inc = reduce_strategy_stats(strategy, params, infos, batch, job)
+    accumulate_stats(state, reduce_strategy_stats(strategy, params, infos, batch, job))
+    if refine_due(strategy, step):
+        strategy._grow_gs(params, optimizers, state, step)
+        strategy._prune_gs(params, optimizers, state, step)
+        reset_stats(strategy, state)
+    # gsplat 1.5.3's own opacity reset never fires (``step % reset_every == 0 & step > 0``
+    # parses as a chained comparison with ``0 > 0``); the trainers' --opacity-reset does it
+
+
+def accumulate_stats(state: Dict[str, Any], inc: Dict[str, Optional[torch.Tensor]]) -> None:
+    """Add one step's statistics increments to the strategy's running state (radii: maximum)."""
     for k in ("grad2d", "count", "radii"):
         if inc.get(k) is None:
             continue
@@ -90,16 +101,19 @@ def strategy_post_backward(strategy, params, optimizers, state: Dict[str, Any], 
             state[k] = torch.maximum(state[k], inc[k])
         else:
             state[k] += inc[k]
-    if (step > strategy.refine_start_iter and step % strategy.refine_every == 0
-            and step % strategy.reset_every >= strategy.pause_refine_after_reset):
-        strategy._grow_gs(params, optimizers, state, step)
-        strategy._prune_gs(params, optimizers, state, step)
-        state["grad2d"].zero_()
-        state["count"].zero_()
-        if strategy.refine_scale2d_stop_iter > 0 and state.get("radii") is not None:
-            state["radii"].zero_()
-    # gsplat 1.5.3's own opacity reset never fires (``step % reset_every == 0 & step > 0``
-    # parses as a chained comparison with ``0 > 0``); the trainers' --opacity-reset does it
+
+
+def refine_due(strategy, step: int) -> bool:
+    """gsplat 1.5.3 ``DefaultStrategy.step_post_backward``'s condition for growing and pruning."""
+    return (strategy.refine_start_iter < step < strategy.refine_stop_iter and step % strategy.refine_every == 0
+            and step % strategy.reset_every >= strategy.pause_refine_after_reset)
+
+
+def reset_stats(strategy, state: Dict[str, Any]) -> None:
+    state["grad2d"].zero_()
+    state["count"].zero_()
+    if strategy.refine_scale2d_stop_iter > 0 and state.get("radii") is not None:
+        state["radii"].zero_()
 
 
 def local_views(batch: int, job: Dist) -> List[int]:

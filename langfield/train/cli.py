@@ -85,6 +85,7 @@ def cli_train(
     states: Optional[int] = None,
     batch_size: Optional[int] = None,
     no_lr_batch_scaling: bool = False,
+    shard_gaussians: bool = False,
 ) -> int:
     """Train Gaussians on a dataset (COLMAP, nerfstudio, Blender) into the run folder OUT; with
     --features, then the language stage (2D features -> autoencoder -> per-Gaussian latents of
@@ -155,6 +156,10 @@ def cli_train(
             rendering batch-size / ranks of them); learning rates are scaled for it as gsplat's multi-GPU
             trainer (x sqrt(batch)); divide --steps by it yourself.
         no_lr_batch_scaling: keep the one-camera learning rates and Adam betas with --batch-size > 1.
+        shard_gaussians: under torchrun, each rank holds only a spatial shard of the Gaussians (parameters, Adam
+            state, densification statistics) and renders its cameras from every shard's visible Gaussians: for
+            scenes beyond one GPU's memory; same results as data-parallel training; checkpoints hold the whole
+            scene (resume sharded or not, on any number of ranks).
     """
     from langfield.distributed import DistError, init as _join_job
 
@@ -176,6 +181,8 @@ def cli_train(
         if not dynamic:
             print("langfield: the data has time: training a dynamic (4D) scene (--static for a static one)",
                   file=sys.stderr)
+        if shard_gaussians:
+            raise _fail("--shard-gaussians is not available for dynamic runs (static scenes only)")
         if batch_size not in (None, 1) or no_lr_batch_scaling:
             raise _fail("--batch-size is not available for dynamic runs yet (one camera per step)")
         from langfield.distributed import get as _job
@@ -198,7 +205,8 @@ def cli_train(
         progress=False if quiet else None,
         save_renders=False if no_renders else None, skip_bad_images=skip_bad_images or None,
         allow_outside=allow_outside or None, batch_size=batch_size,
-        lr_batch_scaling=False if no_lr_batch_scaling else None).items() if v is not None}
+        lr_batch_scaling=False if no_lr_batch_scaling else None,
+        shard_gaussians=True if shard_gaussians else None).items() if v is not None}
     lang_given: Dict[str, Any] = {}
     lang_base = None
     if features is not None:  # every language option is checked before any work starts

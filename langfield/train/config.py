@@ -104,7 +104,13 @@ class TrainConfig:
     schedule by B yourself, as its ``steps_scaler``)."""
     sync_check_every: int = 100
     """Data-parallel runs: compare an exact hash of the Gaussians across ranks every N steps
-    (and at every checkpoint); a divergence stops the run naming the tensor."""
+    (and at every checkpoint); a divergence stops the run naming the tensor. Sharded runs:
+    check that the shards still partition the Gaussians."""
+    shard_gaussians: bool = False
+    """Under ``torchrun``: each rank holds only a spatial (Morton) shard of the Gaussians with
+    its optimiser state, for scenes beyond one device's memory; the results equal data-parallel
+    training's. Checkpoints hold the whole scene, so a run resumes sharded or not, on any
+    number of ranks. Without ``torchrun`` (one process) it changes nothing."""
 
     # --- densification (gsplat DefaultStrategy) ---------------------------------------
     densify: bool = True
@@ -207,7 +213,7 @@ class TrainConfig:
 # Options that may differ between the stored config and a ``--resume`` request: they do not
 # change the optimisation (``steps`` may change too, see ``config_diff``).
 RESUME_MAY_CHANGE = ("device", "ckpt_every", "keep_checkpoints", "progress", "save_renders", "cache_images",
-                     "steps", "skip_bad_images", "allow_outside", "sync_check_every")
+                     "steps", "skip_bad_images", "allow_outside", "sync_check_every", "shard_gaussians")
 
 
 def config_diff(stored: TrainConfig, requested: TrainConfig) -> List[Tuple[str, Any, Any]]:

@@ -32,6 +32,18 @@ call each, the loss of each divided by B) with gsplat's sqrt(B) learning-rate ru
 reduced over the ranks, and rank 0 alone writes (see :mod:`langfield.distributed.dp`). The
 checkpoint is the same whatever N: a run resumes on any divisor of B.
 
+Gaussian-sharded training (``shard_gaussians`` under ``torchrun``): each rank holds only its
+Morton shard of the Gaussians (parameters, gradients, Adam moments, densification statistics;
+every row with its global index), renders its cameras through
+:class:`~langfield.distributed.shard.ShardedRenderer` (the visible rows of every shard gathered,
+gradients and statistics sent back to the owners) and densifies its shard with
+:func:`~langfield.distributed.shard.sharded_refine`, which takes the decisions a replicated
+run takes; checkpoints gather the shards onto rank 0 in global order, so they equal a
+data-parallel run's and resume sharded (re-cut into Morton shards for the new number of
+ranks) or not. Shards are cut at the start and at every resume; densification grows each
+shard where its Gaussians grow (no rebalancing in between). Rank 0 evaluates the gathered
+Gaussians at the end (as ``langfield eval`` does).
+
 Overwrite policy: an existing, non-empty ``RUN`` is refused unless ``resume`` or
 ``overwrite``; ``overwrite`` moves langfield's own artefacts (config.json, checkpoints/,
 renders/, metrics.json, and later stages' features/, autoencoder.safetensors) into
@@ -131,6 +143,11 @@ class RGBTrainer(EpochSampler):
             raise RunError(f"--batch-size {self.batch} is not a multiple of the {self.job.world} ranks of this job "
                            f"(each rank renders batch-size / ranks cameras per step); run with a divisor of it as "
                            f"--nproc_per_node x nodes, or start a new run with another --batch-size")
+        # Gaussian-sharded training: this rank's rows (self.gaussians) with their global indices
+        self.sharded = bool(getattr(cfg, "shard_gaussians", False)) and self.job.active
+        self.ids: Optional[Tensor] = None
+        self.n_global: Optional[int] = None
+        self.sharder = None
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.strategy = None
         self.strategy_state: Dict[str, Any] = {}
@@ -246,7 +263,12 @@ class RGBTrainer(EpochSampler):
                 "data": str(self.data), "frames": frames, "train_views": list(self.train_idx),
                 "scene_scale": float(self.scene_scale), "transform": np.asarray(ds.transform).round(9).tolist(),
                 "backend": self.backend, "device_type": self.device.type, "step": self.step,
-                "num_gaussians": self.gaussians.num, "torch": torch.__version__}
+                "num_gaussians": self.num_global, "torch": torch.__version__}
+
+    @property
+    def num_global(self) -> int:
+        """Gaussians of the whole scene (every shard's in sharded training)."""
+        return int(self.n_global) if self.sharded and self.n_global is not None else self.gaussians.num
 
     def _sync_start(self) -> None:
         """Data-parallel jobs: refuse ranks that disagree on the configuration, data or start
@@ -255,9 +277,42 @@ class RGBTrainer(EpochSampler):
         if not job.active:
             return
         job.check_same("training configuration and data", self.fingerprint())
+        if self.sharded:
+            if self.ids is None:  # a fresh start, built whole (on the CPU) by every rank: rank 0's, then cut
+                from langfield.distributed.shard import broadcast_chunked
+
+                broadcast_chunked(job, self.gaussians.splats)
+                job.check_params(self.gaussians.splats, self.step)
+                self._take_shard({k: v.detach() for k, v in self.gaussians.splats.items()})
+            self._check_shards()
+            return
         distributed.broadcast_params(self.gaussians.splats)
         job.check_params(self.gaussians.splats, self.step)
 
+    def _take_shard(self, splats: Mapping[str, Tensor]) -> Tensor:
+        """Keep this rank's Morton shard of the whole ``splats`` (on the device); returns its
+        global indices (CPU)."""
+        from langfield.distributed.shard import morton_shards
+        from langfield.scene import Gaussians
+
+        n = int(splats["means"].shape[0])
+        own = morton_shards(splats["means"], self.job.world)[self.job.rank]
+        self.gaussians = Gaussians.from_dict({k: v[own] for k, v in splats.items()}, copy=True).to(self.device)
+        self.ids = own.to(self.device)
+        self.n_global = n
+        return own
+
+    def _check_shards(self) -> None:
+        """Sharded training: the shards partition the global indices 0..N-1 (sizes and an exact
+        sum checked across ranks); :class:`DistError` naming the step otherwise."""
+        job = self.job
+        n = int(self.n_global)
+        mine = torch.tensor([self.ids.numel(), n, int(self.ids.sum())], dtype=torch.int64, device=job.device())
+        got = job.all_gather(mine, what="shard check")
+        if (sum(int(g[0]) for g in got) != n or any(int(g[1]) != n for g in got)
+                or sum(int(g[2]) for g in got) != n * (n - 1) // 2):
+            raise distributed.DistError(f"the Gaussian shards are inconsistent at step {self.step}: sizes "
+                                        f"{[int(g[0]) for g in got]}, global counts {[int(g[1]) for g in got]}")
     def _init_gaussians(self) -> None:
         from langfield.scene import Gaussians
 
@@ -265,14 +320,14 @@ class RGBTrainer(EpochSampler):
         if cfg.init_ply:
             frame = read_frame_transform(Path(cfg.init_ply_transform)) if cfg.init_ply_transform else None
             g, degree = _gaussians_from_ply(Path(cfg.init_ply), self.ds, cfg.sh_degree, frame)
-            self.gaussians = g.to(self.device)
+            self.gaussians = g if self.sharded else g.to(self.device)  # sharded: cut on the CPU first
             self.cfg = replace(cfg, sh_degree_start=min(degree, cfg.sh_degree))  # trained bands need no ramp
             return
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # random init is the norm for Blender data; reported in config
             g = Gaussians.from_dataset(self.ds, sh_degree=cfg.sh_degree, n_random=cfg.init_random,
                                        init_opacity=cfg.init_opacity, init_scale=cfg.init_scale, seed=cfg.seed)
-        self.gaussians = g.to(self.device)
+        self.gaussians = g if self.sharded else g.to(self.device)  # sharded: cut on the CPU first
 
     def _lrs(self) -> Dict[str, float]:
         c = self.cfg
@@ -351,7 +406,11 @@ class RGBTrainer(EpochSampler):
         atomic_write_json(self.run.config, doc)
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def state_tensors(self) -> Dict[str, Any]:
+    def state_tensors(self) -> Optional[Dict[str, Any]]:
+        """Everything a checkpoint holds. Sharded training: a collective that gathers the
+        shards onto rank 0 in global order (``None`` on the other ranks)."""
+        if self.sharded:
+            return self._gathered_state()
         params = self.gaussians.splats
         optim = {}
         for k, opt in self.optimizers.items():
@@ -370,23 +429,73 @@ class RGBTrainer(EpochSampler):
             out["strategy"] = strat
         return out
 
+    def _gathered_state(self) -> Optional[Dict[str, Any]]:
+        from langfield.distributed.shard import gather_to_main
+
+        params = self.gaussians.splats
+        rows: Dict[str, Tensor] = {f"splats/{k}": v for k, v in params.items()}
+        scalars: Dict[str, Dict[str, Tensor]] = {}
+        for k, opt in self.optimizers.items():
+            for n, v in opt.state.get(params[k], {}).items():
+                if isinstance(v, Tensor):
+                    if v.dim() > 0 and v.shape[0] == params[k].shape[0]:
+                        rows[f"optim/{k}/{n}"] = v
+                    else:
+                        scalars.setdefault(k, {})[n] = v.detach().cpu()
+        for k, v in self.strategy_state.items():
+            if isinstance(v, Tensor):
+                rows[f"strategy/{k}"] = v
+        full = gather_to_main(self.job, self.ids, rows, self.n_global)
+        if full is None:
+            return None
+        out: Dict[str, Any] = {"splats": {}, "rng": {"torch": torch.get_rng_state(), "sampler": self.gen.get_state()},
+                               "sampler": {"perm": self.perm.clone()}}
+        if self.device.type == "cuda":
+            out["rng"]["cuda"] = torch.cuda.get_rng_state(self.device)
+        optim: Dict[str, Dict[str, Tensor]] = {k: dict(v) for k, v in scalars.items()}
+        for key, v in full.items():
+            part = key.split("/")
+            if part[0] == "splats":
+                out["splats"][part[1]] = v
+            elif part[0] == "optim":
+                optim.setdefault(part[1], {})[part[2]] = v
+            else:
+                out.setdefault("strategy", {})[part[1]] = v
+        if optim:
+            out["optim"] = optim
+        return out
+
     def _params_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.gaussians.splats.values())
+        ok = all(bool(torch.isfinite(p).all()) for p in self.gaussians.splats.values())
+        if self.sharded:  # every rank decides together
+            t = torch.tensor([1.0 if ok else 0.0], device=self.job.device())
+            ok = bool(self.job.all_reduce(t, "min", what="finite check of the shards")[0] > 0)
+        return ok
 
     def save_checkpoint(self) -> Path:
         if not self._params_finite():
             raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), self.step,
                                  self.last_ckpt_step)
-        if self.job.active:  # identical on every rank (checked), written by rank 0 alone
+        tensors = None
+        if self.sharded:  # the shards gathered onto rank 0, which writes them
+            self._check_shards()
+            tensors = self.state_tensors()
+            if not self.job.is_main:
+                self.last_ckpt_step = self.step
+                return self.run.store("rgb").path(self.step)
+        elif self.job.active:  # identical on every rank (checked), written by rank 0 alone
             self.job.check_params(self.gaussians.splats, self.step)
             if not self.job.is_main:
                 self.last_ckpt_step = self.step
                 return self.run.store("rgb").path(self.step)
+        n = self.num_global
         cfg = {"stage": "rgb", "train": self.cfg.to_dict(), "sampler_pos": self.pos, "train_time_s": self.train_time,
-               "num_gaussians": self.gaussians.num, "sh_degree": self.gaussians.sh_degree, "lang_dim": 0,
-               "num": self.gaussians.num, "background": self.background}
+               "num_gaussians": n, "sh_degree": self.gaussians.sh_degree, "lang_dim": 0,
+               "num": n, "background": self.background}
+        if tensors is None:
+            tensors = self.state_tensors()
         try:
-            p = self.run.store("rgb", self.cfg.keep_checkpoints).save(self.state_tensors(), cfg, self.step)
+            p = self.run.store("rgb", self.cfg.keep_checkpoints).save(tensors, cfg, self.step)
         except OSError as e:  # a full disk, a read-only folder: the older checkpoints are untouched
             kept = (f"the checkpoint of step {self.last_ckpt_step} is intact" if self.last_ckpt_step is not None
                     else "no checkpoint had been written yet")
@@ -399,15 +508,23 @@ class RGBTrainer(EpochSampler):
         from langfield.scene import Gaussians
 
         t = ckpt.tensors
-        self.gaussians = Gaussians.from_dict(t["splats"], copy=False).to(self.device)
+        rows = (lambda v: v)
+        if self.sharded:  # the checkpoint holds the whole scene in global order: cut this rank's shard
+            n = int(t["splats"]["means"].shape[0])
+            own = self._take_shard(t["splats"])
+
+            def rows(v: Tensor) -> Tensor:
+                return v[own] if v.dim() > 0 and v.shape[0] == n else v
+        else:
+            self.gaussians = Gaussians.from_dict(t["splats"], copy=False).to(self.device)
         self.step = int(ckpt.step)
         self._init_optim()
         params = self.gaussians.splats
         for k, st in t.get("optim", {}).items():
             if k in self.optimizers:
-                self.optimizers[k].state[params[k]] = {n: v.to(self.device) for n, v in st.items()}
+                self.optimizers[k].state[params[k]] = {n_: rows(v).to(self.device) for n_, v in st.items()}
         for k, v in t.get("strategy", {}).items():
-            self.strategy_state[k] = v.to(self.device)
+            self.strategy_state[k] = rows(v).to(self.device)
         rng = t.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -452,6 +569,8 @@ class RGBTrainer(EpochSampler):
         """One optimisation step; returns {"loss", "psnr"} as floats (synchronises)."""
         from langfield.train.losses import rgb_loss
 
+        if self.sharded:
+            return self._train_step_sharded()
         if self.batch > 1 or self.job.active:
             return self._train_step_batch()
         cfg = self.cfg
@@ -543,6 +662,75 @@ class RGBTrainer(EpochSampler):
             job.check_params(params, self.step)
         return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
 
+    def _train_step_sharded(self) -> Dict[str, float]:
+        """A step of Gaussian-sharded training: the batch drawn as in data-parallel training,
+        each rank rendering its share of it from every shard's visible Gaussians; the gradients
+        and densification statistics arrive at their owners, each rank's Adam steps its shard,
+        and refinement is taken shard by shard (see :mod:`langfield.distributed.shard`)."""
+        from langfield.distributed.dp import accumulate_stats, refine_due, reset_stats
+        from langfield.distributed.shard import ShardedRenderer, sharded_refine
+        from langfield.train.losses import rgb_loss
+
+        cfg, job, B = self.cfg, self.job, self.batch
+        step = self.step
+        job.set_step(step)
+        st = self.strategy
+        stats_on = st is not None and step < st.refine_stop_iter
+        if self.sharder is None:
+            self.sharder = ShardedRenderer(job, st)
+        views = []
+        for _ in range(B):  # every rank draws the whole batch: the samplers stay in step
+            i = self._next_index()
+            views.append((i, self._bg()))
+        for g in self.optimizers["means"].param_groups:
+            g["lr"] = self._lrs()["means"]
+        stats = torch.zeros(2, dtype=torch.float64)
+        for j in job.share(B):  # every rank renders as many cameras: one collective round each
+            i, bg = views[j]
+            image, alpha = self.ds._cached_rgba(i)
+            target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+            try:
+                pred, _a = self.sharder.render(self.gaussians, self._cams[i], sh_degree=self.sh_degree_at(step),
+                                               background=bg, backend=self.backend, ids=self.ids,
+                                               absgrad=cfg.absgrad, n_cameras=B if stats_on else None)
+            except ValueError as e:
+                if "non-finite" in str(e):
+                    raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
+                                         self.last_ckpt_step) from None
+                raise
+            loss, _l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
+            (loss / B).backward()
+            self.sharder.backward()
+            with torch.no_grad():
+                stats += torch.stack([loss.detach().double().cpu(), ((pred.detach() - target) ** 2).mean().double().cpu()])
+        for p in self.gaussians.splats.values():  # no camera saw this shard: a zero gradient, as replicated
+            if p.grad is None and p.requires_grad:
+                p.grad = torch.zeros_like(p)
+        stats = job.all_reduce(stats.to(job.device()), "sum", what="all_reduce of the losses").cpu()
+        lv, mse = float(stats[0]) / B, float(stats[1]) / B
+        if not math.isfinite(lv):
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if stats_on:
+            accumulate_stats(self.strategy_state, self.sharder.take_stats())
+            if refine_due(st, step):
+                self.ids, self.n_global, _counts = sharded_refine(st, self.gaussians.splats, self.optimizers,
+                                                                  self.strategy_state, step, self.ids, self.n_global,
+                                                                  job)
+                reset_stats(st, self.strategy_state)
+            if cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0:
+                from gsplat.strategy.ops import reset_opa
+
+                reset_opa(self.gaussians.splats, self.optimizers, self.strategy_state, value=cfg.prune_opa * 2.0)
+        self.step = step + 1
+        if self.step % cfg.sync_check_every == 0:
+            self._check_shards()
+        return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
+
     def train(self, stop_at: Optional[int] = None, hooks: Sequence[Callable[["RGBTrainer"], None]] = ()) -> None:
         """Train until ``stop_at`` (default: the configured steps), writing checkpoints on the way.
         Raises :class:`NonFiniteError` (after writing nothing non-finite); KeyboardInterrupt
@@ -565,7 +753,7 @@ class RGBTrainer(EpochSampler):
                     t0 = time.perf_counter()
                     self.save_checkpoint()
                 if bar.active and (self.step % 10 == 0 or self.step == end):
-                    bar.set(loss=ema_loss, psnr=ema_psnr, gaussians=self.gaussians.num,
+                    bar.set(loss=ema_loss, psnr=ema_psnr, gaussians=self.num_global,
                             sh=self.sh_degree_at(self.step - 1))
                 bar.update(1)
                 for h in hooks:
@@ -575,11 +763,24 @@ class RGBTrainer(EpochSampler):
             bar.close()
 
     # ---- end of training -----------------------------------------------------------------
+    def _whole_gaussians(self):
+        """The Gaussians to evaluate: this rank's; in sharded training (rank 0, after the last
+        checkpoint) the whole scene as gathered into that checkpoint."""
+        if not self.sharded:
+            return self.gaussians
+        from langfield.scene import Gaussians
+
+        _p, ckpt = self.run.store("rgb").latest()
+        if ckpt is None or ckpt.step != self.step:
+            raise RunError(f"{self.run.checkpoints}: no checkpoint of step {self.step} to evaluate the sharded run")
+        return Gaussians.from_dict(ckpt.tensors["splats"], requires_grad=False, copy=False).to(self.device)
+
     def evaluate(self, write_renders: Optional[bool] = None, progress: bool = False) -> Dict[str, Any]:
         """Metrics on the held-out views (renders into RUN/renders/test/ when asked)."""
         write = self.cfg.save_renders if write_renders is None else write_renders
-        self.gaussians.eval()
-        res = evaluate_views(self.gaussians, self.ds, self.test_idx, background=eval_background(self.background),
+        g = self._whole_gaussians()
+        g.eval()
+        res = evaluate_views(g, self.ds, self.test_idx, background=eval_background(self.background),
                              sh_degree=self.sh_degree_at(max(self.step - 1, 0)), backend=self.backend,
                              out_dir=(self.run.renders / "test") if write else None, progress=progress)
         return res
@@ -588,7 +789,7 @@ class RGBTrainer(EpochSampler):
         """Evaluate on the held-out views, write metrics.json (and renders); return the metrics."""
         res = self.evaluate(progress=progress)
         return write_metrics(self.run, res, step=self.step, train_time_s=self.train_time,
-                             num_gaussians=self.gaussians.num, background=eval_background(self.background),
+                             num_gaussians=self.num_global, background=eval_background(self.background),
                              split="test")
 
 
