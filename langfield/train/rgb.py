@@ -177,6 +177,9 @@ class RGBTrainer(EpochSampler):
                                    f"--overwrite to start again (langfield's files are moved aside, not deleted)")
 
         job.on_main(check_out, errors=(RunError,), what="checking --out")  # rank 0 alone looks at the folder
+        if cfg.shard_gaussians and not job.active:
+            print("langfield: --shard-gaussians shards the Gaussians over the ranks of a torchrun job; one process "
+                  "holds them all", file=sys.stderr)
         data = Path(data).expanduser().resolve()
         device = job.device(resolve_device(cfg.device))
         cfg = cfg.resolved(world_size=job.world)
