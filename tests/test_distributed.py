@@ -250,9 +250,13 @@ scene, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 opts = json.loads(sys.argv[4])
 d = D.init()
 mem = {}
+class Stop(Exception):
+    pass
 def die(tr):
     if mode == "kill" and d.rank == 1 and tr.step == 20:
         os.kill(os.getpid(), signal.SIGKILL)   # no word, no cleanup: a crashed node
+    if mode == "stop" and tr.step == 16 and not mem.get("resumed"):
+        raise Stop()                           # every rank stops after the checkpoint of step 16
     from langfield.distributed.shard import shard_state_bytes
     mem.update(state=shard_state_bytes(tr.gaussians, tr.optimizers), own=tr.gaussians.num, n=tr.num_global)
 try:
@@ -265,7 +269,11 @@ try:
         from langfield.train.language import train_language
         train_language(out, evaluate=False, log=lambda *_: None, **json.loads(sys.argv[5]))
     else:
-        m = train_rgb(scene, out, hooks=[die], **opts)
+        try:
+            m = train_rgb(scene, out, hooks=[die], **opts)
+        except Stop:                           # ... and the job resumes (the shards cut again)
+            mem["resumed"] = True
+            m = train_rgb(scene, out, resume=True, hooks=[die], progress=False)
     print("RESULT " + json.dumps({"rank": d.rank, "step": m.get("step"), "n": m.get("num_gaussians"), **mem}),
           flush=True)
 except (D.DistError, RunError) as e:
@@ -384,14 +392,15 @@ def test_gaussian_sharded_training_equals_data_parallel_and_resumes_on_one_rank(
     """2 ranks x 1 camera with --shard-gaussians == 1 process x 2 cameras (== 2 data-parallel
     ranks, above), densification included: the same Gaussians are grown, split and pruned
     (equal shapes), parameters within float tolerance; each rank holds about half of the
-    parameter + Adam bytes; the gathered checkpoint resumes in one process."""
+    parameter + Adam bytes; the gathered checkpoint resumes sharded and in one process."""
     import shutil
 
     from langfield.cli import main
 
     ref, m_ref, ref_bytes = dp_ref
     sh = tmp_path / "sh"
-    res = launch(DP, 2, tmp_path, args=(scene, sh, "plain", json.dumps({**DP_OPTS, "shard_gaussians": True})),
+    # stopped after step 16 and resumed sharded (the checkpoint cut into Morton shards again)
+    res = launch(DP, 2, tmp_path, args=(scene, sh, "stop", json.dumps({**DP_OPTS, "shard_gaussians": True})),
                  timeout=180)
     assert all(rc == 0 for rc, _ in res), res[0][1][-3000:] + res[1][1][-3000:]
     outs = [_result(t) for _, t in res]

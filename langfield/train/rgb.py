@@ -316,6 +316,7 @@ class RGBTrainer(EpochSampler):
                 or sum(int(g[2]) for g in got) != n * (n - 1) // 2):
             raise distributed.DistError(f"the Gaussian shards are inconsistent at step {self.step}: sizes "
                                         f"{[int(g[0]) for g in got]}, global counts {[int(g[1]) for g in got]}")
+
     def _init_gaussians(self) -> None:
         from langfield.scene import Gaussians
 
@@ -511,15 +512,15 @@ class RGBTrainer(EpochSampler):
         from langfield.scene import Gaussians
 
         t = ckpt.tensors
-        rows = (lambda v: v)
+        n = int(t["splats"]["means"].shape[0])
+        own = None
         if self.sharded:  # the checkpoint holds the whole scene in global order: cut this rank's shard
-            n = int(t["splats"]["means"].shape[0])
             own = self._take_shard(t["splats"])
-
-            def rows(v: Tensor) -> Tensor:
-                return v[own] if v.dim() > 0 and v.shape[0] == n else v
         else:
             self.gaussians = Gaussians.from_dict(t["splats"], copy=False).to(self.device)
+
+        def rows(v: Tensor) -> Tensor:
+            return v[own] if own is not None and v.dim() > 0 and v.shape[0] == n else v
         self.step = int(ckpt.step)
         self._init_optim()
         params = self.gaussians.splats
@@ -705,7 +706,8 @@ class RGBTrainer(EpochSampler):
             (loss / B).backward()
             self.sharder.backward()
             with torch.no_grad():
-                stats += torch.stack([loss.detach().double().cpu(), ((pred.detach() - target) ** 2).mean().double().cpu()])
+                stats += torch.stack([loss.detach().double().cpu(),
+                                      ((pred.detach() - target) ** 2).mean().double().cpu()])
         for p in self.gaussians.splats.values():  # no camera saw this shard: a zero gradient, as replicated
             if p.grad is None and p.requires_grad:
                 p.grad = torch.zeros_like(p)
