@@ -12,7 +12,7 @@
    ``bytes/rank = N/W * 4 P * 4  +  V * 4 P * 2`` (P floats per Gaussian: 59 at SH degree 3;
    parameters, gradient, two Adam moments; the gathered visible rows V and their gradient;
    transient receive buffers of W x max-rows-per-shard x (P + 1) floats come on top).
-3. **Sharded training in the real trainer** (``langfield train --shard-gaussians``): 2 gloo
+2b. **Sharded training in the real trainer** (``langfield train --shard-gaussians``): 2 gloo
    ranks train the tabletop scene with N Gaussians, batch 2, densification on, sharded and
    data-parallel (replicated); per rank: the Gaussians it holds and the bytes of their
    parameters + Adam moments (measured on the trainer's tensors after a step), the rows it
@@ -22,6 +22,7 @@ Prints tables and writes bench/results/distributed.json.
 
     python bench/distributed.py            # both parts (a few minutes on 2 busy cores)
     python bench/distributed.py --quick    # fewer sizes and steps
+    python bench/distributed.py --only train   # part 2b alone (merged into the JSON)
 """
 
 from __future__ import annotations
