@@ -216,6 +216,30 @@ def test_full_run_with_labels_language(room, tmp_path):
     assert read_metrics(run)["slam_eval"]["ate_rmse"] == rep["ate_rmse"]
 
 
+
+def test_detached_language_does_not_move_the_geometry(room, tmp_path):
+    """lang_pass="detached": the language loss trains the latents only (a second pass with the
+    geometry detached), so the run has the trajectory and Gaussians of the same run without
+    language, bit for bit, while its latents do train."""
+    from dataclasses import replace
+
+    from langfield.slam.online import SlamConfig
+    from langfield.slam.run import run_slam
+
+    n = 8
+    cfg = SlamConfig()
+    cfg = replace(cfg, mapper=replace(cfg.mapper, lang_pass="detached"))
+    lang = run_slam(room, tmp_path / "lang", size=None, max_frames=n, quiet=True, features="labels", config=cfg,
+                    language_options=dict(text_encoder="offline", ae_steps=100, warmup=2))
+    plain = run_slam(room, tmp_path / "plain", size=None, max_frames=n, quiet=True, config=cfg)
+    assert plain["keyframes"] == lang["keyframes"] >= 3 and plain["gaussians"] == lang["gaussians"]
+    assert (tmp_path / "plain" / "trajectory.txt").read_text() == (tmp_path / "lang" / "trajectory.txt").read_text()
+    sp, sl = _state(tmp_path / "plain"), _state(tmp_path / "lang")
+    for k in ("map.means", "map.scales", "map.opacities", "map.sh0", "viewmats"):
+        assert torch.equal(sp.tensors[k], sl.tensors[k]), k
+    assert float(sl.tensors["map.lang"].abs().sum()) > 0  # ... while the latents did train
+
+
 def test_concurrent_mode_maps_in_a_back_end_thread(room, tmp_path):
     """SlamConfig(concurrent=True): keyframes are mapped in a thread while the next frames are
     tracked; the run ends with every keyframe mapped (state saved after the back end finished),

@@ -43,7 +43,8 @@ from langfield.maths import inv_rigid, se3_exp
 from langfield.render.model import Cameras, render
 from langfield.slam.keyframes import Keyframe, KeyframeConfig, choose_window, is_keyframe
 from langfield.slam.mapper import GaussianMap, MapperConfig, lrs_of, prune_mask, seed_gaussians
-from langfield.slam.tracker import TrackerConfig, constant_velocity, rigid, track
+from langfield.scene import Activated
+from langfield.slam.tracker import TrackerConfig, constant_velocity, rigid, scale_K, track
 
 __all__ = ["SlamConfig", "Mapper", "prepare_frame"]
 
@@ -106,6 +107,16 @@ def prepare_frame(frame, width: Optional[int], height: Optional[int]) -> Tuple[T
     Ks[0] *= w / W
     Ks[1] *= h / H
     return im, d, Ks
+
+
+class _Fixed:
+    """A scene model handing the renderer parameters already activated."""
+
+    def __init__(self, a: Activated):
+        self.a = a
+
+    def activated(self, t=None) -> Activated:
+        return self.a
 
 
 class Mapper:
@@ -245,6 +256,8 @@ class Mapper:
         lrs = lrs_of(cfg)
         w, h = self.size
         lang = self.language if (self.language is not None and self.language.ready) else None
+        if lang is not None and cfg.lang_pass not in ("shared", "detached"):
+            raise ValueError(f"mapper lang_pass must be 'shared' or 'detached', got {cfg.lang_pass!r}")
         frozen = () if lang is not None else ("lang",)
         order = []
         others = window[:-1]
@@ -262,20 +275,39 @@ class Mapper:
                 vm = se3_exp(delta) @ kf.viewmat
             else:
                 vm = kf.viewmat
-            out = render(self.map, Cameras(vm[None], self.K[None], w, h), depth=True,
-                         language=lang is not None, backend=self.config.backend, validate=False)
+            a = self.map.activated()
+            shared = lang is not None and cfg.lang_pass == "shared"  # latents in the colour pass: they move the geometry
+            out = render(_Fixed(a), Cameras(vm[None], self.K[None], w, h), depth=True, language=shared,
+                         backend=self.config.backend, validate=False)
             valid = kf.depth > 0
             nv = max(1, int(valid.sum()))
             loss = (out.rgb[0] - kf.image).abs().mean() + \
                 cfg.w_depth * ((out.depth[0] - kf.depth).abs() * valid).sum() / nv
             if lang is not None:
-                loss = loss + cfg.w_lang * lang.loss(out.lang[0], ki)
+                pred = out.lang[0] if shared else self._render_language(a, kf.viewmat)
+                loss = loss + cfg.w_lang * lang.loss(pred, ki)
             loss.backward()
             self.map.adam_step(lrs, frozen=frozen)
             if refine and delta.grad is not None:
                 self._pose_step(kf, delta.grad.detach(), cfg)
         for ki in set(window):  # the frames list holds the keyframes' refined poses
             self.viewmats[self.keyframes[ki].index] = self.keyframes[ki].viewmat.clone()
+
+    def _render_language(self, a: Activated, viewmat: Tensor) -> Tensor:
+        """The language latents [h, w, L] of the map ``a`` (activated) seen from ``viewmat``, at
+        1 / ``lang_stride`` of the working size, with the geometry detached: the language loss
+        trains the latents only, never the Gaussians' positions, sizes or opacities (nor the
+        keyframe's pose), so a run with language has the geometry and trajectory of the same
+        run without it. A second rasterizer pass (without colour) at a quarter of the pixels
+        costs less than the colour pass carrying the latents' channels did (the renderer
+        cannot yet keep chosen channels' gradients off the geometry in one pass)."""
+        s = max(1, int(self.config.mapper.lang_stride))
+        w, h = self.size
+        geo = Activated(means=a.means.detach(), quats=a.quats.detach(), scales=a.scales.detach(),
+                        opacities=a.opacities.detach(), sh=a.sh.detach(), sh_degree=a.sh_degree, lang=a.lang)
+        out = render(_Fixed(geo), Cameras(viewmat.detach()[None], scale_K(self.K, s)[None], w // s, h // s),
+                     colors=False, language=True, backend=self.config.backend, validate=False)
+        return out.lang[0]
 
     @torch.no_grad()
     def _pose_step(self, kf: Keyframe, grad: Tensor, cfg, betas=(0.9, 0.999), eps: float = 1e-12) -> None:
