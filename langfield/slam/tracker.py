@@ -71,6 +71,8 @@ class TrackerConfig:
     max_renders: int = 3  # renders per level ("warp")
     rerender_trans: float = 0.002  # metres / degrees moved since the level's last render that call for
     rerender_rot: float = 0.2  # a new render at the new pose ("warp")
+    pool_renders: bool = True  # "warp": render at the working size and pool it for the coarser levels, reusing
+    # the last render while the pose stays within the level's re-render distance (False: a render per level)
 
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
@@ -368,6 +370,8 @@ def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, c
     last_loss = float("inf")
     converged = True
     coverage = 0.0
+    H0, W0 = depth.shape
+    full = None  # (pose, colour, depth, alpha) of the last render at the working size (pool_renders)
     for li, f in enumerate(cfg.levels):
         im_l, d_l = pyramid(image, depth, f)
         K_l = scale_K(K.float(), f)
@@ -396,17 +400,31 @@ def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, c
         level_renders = 0
         loss = last_loss
         while True:
-            with torch.no_grad():
-                out = render(frozen, Cameras(T_cur[None], K_l[None], w, h), depth=True, backend=backend,
-                             validate=False)
-            renders += 1
-            level_renders += 1
-            rgb, dr, al = out.rgb[0], out.depth[0], out.alpha[0]
+            reuse = full is not None and level_renders == 0 and not _moved(T_cur, full[0], cfg, ts)
+            if cfg.pool_renders and reuse:  # the last render (at most a level's re-render distance away) serves
+                T_ref = full[0]
+            else:
+                T_ref = T_cur.clone()
+                if cfg.pool_renders:  # one render at the working size, pooled to the coarser levels
+                    with torch.no_grad():
+                        out = render(frozen, Cameras(T_ref[None], K.float()[None], W0, H0), depth=True,
+                                     backend=backend, validate=False)
+                    full = (T_ref, out.rgb[0], out.depth[0], out.alpha[0])
+                else:
+                    with torch.no_grad():
+                        out = render(frozen, Cameras(T_ref[None], K_l[None], w, h), depth=True, backend=backend,
+                                     validate=False)
+                renders += 1
+                level_renders += 1
+            if cfg.pool_renders:
+                rgb, dr, al = _pool_render(full[1], full[2], full[3], f)
+            else:
+                rgb, dr, al = out.rgb[0], out.depth[0], out.alpha[0]
+            rgb, dr, al = rgb[:h, :w], dr[:h, :w], al[:h, :w]
             gxi, gyi = _grad_xy(rgb)
             gxd, gyd = _grad_xy(dr)
             maps = torch.cat([rgb, dr[..., None], al[..., None], gxi, gyi, gxd[..., None], gyd[..., None]],
                              -1).permute(2, 0, 1).contiguous()  # [13, h, w]
-            T_ref = T_cur.clone()
             fill = [None]
 
             def evaluate(T: Tensor):
@@ -449,10 +467,7 @@ def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, c
                 break
             T_cur, loss, coverage, it, inner_conv = _levenberg_marquardt(evaluate, T_cur, ev0, it, max_it, tol_t, tol_r,
                                                                          rel_tol, need_flat, cfg)
-            dist, ang = _motion(T_cur, T_ref)
-            moved = dist > cfg.rerender_trans * (ts if not final else 1.0) or ang > cfg.rerender_rot * (
-                ts if not final else 1.0)
-            if not moved or level_renders >= cfg.max_renders or it >= max_it:
+            if not _moved(T_cur, T_ref, cfg, ts) or level_renders >= cfg.max_renders or it >= max_it:
                 level_conv = inner_conv
                 break
         iters_all.append(it)
@@ -463,9 +478,26 @@ def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, c
                        converged=converged, coverage=coverage, renders=renders)
 
 
-def _motion(T: Tensor, T_ref: Tensor) -> Tuple[float, float]:
-    """(camera-centre distance, rotation angle in degrees) between two world-to-camera poses."""
-    return pose_error(T, T_ref)
+def _moved(T: Tensor, T_ref: Tensor, cfg: TrackerConfig, scale: float) -> bool:
+    """Whether ``T`` is more than ``scale`` times the re-render distance (``rerender_trans`` metres
+    or ``rerender_rot`` degrees) away from the pose ``T_ref`` of a render."""
+    dist, ang = pose_error(T, T_ref)
+    return dist > cfg.rerender_trans * scale or ang > cfg.rerender_rot * scale
+
+
+def _pool_render(rgb: Tensor, depth: Tensor, alpha: Tensor, factor: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """A render at the working size pooled by an integer ``factor``: colour and alpha averaged,
+    depth as the pooled accumulated depth over the pooled alpha (what a render at the coarse
+    size gives, anti-aliased). Tile-based rasterizing costs about as much at a quarter of the
+    size as at the full size (each pixel walks a tile list four times longer), so the tracker
+    renders once and pools instead of rendering every level."""
+    if factor == 1:
+        return rgb, depth, alpha
+    x = torch.cat([rgb, (depth * alpha)[..., None], alpha[..., None]], -1).permute(2, 0, 1)[None]
+    x = F.avg_pool2d(x, factor)[0].permute(1, 2, 0)
+    a = x[..., 4]
+    d = torch.where(a > 1e-4, x[..., 3] / a.clamp_min(1e-4), torch.zeros_like(a))
+    return x[..., :3].contiguous(), d.contiguous(), a.contiguous()
 
 
 def track_render(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: Optional[TrackerConfig] = None,
