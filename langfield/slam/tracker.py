@@ -19,7 +19,9 @@ Two methods (``TrackerConfig.method``):
   linearisation point; the frame's depth points are warped into that render by the pose being
   solved for, so a step costs a bilinear lookup, not a render. The map is rendered again when
   the pose has moved more than ``rerender_trans`` / ``rerender_rot`` (at most ``max_renders``
-  per level): about 5 renders per frame instead of 20-30, 3-4x less CPU. Points the render
+  per level). The render is taken once at the working size and pooled for the coarser levels
+  (``pool_renders``), and reused while the pose stays within the re-render distance: about 2
+  renders per frame (5 with a render per level, 20-30 with a render per step). Points the render
   does not cover cost the mean cost of an explained pixel, so moving points into or out of
   the mapped area is neutral (a flat cap there pulled every pose back towards the keyframes).
 * ``"render"`` (:func:`track_render`): a render and its backward per step; the gradient on
@@ -67,7 +69,7 @@ class TrackerConfig:
     min_pixels: int = 30
     h_pixels: int = 8192  # pixels used for the Gauss-Newton matrix ("render" method)
     method: str = "warp"  # "warp": render once, align by warping (re-render when moved); "render": every step
-    max_points: int = 8192  # live points per level ("warp"; 16384 cost 1.3x the tracking time for the same ATE)
+    max_points: int = 8192  # live points per level ("warp"; 16384: 1.14x the tracking CPU, no better pose)
     max_renders: int = 3  # renders per level ("warp")
     rerender_trans: float = 0.002  # metres / degrees moved since the level's last render that call for
     rerender_rot: float = 0.2  # a new render at the new pose ("warp")
