@@ -168,9 +168,12 @@ def quality(args, rows_out):
         train_rgb(data, base, steps=args.rgb_steps, device="cpu", progress=False, evaluate=False)
         print(f"\n3. tabletop {args.train_size}, {args.views} views, RGB {args.rgb_steps} steps in "
               f"{time.perf_counter() - t0:.0f} s; language stage {args.lang_steps} steps per codec")
-        for codec, opts in (("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps)),
-                            ("codebook", dict(latent_dim=args.train_codebook_size, ae_steps=30,
-                                              lr=args.codebook_lr))):
+        cb = dict(ae_steps=30)  # the language stage's codebook defaults (L=64, lr 0.01) unless given
+        if args.train_codebook_size is not None:
+            cb["latent_dim"] = args.train_codebook_size
+        if args.codebook_lr is not None:
+            cb["lr"] = args.codebook_lr
+        for codec, opts in (("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps)), ("codebook", cb)):
             run = tmp / codec
             shutil.copytree(base, run)
             t1 = time.perf_counter()
@@ -179,7 +182,8 @@ def quality(args, rows_out):
                                     **opts)
             m = res["metrics"]
             p = m[m["primary"]]
-            rows.append({"codec": codec, "latent": opts["latent_dim"], "mIoU": p["miou"], "loc": p["loc"],
+            rows.append({"codec": codec, "latent": LL.stored_language_config(run).latent_dim, "mIoU": p["miou"],
+                         "loc": p["loc"],
                          "mIoU_3d": p["miou_3d"], "queries": p["n"], "train_s": res["train_time_s"],
                          "stage_s": time.perf_counter() - t1})
     finally:
@@ -198,8 +202,10 @@ def main():
     ap.add_argument("--codebook-size", type=int, default=64)
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--train-size", default="96x96")
-    ap.add_argument("--train-codebook-size", type=int, default=16)
-    ap.add_argument("--codebook-lr", type=float, default=0.01, help="language lr of the codebook run")
+    ap.add_argument("--train-codebook-size", type=int, default=None, help="codebook size of the training run "
+                    "(default: the language stage's, 64)")
+    ap.add_argument("--codebook-lr", type=float, default=None, help="language lr of the codebook run (default: the "
+                    "stage's, 0.01)")
     ap.add_argument("--views", type=int, default=16)
     ap.add_argument("--rgb-steps", type=int, default=300)
     ap.add_argument("--lang-steps", type=int, default=1000)

@@ -86,8 +86,9 @@ def main():
     ap.add_argument("--rgb-steps", type=int, default=300)
     ap.add_argument("--lang-steps", type=int, default=1000)
     ap.add_argument("--ae-steps", type=int, default=800)
-    ap.add_argument("--train-codebook-size", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--codebook-lr", type=float, default=0.01)
+    ap.add_argument("--train-codebook-size", type=int, nargs="*", default=[],
+                    help="more codebook runs at these sizes (the first codebook run takes the defaults: L=64)")
+    ap.add_argument("--codebook-lr", type=float, default=None, help="codebook lr (default: the stage's, 0.01)")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "query.json")
     args = ap.parse_args()
     if args.quick:
@@ -295,21 +296,26 @@ def quality(args):
         train_rgb(data, base, steps=args.rgb_steps, device="cpu", progress=False, evaluate=False)
         print(f"\nquality: tabletop {args.train_size}, {args.views} views, RGB {args.rgb_steps} steps in "
               f"{time.perf_counter() - t0:.0f} s; language stage {args.lang_steps} steps per codec")
-        runs = [("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps))]
-        runs += [("codebook", dict(latent_dim=L, ae_steps=30, lr=args.codebook_lr)) for L in args.train_codebook_size]
+        # the autoencoder as tests/test_language.py's demo trains it; the codebook with the language
+        # stage's defaults for it (L=64, k=4, lr 0.01, sparse training from the views), then any
+        # --train-codebook-size extras
+        lr = {} if args.codebook_lr is None else {"lr": args.codebook_lr}
+        runs = [("autoencoder", dict(latent_dim=3, ae_steps=args.ae_steps)), ("codebook", dict(ae_steps=30, **lr))]
+        runs += [("codebook", dict(latent_dim=L, ae_steps=30, **lr)) for L in args.train_codebook_size]
         fields = {}
         for codec, opts in runs:
-            run = tmp / f"{codec}{opts['latent_dim']}"
+            run = tmp / f"{codec}{opts.get('latent_dim', '')}"
             shutil.copytree(base, run)
             t1, c1 = time.perf_counter(), time.process_time()
             res = LL.train_language(run, features="labels", codec=codec, steps=args.lang_steps, text_encoder="offline",
                                     device="cpu", progress=False, log=lambda *_: None, **opts)
             m = res["metrics"]
             p = m[m["primary"]]
-            rows.append({"codec": codec, "latent": opts["latent_dim"], "mIoU": p["miou"], "loc": p["loc"],
+            lcfg = LL.stored_language_config(run)
+            rows.append({"codec": codec, "latent": lcfg.latent_dim, "lr": lcfg.lr, "mIoU": p["miou"], "loc": p["loc"],
                          "mIoU_3d": p["miou_3d"], "queries": p["n"], "train_s": res["train_time_s"],
                          "stage_s": time.perf_counter() - t1, "stage_cpu_s": time.process_time() - c1})
-            fields[f"{codec}{opts['latent_dim']}"] = LanguageField.load(run, device="cpu")
+            fields[f"{codec}{lcfg.latent_dim}"] = LanguageField.load(run, device="cpu")
         ae = fields["autoencoder3"]
         cam = next(c for c in ae.cameras if c.split == "test")
         for name, f in fields.items():
@@ -317,7 +323,8 @@ def quality(args):
             fr += frame_rows({kind: f}, cam, W, H, "red mug", 2 if args.quick else 5, label=f"trained {name}: ")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print_table(rows, ["codec", "latent", "mIoU", "loc", "mIoU_3d", "queries", "train_s", "stage_s", "stage_cpu_s"])
+    print_table(rows, ["codec", "latent", "lr", "mIoU", "loc", "mIoU_3d", "queries", "train_s", "stage_s",
+                       "stage_cpu_s"])
     print(f"\nrelevancy frames of the trained fields, {W}x{H}:")
     table = print_table(fr, ["case", "wall_ms", "cpu_ms", "x_rgb_wall", "x_rgb_cpu", "max_rel_diff_vs_fused"])
     return {"rows": rows, "frames": fr, "frames_table": table, "size": args.train_size, "views": args.views,

@@ -12,8 +12,12 @@ The renderer blends the coefficients like any channels (dense L channels, or the
 What the Gaussians store (``lang``, ``levels * L`` channels): the **weights themselves**, already
 sparse (k non-zeros per level, on the probability simplex), so every consumer that renders
 ``lang`` as-is (queries, eval, viewer, export, 3D selection) gets the right coefficients
-unchanged. The language stage trains them as free tensors (rendered as dense L channels per
-level, so every entry gets its gradient) and keeps them on the simplex with
+unchanged. The language stage (``codebook_train="sparse"``, the default) starts every Gaussian
+from the views (:meth:`CodebookCodec.init_weights`: the top-k entries nearest to the mean target
+of the pixels it covers) and trains its k weights per level through the sparse pass
+(:func:`langfield.render.sparse.render_sparse`), projected back onto the simplex after every
+step; the entries stay. ``codebook_train="dense"`` trains the coefficients as free tensors
+(dense L channels per level, so every entry gets its gradient) kept on the simplex with
 :meth:`CodebookCodec.project_` after every optimiser step: the Euclidean projection onto the
 simplex during the first half of the steps (entries can still enter a Gaussian's support), then
 onto its k-sparse part (top-k of each level's vector, those k values projected, the rest 0), so
@@ -26,7 +30,12 @@ afterwards** (LangSplatV2 learns it jointly; here the per-Gaussian coefficients 
 trained tensors, which keeps the language stage's resume exact and the codebook a pure function
 of the features and the seed). ``targets(x)`` are the L2-normalised features themselves
 (``target_dim = in_dim``) and :meth:`loss` is LangSplatV2's loss in CLIP space: the decoded
-render against the target, ``|f - t|_1 + (1 - cos(f, t))`` averaged over the valid pixels.
+render against the target, ``|f - t|_1 + (1 - cos(f, t))`` averaged over the valid pixels. The
+language stage trains with :meth:`loss_projected`, the cosine term alone (half the squared L2
+distance of the unit features) computed exactly in the codebook's coordinates: a target is its
+``L`` dot products with the entries (:meth:`project_targets`), ``cos = z (C t) / sqrt(z G z)``, so
+no step makes ``in_dim``-sized features (1/3 of the CPU time per step at L=16; tabletop 96x96:
+the same mIoU / localisation as the L1 + cosine loss).
 
 Files: ``save(path)`` writes ``<stem>.safetensors`` (the codebook) + ``<stem>.json``
 (configuration and fit report) atomically through :mod:`langfield.io.checkpoint`; no pickle.
@@ -61,6 +70,8 @@ def project_topk_simplex(v: Tensor, k: int) -> Tensor:
     L = v.shape[-1]
     k = max(1, min(int(k), L))
     x = torch.nan_to_num(v.float(), nan=-1e30, posinf=1e30, neginf=-1e30)
+    if k == L:
+        return _project_simplex(x).to(v.dtype)
     top, idx = torch.topk(x, k, dim=-1, sorted=True)  # descending
     css = top.cumsum(-1) - 1.0
     r = torch.arange(1, k + 1, device=v.device, dtype=top.dtype)
@@ -71,6 +82,25 @@ def project_topk_simplex(v: Tensor, k: int) -> Tensor:
     out = torch.zeros_like(x)
     out.scatter_(-1, idx, w)
     return out.to(v.dtype)
+
+
+def _project_simplex(x: Tensor, max_iters: int = 100) -> Tensor:
+    """The Euclidean projection of every row of ``x [..., L]`` onto the probability simplex by
+    Michelot's active-set iteration: ``theta`` starts at ``(sum - 1) / L`` (a lower bound of the
+    threshold), each pass sets it to ``(sum of the entries above it - 1) / their count``; it only
+    grows and the active set only shrinks, so a row is exact once its count stops falling (a
+    few passes, against a sort of every row). Same result as the sort-based formula."""
+    L = x.shape[-1]
+    theta = (x.sum(-1, keepdim=True) - 1.0) / L
+    cnt = torch.full_like(theta, float(L))
+    for _ in range(max_iters):
+        act = x > theta
+        new_cnt = act.sum(-1, keepdim=True).to(x.dtype)
+        theta = (torch.where(act, x, 0.0).sum(-1, keepdim=True) - 1.0) / new_cnt.clamp_min(1.0)
+        if not bool((new_cnt < cnt).any()):
+            break
+        cnt = new_cnt
+    return (x - theta).clamp_min(0)
 
 
 def topk_softmax(logits: Tensor, k: int) -> Tensor:
@@ -190,6 +220,25 @@ class CodebookCodec(nn.Module):
         lang.copy_(project_topk_simplex(x, k).reshape(lang.shape))
         return lang
 
+    @torch.no_grad()
+    def init_weights(self, mean_tc: Tensor, seen: Tensor) -> Tensor:
+        """Starting coefficients from the views: ``mean_tc [N, n*L]`` is, per Gaussian and level,
+        the blend-weighted mean over the training pixels it covers of their projected targets
+        (``C t^``, the cosines of the target with every entry: :meth:`project_targets`);
+        ``seen [N, n]`` whether it covers any valid pixel. Each level gets :meth:`encode`'s
+        recipe on those cosines (top-k softmax at ``temperature``: the k entries nearest to what
+        the Gaussian shows, k non-zeros on the simplex); a Gaussian no view shows takes the mean
+        of the seen ones of its level. Returns ``[N, n*L]``."""
+        L = self.latent_dim
+        N = mean_tc.shape[0]
+        x = mean_tc.reshape(N, -1, L).float().clone()
+        seen = seen.reshape(N, -1).bool()
+        for li in range(x.shape[1]):
+            s = seen[:, li]
+            fill = x[s, li].mean(0) if bool(s.any()) else x.new_zeros(L)
+            x[~s, li] = fill
+        return topk_softmax(x / self.temperature, self.topk).reshape(mean_tc.shape)
+
     def sparse(self, lang: Tensor) -> Tuple[Tensor, Tensor]:
         """``lang [N, n*L]`` -> ``(idx int32 [N, n*k], w [N, n*k])``: the top-k (index, weight)
         pairs of every level, indices into the ``n*L`` channels (level offset included), for
@@ -258,6 +307,34 @@ class CodebookCodec(nn.Module):
         l1 = (f - t).abs().sum(-1)
         cos = (f * t).sum(-1) / t.norm(dim=-1).clamp_min(1e-12)
         return (l1 + (1.0 - cos)).sum() / n.clamp_min(1)
+
+    # -- the loss in the codebook's coordinates (what the language stage trains with) -------
+    @torch.no_grad()
+    def project_targets(self, t: Tensor) -> Tensor:
+        """Targets ``[..., in_dim]`` (:meth:`targets`) -> their dot products with the codebook
+        entries ``C t^ [..., L]`` (``t^`` the unit target): all :meth:`loss_projected` needs of a
+        target, ``L`` numbers instead of ``in_dim``."""
+        t = _check_last(t, self.in_dim, "project_targets")
+        C = self.codebook
+        return F.normalize(t.to(C.device, C.dtype), dim=-1) @ C.t()
+
+    def loss_projected(self, pred: Tensor, tc: Tensor, valid: Tensor) -> Tensor:
+        """One level's cosine loss in CLIP space, ``1 - cos(normalize(z C), t)`` averaged over the
+        valid pixels, computed exactly without ``in_dim``-sized features: ``cos = z (C t^) /
+        sqrt(z G z)`` with ``tc = C t^`` (:meth:`project_targets`) and ``G = C C^T``. Equals half
+        the squared L2 distance of the unit features (``|f - t^|^2 = 2 - 2 cos``); ``pred [H, W, L]``,
+        ``tc [H, W, L]``, ``valid [H, W]``; 0 when no pixel is valid."""
+        L = self.latent_dim
+        v = valid.reshape(-1).to(pred.dtype)
+        n = v.sum()
+        if float(n) == 0:
+            return pred.sum() * 0.0
+        p = pred.reshape(-1, L)
+        c = tc.reshape(-1, L).to(pred.dtype)
+        G = self.gram().to(pred.dtype)
+        dots = (p * c).sum(-1)
+        nrm = ((p @ G) * p).sum(-1).clamp_min(1e-24).sqrt()
+        return ((1.0 - dots / nrm) * v).sum() / n
 
     # -- fitting ---------------------------------------------------------------------------
     @classmethod

@@ -11,7 +11,9 @@ Steps, each resumable and recorded in the run folder:
 3. **Latents** (``RUN/language/checkpoints/``): every Gaussian gets ``levels x latent_dim``
    channels (``lang``), all levels rendered in **one** rasterizer pass; the loss is the L1
    distance to the encoded 2D features, per level, over the pixels that have a feature
-   (masked L1; LangSplat's loss without its three separate trainings). Geometry and colour
+   (masked L1; LangSplat's loss without its three separate trainings; a codec may define its
+   own loss: the codebook's is the cosine in CLIP space, its coefficients start from the views
+   and train as k (index, weight) pairs per level through the sparse pass). Geometry and colour
    are frozen by default; ``joint=True`` fine-tunes them too, with the RGB loss added
    (colours and latents then come from the same pass). One training view per step, in
    seeded random order; Adam on the latents (lr 0.0025, LangSplat's).
@@ -95,6 +97,15 @@ class LangConfig:
     label_merge: float = 0.0
     extract_batch: int = 1
 
+    # codebook codec
+    codebook_train: Literal["sparse", "dense"] = "sparse"
+    """How the codebook's coefficients train (``--codec codebook``): ``sparse`` (default): each
+    Gaussian starts from the views (the top-k entries nearest to the mean target of the pixels it
+    covers) and its k (index, weight) pairs are rendered by the sparse pass, the weights trained
+    on the k-sparse simplex (the indices stay); ``dense``: every level's L coefficients rendered
+    as dense channels from uniform weights, projected onto the simplex after each step (k-sparse
+    after half the steps). Ignored by other codecs, with ``joint`` and for dynamic scenes."""
+
     # several processes (torchrun)
     batch_size: Optional[int] = None
     """Training views per step over all ranks (each of N ranks renders batch_size / N); default
@@ -122,6 +133,8 @@ class LangConfig:
             bad(f"--rgb-weight must be >= 0, got {self.rgb_weight}")
         if self.batch_size is not None and self.batch_size < 1:
             bad(f"the language stage's batch_size must be >= 1, got {self.batch_size}")
+        if self.codebook_train not in ("sparse", "dense"):
+            bad(f"codebook_train must be sparse or dense, got {self.codebook_train!r}")
         for k in ("label_noise", "label_drop", "label_merge"):
             if getattr(self, k) < 0:
                 bad(f"--{k.replace('_', '-')} must be >= 0")
@@ -160,12 +173,13 @@ class _Targets:
     upsample them at the step. ``get(i)`` -> (target [H, W, levels*L], valid [H, W, levels])."""
 
     def __init__(self, cache, names: Dict[int, str], sizes: Dict[int, Tuple[int, int]], codec, levels: List[str],
-                 device: torch.device):
+                 device: torch.device, compact: bool = False):
         dev = next(codec.parameters()).device if hasattr(codec, "parameters") else device
-        latent_dim = codec.target_dim
+        latent_dim = codec.latent_dim if compact else codec.target_dim
 
         def encoder(x: Tensor) -> Tensor:
-            return codec.targets(x.to(dev)).cpu()
+            t = codec.targets(x.to(dev))
+            return (codec.project_targets(t) if compact else t).cpu()
 
         self.levels = levels
         self.device = device
@@ -211,6 +225,13 @@ class _Targets:
         return t, torch.ones(*t.shape[:2], len(zmaps), dtype=torch.bool, device=self.device)
 
 
+def _compact_loss(codec) -> bool:
+    """Codecs whose loss runs on targets projected onto their latent space (the codebook's
+    ``C t``, :meth:`~langfield.codec.codebook.CodebookCodec.loss_projected`): targets of
+    ``latent_dim`` numbers per pixel instead of ``in_dim``."""
+    return hasattr(codec, "project_targets") and hasattr(codec, "loss_projected")
+
+
 def masked_l1(pred: Tensor, target: Tensor, valid: Tensor, n_levels: int) -> Tensor:
     """Mean absolute error over the valid pixels of each level, summed over levels
     (``pred``/``target`` [H, W, levels*L], ``valid`` [H, W, levels])."""
@@ -250,6 +271,8 @@ class LanguageTrainer(EpochSampler):
         self.perm = torch.zeros(0, dtype=torch.long)
         self.pos = 0
         self.last_ckpt_step: Optional[int] = None
+        self._support: Optional[Tensor] = None  # sparse codebook training: the (fixed) pair indices [N, levels*k]
+        self._compact = False  # targets projected onto the latent space (_compact_loss)
         from langfield import distributed
 
         self.job = distributed.get()
@@ -316,11 +339,66 @@ class LanguageTrainer(EpochSampler):
             raise LanguageError(f"{self.cache.folder}: features missing for {len(missing)} training images "
                                 f"(e.g. {missing[0]!r}); rerun to extract them")
         t0 = time.perf_counter()
-        self.targets = _Targets(self.cache, names, sizes, self.codec, self.levels, self.device)
+        # targets projected onto the codec's latent space when this class's step computes the loss
+        # (a subclass with its own training step gets the codec's plain targets)
+        self._compact = _compact_loss(self.codec) and type(self).train_step is LanguageTrainer.train_step
+        self.targets = _Targets(self.cache, names, sizes, self.codec, self.levels, self.device, self._compact)
         self.log(f"[language] targets for {len(names)} views encoded in {time.perf_counter() - t0:.1f} s")
         self._cams = CameraCache(self.ds.frames, self.device)
+        if self._sparse_codebook():
+            self._start_sparse(ck)
         if self.job.is_main:
             self._write_config()
+
+    # ---- the codebook's sparse training --------------------------------------------------------
+    def _sparse_codebook(self) -> bool:
+        """The codebook's sparse training applies: codec with view initialisation, option
+        ``sparse``, geometry frozen, static Gaussians, this class's own training step."""
+        from langfield.scene import Gaussians
+
+        g = self.gaussians
+        return (self.cfg.codebook_train == "sparse" and hasattr(self.codec, "init_weights") and not self.cfg.joint
+                and isinstance(g, Gaussians) and type(g).activated is Gaussians.activated
+                and type(self).train_step is LanguageTrainer.train_step)
+
+    def _start_sparse(self, ck) -> None:
+        """The pair indices of the sparse training: from the checkpoint when resuming, else the
+        coefficients start from the views (:meth:`_view_init`) and their k non-zeros per level
+        are the pairs."""
+        from langfield.render.sparse import sparse_topk
+
+        lang = self.gaussians.splats["lang"]
+        sup = None if ck is None else ck.tensors.get("sparse", {}).get("support")
+        if sup is None:
+            if ck is None:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    lang.data.copy_(self._view_init())
+                self.log(f"[language] codebook: coefficients from the views in {time.perf_counter() - t0:.1f} s")
+            sup = sparse_topk(lang.detach(), self.cfg.latent_dim, self.codec.topk)[0]
+        self._support = sup.to(device=lang.device, dtype=torch.int64).contiguous()
+
+    @torch.no_grad()
+    def _view_init(self) -> Tensor:
+        """Per Gaussian and level the blend-weighted mean of the projected targets of the training
+        pixels it covers (one backward pass per view: the gradient of ``sum(render * target)``
+        with respect to a per-Gaussian channel is that Gaussian's weighted sum), then
+        :meth:`CodebookCodec.init_weights`."""
+        g = self.gaussians
+        nl, L = len(self.levels), self.cfg.latent_dim
+        acc = torch.zeros(g.num, nl * L + nl, device=self.device)
+        for i in self.train_idx:
+            tc, valid = self.targets.get(i)
+            v = valid.to(tc.dtype)
+            wts = torch.cat([tc * v.repeat_interleave(L, -1), v], -1)
+            E = torch.zeros(g.num, nl * L + nl, device=self.device, requires_grad=True)
+            with torch.enable_grad():
+                out = render(g, self._cams[i], colors=False, extra=E, backend=self.backend, validate=False)
+                (out.extra[0] * wts).sum().backward()
+            acc += E.grad
+        cover = acc[:, nl * L:]
+        mean = acc[:, :nl * L] / cover.clamp_min(1e-12).repeat_interleave(L, -1)
+        return self.codec.init_weights(mean, cover > 1e-6)
 
     def _frame_name(self, i: int) -> str:
         f = self.ds.frames[i]
@@ -489,6 +567,15 @@ class LanguageTrainer(EpochSampler):
             opt.step()
             opt.zero_grad(set_to_none=True)
         self.step += 1
+        if self._support is not None:  # sparse codebook: the k weights of each level back onto the simplex
+            from langfield.codec.codebook import project_topk_simplex
+
+            lang = self.gaussians.splats["lang"].data
+            k = self.codec.topk
+            vals = lang.gather(1, self._support)
+            vals = project_topk_simplex(vals.reshape(lang.shape[0], -1, k), k).reshape(vals.shape)
+            lang.scatter_(1, self._support, vals)
+            return
         project = getattr(self.codec, "project_", None)
         if project is not None:
             with torch.no_grad():
@@ -505,14 +592,23 @@ class LanguageTrainer(EpochSampler):
             out = render(self.gaussians, cams, sh_degree=self.sh_degree, language=True, background=bg,
                          backend=self.backend, validate=False)
             pred_rgb, pred = out.rgb[0], out.lang[0]
+        elif self._support is not None:  # sparse codebook: the k (index, weight) pairs per level
+            from langfield.render.sparse import render_sparse
+
+            lang = self.gaussians.splats["lang"]
+            w = lang.gather(1, self._support)
+            pred = render_sparse(self.gaussians, cams, self._support.to(torch.int32), w, lang.shape[1],
+                                 backend=self.backend).lang[0]
         else:
             out = render(self.gaussians, cams, colors=False, language=True, backend=self.backend, validate=False)
             pred = out.lang[0]
-        L, T = self.cfg.latent_dim, self.codec.target_dim
+        compact = self._compact
+        L = self.cfg.latent_dim
+        T = L if compact else self.codec.target_dim
+        loss_fn = self.codec.loss_projected if compact else self.codec.loss
         loss = pred.new_zeros(())
         for li in range(nl):
-            loss = loss + self.codec.loss(pred[..., li * L:(li + 1) * L], target[..., li * T:(li + 1) * T],
-                                          valid[..., li])
+            loss = loss + loss_fn(pred[..., li * L:(li + 1) * L], target[..., li * T:(li + 1) * T], valid[..., li])
         lang_l = loss.detach()
         if c.joint and c.rgb_weight > 0:
             from langfield.eval.views import composite_on
@@ -563,6 +659,8 @@ class LanguageTrainer(EpochSampler):
                    "sampler": {"perm": self.perm.clone()}}
         if optim:
             tensors["optim"] = optim
+        if self._support is not None:
+            tensors["sparse"] = {"support": self._support.to(torch.int32).cpu()}
         cfg = {"stage": "language", "rgb_step": self.rgb_step, "lang": self.cfg.to_dict(), "sampler_pos": self.pos,
                "train_time_s": self.train_time, "levels": self.levels, "latent_dim": self.cfg.latent_dim,
                "num_gaussians": g.num}
@@ -630,7 +728,7 @@ def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *
                                 f"continue it, or pass --overwrite-language to train it again")
         resume = resume or has_ckpt  # the same stage again: continue it (or report it finished)
     else:
-        cfg = replace(config or LangConfig(), **options)
+        cfg = replace(config or LangConfig(), **_codec_defaults(config, options))
         if has_ckpt and not overwrite:
             resume = True
     from langfield import distributed
@@ -666,6 +764,26 @@ def train_language(run: Union[str, Path], config: Optional[LangConfig] = None, *
     except BaseException as e:
         job.report(f"{type(e).__name__}: {distributed.core.fail_line(e)}")
         raise
+
+
+CODEBOOK_SIZE = 64
+"""Codebook entries of a new codebook stage when not given (the issue's and LangSplatV2's L)."""
+CODEBOOK_LR = 0.01
+"""Learning rate of the codebook's weights when not given (they live on a k-sparse simplex: a
+larger step than the autoencoder latents' 0.0025; tabletop 96x96, 1000 steps: loc 0.98)."""
+
+
+def _codec_defaults(config: Optional[LangConfig], options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` plus the codebook's own defaults (:data:`CODEBOOK_SIZE`, :data:`CODEBOOK_LR`)
+    for what a new codebook stage leaves unset (no ``config`` and not in ``options``): the
+    dataclass defaults are the autoencoder's (3 latents, lr 0.0025). Stored resolved."""
+    codec = options.get("codec", config.codec if config is not None else LangConfig.codec)
+    if codec != "codebook" or config is not None:
+        return dict(options)
+    out = dict(options)
+    out.setdefault("latent_dim", CODEBOOK_SIZE)
+    out.setdefault("lr", CODEBOOK_LR)
+    return out
 
 
 def _train_language_locked(run: Path, rf: RunFolder, cfg: LangConfig, resume: bool, overwrite: bool, evaluate: bool,
