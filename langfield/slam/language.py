@@ -44,12 +44,13 @@ class OnlineLanguage:
         self.warmup = int(warmup)
         self.kind = getattr(extractor, "kind", "regions")
         if ae_steps is None:
-            # region features (labels, sam-clip) are a few dozen distinct vectors: 300 steps at lr 2e-3 reach a
-            # held-out cosine of 0.963 on the room's first 3 keyframes (500 at 1e-3: 0.957) in 3.4 CPU-s instead of
-            # 7; dense maps have many more vectors and keep the longer fit
-            ae_steps = 300 if self.kind == "regions" else 1500
+            # region features (labels, sam-clip) are a few dozen distinct vectors: 500 steps (7 CPU-s; `langfield
+            # slam` used 1500) fit the room's first 3 keyframes to a held-out cosine of 0.957; 300 steps at lr 2e-3
+            # (0.963, 3.4 CPU-s) gave a lower name-query mIoU on the mapped room (0.576 vs 0.592, 100 frames); dense
+            # maps have many more vectors and keep the longer fit
+            ae_steps = 500 if self.kind == "regions" else 1500
         if ae_lr is None:
-            ae_lr = 2e-3 if self.kind == "regions" else 1e-3
+            ae_lr = 1e-3
         self.ae = {"steps": int(ae_steps), "batch_size": int(ae_batch), "lr": float(ae_lr)}
         self.seed = int(seed)
         self.codec_kind = codec_kind
