@@ -297,23 +297,52 @@ def test_time_sensitive_metrics_follow_4d_langsplat():
     assert m["queries"]["q"]["frames_gt"] == [0.3, 0.6]
 
 
+def test_scene_holdout_times_split(tmp_path):
+    """``holdout="times"``: at each time one of cameras 1..N-1 in turn is held out (test, the
+    queries of queries.json): held-out frames of cameras seen in training, as 4D LangSplat
+    evaluates; camera 0 is never trained on (val, queries_val.json); the loader reads the
+    three splits back."""
+    from langfield.data import load_dataset
+    from langfield.scenes.make import make_scene
+
+    res = make_scene("dynamic", tmp_path / "d", kind="dynamic", camera="static", views=4, frames=6, size=(16, 16),
+                     aa=1, workers=1, holdout="times")
+    fr = res["frames"]
+    assert {f["split"] for f in fr if f["camera"] == 0} == {"val"}
+    test = [(f["camera"], f["time"]) for f in fr if f["split"] == "test"]
+    assert [c for c, _ in test] == [1, 2, 3, 1, 2, 3] and len({t for _, t in test}) == 6
+    for c in (1, 2, 3):  # every test camera also trains, at the other times
+        assert sum(f["split"] == "train" for f in fr if f["camera"] == c) == 4
+    ds = load_dataset(tmp_path / "d")
+    assert (len(ds.indices("train")), len(ds.indices("test")), len(ds.indices("val"))) == (12, 6, 6)
+    q = json.loads((tmp_path / "d" / "queries.json").read_text())
+    qv = json.loads((tmp_path / "d" / "queries_val.json").read_text())
+    names = {f["name"]: f for f in fr}
+    assert [names[v["name"]]["split"] for v in q["views"]] == ["test"] * 6
+    assert [names[v["name"]]["split"] for v in qv["views"]] == ["val"] * 6 and "time_sensitive" in qv
+    assert json.loads((tmp_path / "d" / "scene.json").read_text())["holdout"] == "times"
+    with pytest.raises(ValueError, match="holdout 'times'"):
+        make_scene("dynamic", tmp_path / "e", kind="dynamic", camera="static", views=2, frames=2, size=(16, 16),
+                   aa=1, workers=1, holdout="times")
+
+
 @pytest.fixture(scope="module")
 def dynamic_language_run(tmp_path_factory):
-    """langfield's dynamic scene (4 static cameras, 12 times, camera 0 held out, 48x48),
-    deformable Gaussians, then the time-agnostic and time-sensitive language fields from labels
-    features."""
+    """langfield's dynamic scene (5 static cameras, 12 times, 48x48; held-out times of cameras
+    1-4 as the test split, camera 0 never trained on), deformable Gaussians, then the
+    time-agnostic and time-sensitive language fields from labels features."""
     from langfield.dynamic.language import train_dynamic_language
     from langfield.dynamic.train import train_dynamic
     from langfield.scenes.make import make_scene
 
     root = tmp_path_factory.mktemp("dynlang")
     data = root / "scene"
-    make_scene("dynamic", data, kind="dynamic", camera="static", views=4, frames=12, size=(48, 48), fov=40.0,
-               max_points=3000)
+    make_scene("dynamic", data, kind="dynamic", camera="static", views=5, frames=12, size=(48, 48), fov=40.0,
+               max_points=3000, holdout="times")
     run = root / "run"
     train_dynamic(data, run, dynamic=_small_dynamic(warmup=60, deform_color=True),
                   **{**SMALL, "steps": 400, "init_random": 2000})
-    res = train_dynamic_language(run, states=2, steps=300, features="labels", text_encoder="offline", ae_steps=600,
+    res = train_dynamic_language(run, states=2, steps=300, features="labels", text_encoder="offline", ae_steps=1000,
                                  ae_lr=3e-3, device="cpu", backend="cpu", progress=False, lr=0.01, log=lambda *_: None)
     return data, run, res
 
@@ -332,11 +361,16 @@ def test_dynamic_language_stage_and_its_metrics(dynamic_language_run):
     gt = {q: v["frames_gt"] for q, v in ts["queries"].items()}  # truth from the scene's schedule
     assert all(t < 0.5 for t in gt["red light"]) and all(t >= 0.5 for t in gt["green light"])
     assert all(0.35 <= t < 0.8 for t in gt["open box"]) and all(0.25 <= t < 0.75 for t in gt["moving toy car"])
-    # measured 0.75 / 0.35 in this test (0.90 / 0.47 in a one-thread run of the same set-up; the
-    # held-out camera is never seen in training: RGB ~9 dB there, the moving car is weak)
-    assert ts["acc"] >= 0.7 and ts["viou"] >= 0.3, (ts["acc"], ts["viou"])
+    # held-out times of seen cameras: measured Acc / vIoU 0.90 / 0.55 in this test (0.90 / 0.53 in
+    # a one-thread run; per query 1.0 on the lights and the box, the small car at 48x48 is the
+    # weak one); the bars leave room for thread counts and load
+    assert ts["acc"] >= 0.75 and ts["viou"] >= 0.4, (ts["acc"], ts["viou"])
     assert ts["hold_rule"]["competitors"]["open box"] == ["closed box"]
-    assert m["rgb"]["n_views"] == 12 and m["rgb"]["psnr"] > 8.0  # measured 9.3 dB: camera 0 is never trained on
+    assert m["rgb"]["n_views"] == 12 and m["rgb"]["psnr"] > 17.0  # measured 21.4 dB
+    # camera 0, never trained on, reported apart (measured RGB 10.9 dB, Acc / vIoU 0.93 / 0.49)
+    un = m["unseen_camera"]
+    assert un["rgb"]["n_views"] == 12 and un["rgb"]["psnr"] > 8.0
+    assert un["time_sensitive"]["n_frames"] == 12 and un["time_sensitive"]["acc"] >= 0.75
     doc = json.loads((run / "metrics.json").read_text())
     assert doc["dynamic"]["time_sensitive"]["acc"] == ts["acc"]
     cfg = json.loads((run / "config.json").read_text())

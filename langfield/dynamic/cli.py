@@ -122,4 +122,7 @@ def cli_train_dynamic(
             print(f"time-agnostic queries: mIoU {ta['miou']:.3f}, localisation {ta['loc']:.3f}")
         if ts and ts.get("acc") is not None:
             print(f"time-sensitive queries: Acc {ts['acc']:.3f}, vIoU {ts['viou'] or 0:.3f}")
+        uts = (mt.get("unseen_camera") or {}).get("time_sensitive") or {}
+        if uts.get("acc") is not None:
+            print(f"  on the camera never trained on: Acc {uts['acc']:.3f}, vIoU {uts['viou'] or 0:.3f}")
     return 0

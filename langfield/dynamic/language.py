@@ -20,9 +20,10 @@ K-means centres of the state targets where it saw none); the mixer and the tempo
 fitted by cross-entropy to pick, at each frame's time, the prototype of the text seen then.
 The rendered loss refines all of it. (A symmetric start, every Gaussian with the same centres
 and a near-uniform mixer, let the prototypes average the states and the mixer collapse onto
-one.) The codec is fitted with the state texts' embeddings as half as many rows as the
-features (``STATE_ROWS``): "open box" / "closed box" share words and, as rare rows of a 3-D
-latent, decoded to one vector.
+one.) The codec is fitted with the state texts' embeddings as many rows as the features
+(``STATE_ROWS``): "open box" / "closed box" share words and, as rare rows of a 3-D latent,
+decoded to one vector (with half as many rows and 600 steps, one of two fits of the
+test-sized scene still merged the box's states: even perfect state latents then never hold).
 
 State supervision: per training frame a label map of *state texts*: for langfield's dynamic
 scenes (``scene.json`` names a built-in scene) each state active at the frame's time
@@ -36,11 +37,16 @@ the queries that are not time-sensitive, each view rendered at its time); time-s
 accuracy and vIoU as 4D LangSplat defines them, with a *relative* hold rule
 (:func:`state_holds`): a state text holds at a frame when, on enough pixels, its smoothed
 relevancy beats the best of the other states of the same object (``queries.json``
-``time_sensitive.<text>.competitors``) by ``hold_margin``; those pixels are its mask. Acc = the
-fraction of (query, frame) pairs where prediction and truth agree; vIoU of a query = sum of the
-mask IoUs over the frames in prediction ∪ truth divided by their count (IoU 0 where only one side
-holds); reported means over queries. (An absolute threshold cannot work: the pair's texts share
-words, so each is relevant to the other's pixels too.)
+``time_sensitive.<text>.competitors``) by ``hold_margin``, and on more pixels than any of those
+(the states of one object exclude each other); its mask is the same test on the raw relevancy.
+Acc = the fraction of (query, frame) pairs where prediction and truth agree; vIoU of a query =
+sum of the mask IoUs over the frames in prediction ∪ truth divided by their count (IoU 0 where
+only one side holds); reported means over queries. (An absolute threshold cannot work: the
+pair's texts share words, so each is relevant to the other's pixels too.) The main numbers are
+on the dataset's test split: for langfield's scenes made with ``holdout="times"``, held-out
+times of cameras seen in training (4D LangSplat evaluates on frames of the training videos);
+a camera never trained on (split val, ``queries_val.json``) is reported apart
+(``unseen_camera``).
 """
 
 from __future__ import annotations
@@ -66,9 +72,15 @@ __all__ = ["DynamicLanguageTrainer", "train_dynamic_language", "state_label_maps
            "time_sensitive_metrics", "STATE_LEVEL"]
 
 STATE_LEVEL = "state"
-STATE_ROWS = 0.5
+STATE_ROWS = 1.0
 """Rows of state-text embeddings in the codec fit, as a fraction of the feature rows."""
-
+EXCLUSIVE = True
+"""The states of one object exclude each other: of those that pass the pixel count, only the
+one with the largest smoothed margin holds (measured, 96x96 bench run: Acc 0.81 -> 0.94 against
+both holding; 0.81 when the most winning pixels decide, as blends with the background at an
+object's border read as the other state)."""
+MASK_BLEND = 0.0
+"""Weight of the smoothed relevancy in a state query's mask (the rest: the raw relevancy)."""
 
 # ------------------------------------------------------------------------------------------
 # state labels
@@ -235,10 +247,12 @@ class DynamicLanguageTrainer(LanguageTrainer):
                     n += f.reshape(-1, f.shape[-1]).shape[0]
                     yield f.reshape(-1, f.shape[-1])
             if self.n_states:
-                # the state texts, together half as many rows as the features: the pairs of one
+                # the state texts, together as many rows as the features: the pairs of one
                 # object share words ("open box" / "closed box"), and a 3-D latent fitted with
-                # them as rare rows decodes both to nearly the same vector (measured: relevancy
-                # margin 0.0 with ~9 % of the rows, 0.26-0.37 with ~50 %)
+                # them as rare rows decodes both to nearly the same vector (measured on the
+                # test-sized scene: relevancy margin 0.0 with ~9 % of the rows; with ~33 % and
+                # 600 steps 0.02-0.37, one fit of two merging the box; with 50 % and 1000 steps
+                # 0.26-0.37 and the features' mean reconstruction cosine 0.99)
                 rep = max(16, int(math.ceil(STATE_ROWS * n / max(len(self.state_texts), 1))))
                 yield self.state_emb.repeat(rep, 1)
 
@@ -632,30 +646,53 @@ def state_competitors(data: Union[str, Path], texts: Sequence[str],
 
 
 def state_holds(field, render, texts: Sequence[str], competitors: Dict[str, List[str]], *,
-                margin: float = 0.1, min_fraction: float = 0.001, min_alpha: float = 0.5) -> List[Dict[str, Any]]:
+                margin: float = 0.1, min_fraction: float = 0.001, min_alpha: float = 0.5,
+                mask_blend: Optional[float] = None, exclusive: Optional[bool] = None) -> List[Dict[str, Any]]:
     """The relative hold rule of time-sensitive queries on one render (at one time): per text,
-    the state level's (smoothed) relevancy minus the best of its competitors' (the other states
-    of the same object), per pixel. Pixels where the text wins by more than ``margin`` (and its
-    own relevancy is above 0.5, i.e. nearer the text than every canonical phrase) form the
-    predicted mask; the query *holds* when they cover at least ``min_fraction`` of the image
-    (and 1 pixel). No absolute relevancy threshold: state texts of one object share words
-    ("open box" / "closed box"), so each is relevant to the other's pixels too; what decides
-    is which of them the field prefers. Returns ``[{"text", "holds", "score", "pixels",
-    "mask"}]``, ``score`` = the largest smoothed margin in the image."""
+    the state level's relevancy minus the best of its competitors' (the other states of the
+    same object), per pixel. A text *wins* a pixel when it leads by more than ``margin`` and its
+    own relevancy is above 0.5 (nearer the text than every canonical phrase). It *holds* when
+    it wins at least ``min_fraction`` of the image (and 1 pixel) on the smoothed maps and, with
+    ``exclusive`` (default :data:`EXCLUSIVE`), its largest smoothed margin (``score``) is no
+    smaller than any competitor's: the states of one object exclude each other. Its mask: the
+    pixels it wins on ``mask_blend * smoothed + (1 - mask_blend) * raw`` relevancy (default
+    :data:`MASK_BLEND`: raw; the mean filter grows or erodes a small object by its half-width)
+    that are also in LangSplat's normalised mask of the text (the top of its relevancy range in
+    the image: without it, pixels of other objects that happen to prefer one state over the
+    other join the mask), falling back to the smoothed wins where that leaves nothing. No
+    absolute relevancy threshold: the state texts of one object share words ("open box" /
+    "closed box"), so each is relevant to the other's pixels too; what decides is which of them
+    the field prefers. Returns ``[{"text", "holds", "score", "pixels", "mask"}]``."""
+    mask_blend = MASK_BLEND if mask_blend is None else float(mask_blend)
+    exclusive = EXCLUSIVE if exclusive is None else bool(exclusive)
     allq = list(dict.fromkeys(list(texts) + [c for t in texts for c in competitors.get(t, [])]))
     res = field.query(render, allq, level=STATE_LEVEL)
     sm = {t: q.smoothed[q.level_index] for t, q in zip(allq, res)}
+    raw = {t: q.relevancy[q.level_index] for t, q in zip(allq, res)}
+    top = {t: q.masks[q.level_index] for t, q in zip(allq, res)}
     valid = render.alpha > min_alpha if min_alpha > 0 else torch.ones_like(sm[allq[0]], dtype=torch.bool)
     H, W = sm[allq[0]].shape
     need = max(1, int(math.ceil(min_fraction * H * W)))
+
+    def wins(maps, t):
+        others = [maps[c] for c in competitors.get(t, []) if c in maps]
+        best = torch.stack(others).max(0).values if others else torch.full_like(maps[t], 0.5)
+        diff = torch.where(valid, maps[t] - best, torch.full_like(best, -1.0))
+        return (diff > margin) & (maps[t] > 0.5), diff
+
+    won = {t: wins(sm, t) for t in allq}
+    score = {t: float(d.max()) for t, (_w, d) in won.items()}
     out = []
     for t in texts:
-        others = [sm[c] for c in competitors.get(t, []) if c in sm]
-        best = torch.stack(others).max(0).values if others else torch.full_like(sm[t], 0.5)
-        diff = torch.where(valid, sm[t] - best, torch.full_like(best, -1.0))
-        win = (diff > margin) & (sm[t] > 0.5)
-        n = int(win.sum())
-        out.append({"text": t, "holds": n >= need, "score": float(diff.max()), "pixels": n, "mask": win})
+        win = won[t][0]
+        holds = int(win.sum()) >= need
+        if exclusive and holds:
+            holds = all(score[t] >= score[c] for c in competitors.get(t, []) if c in score)
+        mixed = {c: mask_blend * sm[c] + (1 - mask_blend) * raw[c] for c in allq}
+        mask = wins(mixed, t)[0] & top[t]
+        if not bool(mask.any()):
+            mask = win
+        out.append({"text": t, "holds": holds, "score": score[t], "pixels": int(mask.sum()), "mask": mask})
     return out
 
 
@@ -671,72 +708,105 @@ def _queries_doc(data: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
         raise RunError(f"{p}: not valid JSON ({e})") from None
 
 
+def _language_metrics(field, data: Path, qpath: Path, qdoc: Dict[str, Any], *, threshold: float, hold_margin: float,
+                      hold_fraction: float, log=print) -> Dict[str, Any]:
+    """Time-agnostic mIoU / localisation and time-sensitive Acc / vIoU of ``field`` on the views
+    of one queries file."""
+    from langfield.eval.language import QuerySet, QueryView, match_camera, resize_mask, evaluate_field, \
+        load_queries
+
+    out: Dict[str, Any] = {}
+    sensitive = {q["text"] for v in qdoc.get("views", []) for q in v.get("queries", []) if q.get("time_sensitive")}
+    qs = load_queries(qpath)
+    agnostic = QuerySet(qs.source, [QueryView(v.name, [q for q in v.queries if q.text not in sensitive], [])
+                                    for v in qs.views])
+    ta = evaluate_field(field, agnostic, threshold=threshold, three_d=False, log=log)
+    out["time_agnostic"] = {"miou": ta["all"].get("miou"), "loc": ta["all"].get("loc"), "summary": ta["all"],
+                            "n_views": ta["n_views"]}
+    ts_doc = qdoc.get("time_sensitive")
+    if isinstance(ts_doc, dict):
+        sensitive |= {str(t) for t in ts_doc}
+    if STATE_LEVEL in field.levels and sensitive:
+        texts = sorted(sensitive)
+        comp = state_competitors(data, texts, qdoc)
+        recs = []
+        for v, qv in zip(qdoc["views"], qs.views):
+            cam = match_camera(field.cameras, qv.name)
+            if cam is None:
+                continue
+            r = field.render_camera(cam)
+            H, W = r.size
+            gts = {q.text: resize_mask(q.mask, H, W) for q in qv.queries if q.text in sensitive}
+            for h in state_holds(field, r, texts, comp, margin=hold_margin, min_fraction=hold_fraction):
+                gm = gts.get(h["text"])
+                gt = gm is not None and bool(gm.any())
+                pred = h["holds"]
+                recs.append({"text": h["text"], "time": cam.time, "view": qv.name, "score": h["score"],
+                             "pred": pred, "gt": gt, "pred_mask": h["mask"].cpu().numpy() if pred else None,
+                             "gt_mask": gm if gt else None})
+        ts = time_sensitive_metrics(recs)
+        ts["hold_rule"] = {"margin": hold_margin, "min_fraction": hold_fraction,
+                           "competitors": {t: comp[t] for t in texts}}
+        ts["n_frames"] = len({r["view"] for r in recs})
+        out["time_sensitive"] = ts
+    return out
+
+
 def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Path]] = None, *, device: str = "auto",
                          threshold: float = 0.4, hold_margin: float = 0.1, hold_fraction: float = 0.001,
                          rgb: bool = True,
                          log=print, write: bool = True) -> Dict[str, Any]:
     """Metrics of a dynamic run (see the module docstring), merged into ``RUN/metrics.json``
-    under ``dynamic`` when ``write``. ``queries``: a ``queries.json`` (default: the dataset's)."""
-    from langfield.eval.language import QuerySet, QueryView, match_camera, resize_mask, evaluate_field, \
-        load_queries
+    under ``dynamic`` when ``write``. ``queries``: a ``queries.json`` (default: the dataset's).
+
+    The main numbers are on the dataset's test split (for langfield's scenes made with
+    ``holdout="times"``: held-out times of cameras seen in training, as 4D LangSplat evaluates on
+    frames of the training videos). Where the dataset also has a val split with its own
+    ``queries_val.json`` (the camera never trained on), the same metrics on it are reported
+    separately under ``unseen_camera``."""
     from langfield.field import LanguageField
 
     run = Path(run)
     field = LanguageField.load(run, device=device)
     doc = RunFolder(run).read_config()
+    data = Path(doc["data"])
     out: Dict[str, Any] = {"step": field.step, "stage": field.stage}
+    ds = None
     if rgb:
         from langfield.eval.views import eval_background, evaluate_views
         from langfield.run import load_run_dataset
 
         ds = load_run_dataset(doc)
-        test = ds.indices("test") or ds.indices("val")
         bg = eval_background(doc.get("dataset", {}).get("background", "black"))
-        if test:
-            r = evaluate_views(field.gaussians, ds, test, background=bg, sh_degree=field.sh_degree,
+
+        def rgb_metrics(idx):
+            r = evaluate_views(field.gaussians, ds, idx, background=bg, sh_degree=field.sh_degree,
                                backend=field.backend)
-            out["rgb"] = {"psnr": r["psnr"], "ssim": r["ssim"], "n_views": r["n_views"],
-                          "pairs": [{"name": v["name"], "time": ds.frames[v["index"]].time, "psnr": v["psnr"]}
-                                    for v in r["views"]]}
+            return {"psnr": r["psnr"], "ssim": r["ssim"], "n_views": r["n_views"],
+                    "pairs": [{"name": v["name"], "time": ds.frames[v["index"]].time, "psnr": v["psnr"]}
+                              for v in r["views"]]}
+
+        test = ds.indices("test") or ds.indices("val")
+        if test:
+            out["rgb"] = rgb_metrics(test)
+    kw = dict(threshold=threshold, hold_margin=hold_margin, hold_fraction=hold_fraction, log=log)
     if field.has_language:
         qd = (Path(queries), json.loads(Path(queries).read_text("utf-8"))) if queries is not None \
-            else _queries_doc(Path(doc["data"]))
+            else _queries_doc(data)
         if qd is not None:
-            qpath, qdoc = qd
-            sensitive = {q["text"] for v in qdoc.get("views", []) for q in v.get("queries", [])
-                         if q.get("time_sensitive")}
-            qs = load_queries(qpath)
-            agnostic = QuerySet(qs.source, [QueryView(v.name, [q for q in v.queries if q.text not in sensitive], [])
-                                            for v in qs.views])
-            ta = evaluate_field(field, agnostic, threshold=threshold, three_d=False, log=log)
-            out["time_agnostic"] = {"miou": ta["all"].get("miou"), "loc": ta["all"].get("loc"),
-                                    "summary": ta["all"], "n_views": ta["n_views"]}
-            ts_doc = qdoc.get("time_sensitive")
-            if isinstance(ts_doc, dict):
-                sensitive |= {str(t) for t in ts_doc}
-            if STATE_LEVEL in field.levels and sensitive:
-                texts = sorted(sensitive)
-                comp = state_competitors(Path(doc["data"]), texts, qdoc)
-                recs = []
-                for v, qv in zip(qdoc["views"], qs.views):
-                    cam = match_camera(field.cameras, qv.name)
-                    if cam is None:
-                        continue
-                    r = field.render_camera(cam)
-                    H, W = r.size
-                    gts = {q.text: resize_mask(q.mask, H, W) for q in qv.queries if q.text in sensitive}
-                    for h in state_holds(field, r, texts, comp, margin=hold_margin, min_fraction=hold_fraction):
-                        gm = gts.get(h["text"])
-                        gt = gm is not None and bool(gm.any())
-                        pred = h["holds"]
-                        recs.append({"text": h["text"], "time": cam.time, "view": qv.name, "score": h["score"],
-                                     "pred": pred, "gt": gt, "pred_mask": h["mask"].cpu().numpy() if pred else None,
-                                     "gt_mask": gm if gt else None})
-                ts = time_sensitive_metrics(recs)
-                ts["hold_rule"] = {"margin": hold_margin, "min_fraction": hold_fraction,
-                                   "competitors": {t: comp[t] for t in texts}}
-                ts["n_frames"] = len({r["view"] for r in recs})
-                out["time_sensitive"] = ts
+            out.update(_language_metrics(field, data, qd[0], qd[1], **kw))
+    qv = data / "queries_val.json"
+    if queries is None and qv.is_file():
+        try:
+            vdoc = json.loads(qv.read_text("utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunError(f"{qv}: not valid JSON ({e})") from None
+        un: Dict[str, Any] = {"note": "a camera never trained on (split val)"}
+        if ds is not None and ds.indices("val") and ds.indices("test"):
+            un["rgb"] = rgb_metrics(ds.indices("val"))
+        if field.has_language:
+            un.update(_language_metrics(field, data, qv, vdoc, **kw))
+        out["unseen_camera"] = un
     if write:
         update_metrics(run, out, key="dynamic")
     return out
