@@ -269,9 +269,10 @@ def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, 
     """``--over-time``: the view ``cam`` at every frame time of the run (see cli_query). Texts
     that are states of an object in the run's dataset (time-sensitive queries: "open box" /
     "closed box") hold by the relative rule of ``langfield eval`` (the state level's relevancy
-    beats the object's other states by 0.1 on at least 0.1 % of the image; the curve is that
-    margin); other texts hold where their best smoothed relevancy reaches ``--hold-threshold``."""
-    from langfield.dynamic.language import state_holds
+    beats the object's other states by 0.1 on at least 0.1 % of the image, and the states of one
+    object exclude each other: the one with the largest margin holds; the curve is that margin);
+    other texts hold where their best smoothed relevancy reaches ``--hold-threshold``."""
+    from langfield.dynamic.language import EXCLUSIVE, state_holds
     from langfield.io.checkpoint import atomic_write_json
     from langfield.query import save_png
 
@@ -311,7 +312,8 @@ def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, 
             held = [c["time"] for c in curves[t] if c["holds"]]
             report["queries"].append({"text": t, "curve": curves[t], "holds_at": held, "intervals": _intervals(
                 [c["holds"] for c in curves[t]], times), "plot": f"{s}_over_time.png",
-                "rule": {"kind": "relative", "competitors": comp[t], "margin": 0.1, "min_fraction": 0.001}
+                "rule": {"kind": "relative", "competitors": comp[t], "margin": 0.1, "min_fraction": 0.001,
+                         "exclusive": EXCLUSIVE}
                 if t in comp else {"kind": "threshold", "hold_threshold": hold}})
             print(f"{_short(t)!r}: holds at {len(held)} of {len(times)} times"
                   + (f" ({', '.join(f'{a:.2f}-{b:.2f}' for a, b in report['queries'][-1]['intervals'])})" if held else ""))
