@@ -138,6 +138,11 @@ try:
     d.on_main(lambda: (_ for _ in ()).throw(ValueError("--out /r already holds a run")), errors=(ValueError,))
 except ValueError as e:
     out["on_main"] = str(e)
+def _alone():  # rank 0's stage that is not data-parallel sees a job of one; the job is back afterwards
+    with D.alone() as a:
+        return [a.world, D.get().world, D.get().active, D.get().rank]
+out["alone"] = d.on_main(_alone)
+out["after"] = [D.get().world, D.get().active, D.get() is d]
 print("RESULT " + json.dumps(out), flush=True)
 mode = sys.argv[1]
 if mode == "die" and d.rank == 1:
@@ -175,6 +180,7 @@ def test_collectives_checks_and_a_failing_rank(tmp_path):
         assert "diverged across ranks at step 7 (rank 1 differs from rank 0 in 'means';" in r["diverged"]
         assert "quats" not in r["diverged"]
         assert r["on_main"] == "--out /r already holds a run"
+        assert r["alone"] == [1, 1, False, 0] and r["after"] == [2, True, True]
     assert res[1][0] == 1 and res[0][0] == 1
     err = _result(res[0][1], "RESULT2")["error"]
     assert err.startswith("rank 0/2: all_reduce of the gradients failed at step 12: rank 1 failed"), err
@@ -482,3 +488,34 @@ def test_heartbeats_wait_for_slow_local_work_and_name_a_late_or_frozen_rank(tmp_
     assert out["error"].startswith("rank 0/2: waiting for the other ranks (extraction): rank 1 stopped responding "
                                    "(no heartbeat for 2 s"), out
     assert out["s"] < 4.5 and res[1][0] == -9
+
+
+def test_dynamic_run_through_the_cli_is_data_parallel(tmp_path):
+    """`torchrun -m langfield train` on time-stamped data: a data-parallel dynamic run (batch =
+    the 2 ranks) whose Gaussians and deformation field equal one process with --batch-size 2."""
+    from langfield.io import load_checkpoint
+    from langfield.scenes.make import make_scene
+
+    scene = tmp_path / "dyn"
+    make_scene("dynamic", scene, kind="dynamic", camera="static", views=3, frames=6, size=(32, 32), fov=40.0,
+               max_points=400, workers=1)
+    opts = ["--device", "cpu", "--backend", "cpu", "--steps", "10", "--init-random", "300", "--warmup", "4",
+            "--ckpt-every", "10", "--quiet"]
+    r = torchrun(["-m", "langfield", "train", scene, "--out", tmp_path / "dp", *opts], tmp_path, timeout=240)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "held-out (view, time) pairs" in r.stdout and r.stdout.count("held-out") == 1  # rank 0 reports
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    one = subprocess.run([sys.executable, "-m", "langfield", "train", str(scene), "--out", str(tmp_path / "one"),
+                          "--batch-size", "2", *opts], env=e, cwd=tmp_path, capture_output=True, text=True,
+                         timeout=240)
+    assert one.returncode == 0, (one.stdout + one.stderr)[-3000:]
+    cfg = json.loads((tmp_path / "dp" / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == 2 and cfg["stage"] == json.loads(
+        (tmp_path / "one" / "config.json").read_text())["stage"]
+    a = load_checkpoint(tmp_path / "dp" / "checkpoints" / "ckpt_0000010.safetensors").tensors
+    b = load_checkpoint(tmp_path / "one" / "checkpoints" / "ckpt_0000010.safetensors").tensors
+    for group in ("splats", "deform"):
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            assert a[group][k].shape == b[group][k].shape, (group, k)
+            assert float((a[group][k].float() - b[group][k].float()).abs().max()) <= 2e-5, (group, k)

@@ -11,10 +11,10 @@ Nothing here changes a single-process run: without ``WORLD_SIZE`` no group is cr
 every helper is the identity.
 """
 
-from .core import (DEFAULT_TIMEOUT_S, Dist, DistError, all_reduce_grads, barrier, broadcast_params,  # noqa: F401
+from .core import (DEFAULT_TIMEOUT_S, alone, Dist, DistError, all_reduce_grads, barrier, broadcast_params,  # noqa: F401
                    env_world_size, get, guard_main, init, is_main, params_hash, print_main, rank, shutdown,
                    world_size)
 
 __all__ = ["Dist", "DistError", "init", "get", "shutdown", "is_main", "rank", "world_size", "barrier",
            "all_reduce_grads", "broadcast_params", "params_hash", "env_world_size", "guard_main", "print_main",
-           "DEFAULT_TIMEOUT_S"]
+           "DEFAULT_TIMEOUT_S", "alone"]

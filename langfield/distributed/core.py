@@ -28,6 +28,7 @@ them bit-identical) and names the first tensor that diverged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -604,6 +605,21 @@ def shutdown() -> None:
         except Exception:
             pass
     _STATE = None
+
+
+@contextlib.contextmanager
+def alone():
+    """Inside, :func:`get` returns a single-process job (rank 0 of 1, no collectives): for work
+    that one rank does by itself while the others wait in :meth:`Dist.on_main` (e.g. a stage
+    that is not data-parallel), so that its code does not split work over ranks that are not
+    there. The job's heartbeat goes on meanwhile."""
+    global _STATE
+    saved = get()
+    _STATE = Dist(timeout_s=saved.timeout_s)
+    try:
+        yield _STATE
+    finally:
+        _STATE = saved
 
 
 def is_main() -> bool:

@@ -9,9 +9,10 @@ options.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Dict, Literal, Optional
 
 import tyro
 from typing_extensions import Annotated
@@ -51,6 +52,8 @@ def cli_train_dynamic(
     lang_steps: int = 3_000,
     states: int = 2,
     text_encoder: Literal["auto", "clip", "offline"] = "auto",
+    batch_size: Optional[int] = None,
+    no_lr_batch_scaling: bool = False,
 ) -> int:
     """Train deformable Gaussians on time-stamped frames (D-NeRF, nerfstudio with time, HyperNeRF,
     Neu3D, `langfield scenes make dynamic`) into OUT; with --features, then language over time.
@@ -80,6 +83,14 @@ def cli_train_dynamic(
         lang_steps: language optimisation steps.
         states: state prototypes per Gaussian of the time-sensitive field (0: time-agnostic only).
         text_encoder: for the labels features: auto, clip or offline.
+        batch_size: (camera, time) frames per step over all ranks (default 1; under torchrun: the number of
+            ranks, each rendering its share at its frames' times); learning rates of the Gaussians and of the
+            deformation field scaled as gsplat's multi-GPU trainer (x sqrt(batch)); divide --steps by it yourself.
+        no_lr_batch_scaling: keep the one-frame learning rates and Adam betas with --batch-size > 1.
+
+    Under ``torchrun`` the RGB stage is data-parallel (every rank renders its share of the batch, one
+    gradient all-reduce, densification statistics reduced, rank 0 writes); the language stage runs on
+    rank 0 while the other ranks wait for it.
     """
     from langfield.dynamic.train import DynamicConfig, train_dynamic
     from langfield.run import NonFiniteError, RunError
@@ -90,17 +101,27 @@ def cli_train_dynamic(
         raise _fail(f"--resolutions must be comma-separated integers, got {resolutions!r}") from None
     dyn = DynamicConfig(deform=deform, resolutions=res, time_resolution=time_resolution, warmup=warmup,
                         deform_color=deform_color, deform_opacity=deform_opacity)
+    from langfield.distributed import DistError, alone, get as _job
+
+    job = _job()
+    batch = {} if batch_size is None else {"batch_size": int(batch_size)}
+    if no_lr_batch_scaling:
+        batch["lr_batch_scaling"] = False
     opts = dict(steps=steps, sh_degree=sh_degree, init_random=init_random, downscale=downscale, device=device,
                 backend=backend, ckpt_every=ckpt_every, seed=seed, densify=not no_densify,
-                progress=False if quiet else None)
+                progress=False if quiet or not job.is_main else None, **batch)
     try:
         if resume:
             m = train_dynamic(data, out, resume=True, steps=steps, ckpt_every=ckpt_every, device=device,
-                              progress=opts["progress"])
+                              progress=opts["progress"], **batch)
         else:
             m = train_dynamic(data, out, dynamic=dyn, overwrite=overwrite, **opts)
-    except (RunError, NonFiniteError) as e:
+    except (RunError, NonFiniteError, DistError) as e:
         raise _fail(str(e).splitlines()[0]) from None
+    except ValueError as e:  # a batch size the ranks cannot share, ...
+        raise _fail(str(e).splitlines()[0]) from None
+    if not job.is_main:  # rank 0 reports (and trains the language stage below); the others wait for it
+        m = None
     if m and m.get("psnr") is not None:
         print(f"held-out (view, time) pairs: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.4f} over {m['n_views']} views; "
               f"{m['num_gaussians']:,} Gaussians")
@@ -110,12 +131,19 @@ def cli_train_dynamic(
         from langfield.dynamic.language import train_dynamic_language
         from langfield.train.language import LanguageError
 
+        def language() -> Dict[str, Any]:
+            with alone():  # rank 0 alone (the dynamic language stage is not data-parallel)
+                r = train_dynamic_language(out, states=states, steps=lang_steps, features=features,
+                                           text_encoder=text_encoder, device=device, backend=backend,
+                                           progress=False if quiet else None, resume=resume)
+            return {"metrics": json.loads(json.dumps(r.get("metrics") or {}, default=float))}
+
         try:
-            r = train_dynamic_language(out, states=states, steps=lang_steps, features=features,
-                                       text_encoder=text_encoder, device=device, backend=backend,
-                                       progress=False if quiet else None, resume=resume)
-        except (LanguageError, RunError) as e:
+            r = job.on_main(language, errors=(LanguageError, RunError), what="the dynamic language stage")
+        except (LanguageError, RunError, DistError) as e:
             raise _fail(str(e).splitlines()[0]) from None
+        if not job.is_main:
+            return 0
         mt = r.get("metrics") or {}
         ta, ts = mt.get("time_agnostic") or {}, mt.get("time_sensitive") or {}
         if ta:

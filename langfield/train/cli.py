@@ -183,13 +183,10 @@ def cli_train(
                   file=sys.stderr)
         if shard_gaussians:
             raise _fail("--shard-gaussians is not available for dynamic runs (static scenes only)")
-        if batch_size not in (None, 1) or no_lr_batch_scaling:
-            raise _fail("--batch-size is not available for dynamic runs yet (one camera per step)")
-        from langfield.distributed import get as _job
-
-        if _job().active:
-            raise _fail(f"dynamic runs are not data-parallel yet: run this one without torchrun (this job has "
-                        f"{_job().world} ranks)")
+        if batch_size is not None:
+            dyn["batch_size"] = batch_size
+        if no_lr_batch_scaling:
+            dyn["no_lr_batch_scaling"] = True
         return cli_train_dynamic(data, out, **dyn)
     plain_warnings()
     from langfield.run import NonFiniteError, RunError

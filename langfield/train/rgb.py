@@ -1033,7 +1033,9 @@ def run_training(out: PathLike, make_trainer: Callable[[], "RGBTrainer"], *, res
     try:
         try:
             trainer = make_trainer()
-            if (trainer.batch > 1 or job.active) and type(trainer).train_step is not RGBTrainer.train_step:
+            kind = type(trainer)  # a trainer with its own step needs its own batch step too
+            batch_ok = kind.train_step is RGBTrainer.train_step or kind._train_step_batch is not RGBTrainer._train_step_batch
+            if (trainer.batch > 1 or job.active) and not batch_ok:
                 raise RunError(f"{type(trainer).__name__}: a batch of cameras (--batch-size {trainer.batch}) and "
                                f"data-parallel training (torchrun, {job.world} ranks) are not available for this "
                                f"kind of run yet; train it with one process and --batch-size 1")
