@@ -58,6 +58,23 @@ HIGHLIGHT = (1.0, 0.15, 0.85)  # colour of the Gaussians selected in 3D
 MASK_COLOR = (0.1, 1.0, 0.3)
 
 
+def query_overlay(rgb: torch.Tensor, res, mode: str) -> torch.Tensor:
+    """A query result drawn over the colour frame ``rgb [H, W, 3]``: the heatmap
+    (``mode == "relevancy"``) or the mask in :data:`MASK_COLOR` over a darkened frame."""
+    from langfield.query import heatmap_overlay
+
+    if mode == "relevancy":
+        return heatmap_overlay(rgb, res.heatmap, alpha=0.6)
+    m = res.mask.to(rgb.device)[..., None]
+    return torch.where(m, 0.45 * rgb + 0.55 * torch.tensor(MASK_COLOR, device=rgb.device), 0.3 * rgb)
+
+
+def selection_overlay(out: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """The 3D selection's footprint (``coverage [H, W]`` in [0, 1]) tinted :data:`HIGHLIGHT`."""
+    s = coverage.to(out.device).clamp(0, 1)[..., None] * 0.7
+    return out * (1 - s) + s * torch.tensor(HIGHLIGHT, device=out.device)
+
+
 def is_language_mode(mode: str) -> bool:
     return mode in ("pca", "relevancy", "mask")
 
@@ -338,7 +355,7 @@ class FrameRenderer:
     def render(self, camera: CameraState, settings: Settings, width: int, height: int, *, quality: str = "rest",
                cancelled: Callable[[], bool] = lambda: False) -> Frame:
         """One frame. Raises :class:`Cancelled` when ``cancelled()`` turns true between stages."""
-        from langfield.query import colormap, heatmap_overlay, result_from_maps
+        from langfield.query import colormap, result_from_maps
 
         t0 = time.perf_counter()
         width, height = max(int(width), 1), max(int(height), 1)
@@ -436,15 +453,9 @@ class FrameRenderer:
                     if len(self._known_level) > 64:
                         self._known_level.clear()
                     self._known_level[(id(g), text)] = levels.index(res.level)
-            if mode == "relevancy":
-                out = heatmap_overlay(rgb, res.heatmap, alpha=0.6)
-            else:
-                m = res.mask.to(rgb.device)[..., None]
-                hl = torch.tensor(MASK_COLOR, device=rgb.device)
-                out = torch.where(m, 0.45 * rgb + 0.55 * hl, 0.3 * rgb)
+            out = query_overlay(rgb, res, mode)
         if sel_cov is not None:
-            s = sel_cov.clamp(0, 1)[..., None] * 0.7
-            out = out * (1 - s) + s * torch.tensor(HIGHLIGHT, device=out.device)
+            out = selection_overlay(out, sel_cov)
         img = (out.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         return Frame(image=img, width=width, height=height, mode=mode, quality=quality, message="; ".join(messages),
                      level=used_level, path=path, selected=n_selected, seconds=time.perf_counter() - t0,
@@ -462,24 +473,14 @@ class FrameRenderer:
                      messages: List[str], quality: str, t0: float, cancelled: Callable[[], bool]) -> Frame:
         """A relevancy / mask frame of a codebook field through ``field.render_query`` (the same
         numbers as ``field.query``), plus the 3D selection's footprint when asked for."""
-        from langfield.query import heatmap_overlay
-
         level = "auto" if li is None else levels[li]
         r, res = self.field.render_query(vm, K, width, height, text, level=level,
                                          threshold=float(settings.threshold), background=self.background)
         if cancelled():
             raise Cancelled()
-        rgb = r.rgb
-        if mode == "relevancy":
-            out = heatmap_overlay(rgb, res.heatmap, alpha=0.6)
-        else:
-            m = res.mask.to(rgb.device)[..., None]
-            hl = torch.tensor(MASK_COLOR, device=rgb.device)
-            out = torch.where(m, 0.45 * rgb + 0.55 * hl, 0.3 * rgb)
+        out = query_overlay(r.rgb, res, mode)
         if sel_mask is not None:
-            cov = self.field.render_selection(sel_mask, vm, K, width, height)
-            s = cov.to(out.device).clamp(0, 1)[..., None] * 0.7
-            out = out * (1 - s) + s * torch.tensor(HIGHLIGHT, device=out.device)
+            out = selection_overlay(out, self.field.render_selection(sel_mask, vm, K, width, height))
         if li is None:
             with self._lock:
                 if len(self._known_level) > 64:

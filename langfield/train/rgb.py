@@ -60,7 +60,7 @@ import warnings
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -612,6 +612,14 @@ class RGBTrainer(EpochSampler):
         self.step = step + 1
         return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
 
+    def _draw_batch(self, B: int) -> List[Tuple[int, Optional[Tensor]]]:
+        """The step's ``B`` (view index, background) pairs, drawn by every rank so that the
+        samplers stay in step; sets this step's learning rate of the means."""
+        views = [(self._next_index(), self._bg()) for _ in range(B)]
+        for g in self.optimizers["means"].param_groups:
+            g["lr"] = self._lrs()["means"]
+        return views
+
     def _train_step_batch(self) -> Dict[str, float]:
         """A step on ``batch`` cameras, this rank's share of them rendered here (one camera per
         render call), gradients and densification statistics reduced over the ranks (see
@@ -623,12 +631,7 @@ class RGBTrainer(EpochSampler):
         step = self.step
         job.set_step(step)
         params = self.gaussians.splats
-        views = []
-        for _ in range(B):  # every rank draws the whole batch: the samplers stay in step
-            i = self._next_index()
-            views.append((i, self._bg()))
-        for g in self.optimizers["means"].param_groups:
-            g["lr"] = self._lrs()["means"]
+        views = self._draw_batch(B)
         infos = []
         stats = torch.zeros(2, dtype=torch.float64)
         for j in job.share(B):
@@ -682,12 +685,7 @@ class RGBTrainer(EpochSampler):
         stats_on = st is not None and step < st.refine_stop_iter
         if self.sharder is None:
             self.sharder = ShardedRenderer(job, st)
-        views = []
-        for _ in range(B):  # every rank draws the whole batch: the samplers stay in step
-            i = self._next_index()
-            views.append((i, self._bg()))
-        for g in self.optimizers["means"].param_groups:
-            g["lr"] = self._lrs()["means"]
+        views = self._draw_batch(B)
         stats = torch.zeros(2, dtype=torch.float64)
         for j in job.share(B):  # every rank renders as many cameras: one collective round each
             i, bg = views[j]
