@@ -43,7 +43,7 @@ def slam_section(res, args, cuda: bool, frames: int = 40) -> None:
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
-            opts = (dict(text_encoder="offline", ae_steps=500 if cuda else 100, warmup=3)
+            opts = (dict(text_encoder="offline", warmup=3, **({} if cuda else {"ae_steps": 100}))
                     if features == "labels" else None)
             run = work / f"run-{features}"
             t0 = time.perf_counter()
