@@ -182,7 +182,7 @@ def main():
     ap.add_argument("--deform", default="{}", help="JSON of DynamicConfig overrides for the D-NeRF runs")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    steps = [int(s) for s in (a.steps or ("200,500" if a.quick else "2000,6000,14000")).split(",")]
+    steps = [int(s) for s in (a.steps or ("200,500" if a.quick else "1000,2000,4000,6000")).split(",")]
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="lf_bench_dyn_"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []

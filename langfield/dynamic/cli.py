@@ -30,7 +30,7 @@ def _fail(msg: str) -> SystemExit:
 def cli_train_dynamic(
     data: DataArg,
     out: Path,
-    steps: int = 14_000,
+    steps: int = 6_000,
     warmup: Optional[int] = None,
     deform: Literal["hexplane", "mlp"] = "hexplane",
     resolutions: str = "32,64",
@@ -62,7 +62,7 @@ def cli_train_dynamic(
         data: the dataset folder; every frame must have a time.
         out: the run folder.
         steps: optimisation steps, one (camera, time) frame each.
-        warmup: static steps first (deformation off); default min(3000, steps // 5).
+        warmup: static steps first (deformation off); default min(3000, steps // 12).
         deform: the deformation field: hexplane (space-time planes + MLP head) or mlp (positional encoding).
         resolutions: hexplane spatial resolutions, comma-separated.
         time_resolution: hexplane samples along time.

@@ -95,7 +95,7 @@ def cli_train(
     Args:
         data: the dataset folder (or transforms*.json).
         out: the run folder (config.json, checkpoints/, renders/, metrics.json).
-        steps: optimisation steps, one camera each (default 30000).
+        steps: optimisation steps, one camera each (default 30000; dynamic runs 6000).
         downscale: integer image downscale factor (default 1).
         device: auto (CUDA when available), cpu or cuda.
         sh_degree: highest SH degree (0..3, default 3), reached by +1 every 1000 steps.
@@ -149,7 +149,7 @@ def cli_train(
         static: train a static scene even when the data has time.
         deform: dynamic: the deformation field, hexplane (space-time planes + MLP head, default) or mlp
             (positional encoding, Deformable-3DGS style).
-        warmup: dynamic: static steps first (default min(3000, steps / 5)).
+        warmup: dynamic: static steps first (default min(3000, steps // 12)).
         deform_color: dynamic: the field also changes colour over time (states that only change colour).
         states: dynamic language: state prototypes per Gaussian for time-sensitive queries (default 2).
         batch_size: cameras per step over all ranks (default 1; under torchrun: the number of ranks, each
