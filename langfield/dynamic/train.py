@@ -304,12 +304,7 @@ class DynamicTrainer(RGBTrainer):
         if not math.isfinite(lv):
             raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
         loss.backward()
-        for opt in self.optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if g.deform_enabled:
-            self.deform_opt.step()
-        self.deform_opt.zero_grad(set_to_none=True)
+        self._optimizer_step()
         if self.strategy is not None:
             self.strategy.step_post_backward(params, self.optimizers, self.strategy_state, step, info)
             if cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0 and step < cfg.refine_stop_iter:
@@ -321,6 +316,15 @@ class DynamicTrainer(RGBTrainer):
         self.step = step + 1
         return {"loss": lv, "psnr": -10.0 * math.log10(max(mse, 1e-12))}
 
+    def _optimizer_step(self) -> None:
+        """Adam on the Gaussians, and on the deformation field once it is switched on."""
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if self.gaussians.deform_enabled:
+            self.deform_opt.step()
+        self.deform_opt.zero_grad(set_to_none=True)
+
     def _train_step_batch(self) -> Dict[str, float]:
         """A step on ``batch`` cameras (each at its frame's time), this rank's share of them
         rendered here: :meth:`RGBTrainer._train_step_batch` with the deformation field. The
@@ -329,8 +333,6 @@ class DynamicTrainer(RGBTrainer):
         ``N ranks x B/N cameras`` takes the step of ``1 process x B cameras``."""
         from langfield import distributed
         from langfield.distributed.dp import strategy_post_backward
-        from langfield.eval.views import composite_on
-        from langfield.train.losses import rgb_loss
 
         cfg, dc, job, B = self.cfg, self.dcfg, self.job, self.batch
         step = self.step
@@ -338,31 +340,11 @@ class DynamicTrainer(RGBTrainer):
         g = self.gaussians
         params = g.splats
         g.deform_enabled = step >= dc.warmup
-        views = []
-        for _ in range(B):  # every rank draws the whole batch: the samplers stay in step
-            i = self._next_index()
-            views.append((i, self._bg()))
-        for grp in self.optimizers["means"].param_groups:
-            grp["lr"] = self._lrs()["means"]
+        views = self._draw_batch(B)
         lr_grid, lr_mlp = self._deform_lrs()
         for grp in self.deform_opt.param_groups:
             grp["lr"] = lr_grid if grp["name"] == "grid" else lr_mlp
-        infos = []
-        stats = torch.zeros(2, dtype=torch.float64)
-        for j in job.share(B):
-            i, bg = views[j]
-            image, alpha = self.ds._cached_rgba(i)
-            target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
-            out = self._render_step(g, self._cams[i], bg, step)
-            pred, info = out.rgb[0], out.meta
-            if self.strategy is not None:
-                self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
-            loss, _l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
-            (loss / B).backward()
-            with torch.no_grad():
-                stats += torch.stack([loss.detach().double().cpu(),
-                                      ((pred.detach() - target) ** 2).mean().double().cpu()])
-            infos.append(info)
+        infos, stats = self._render_share(views, step)
         field = list(g.deform.parameters()) if g.deform_enabled else []
         stats = distributed.all_reduce_grads(list(params.values()) + field, extra=stats, dist_=job)
         lv, mse = float(stats[0]) / B, float(stats[1]) / B
@@ -375,12 +357,7 @@ class DynamicTrainer(RGBTrainer):
                 opt.zero_grad(set_to_none=True)
             self.deform_opt.zero_grad(set_to_none=True)
             raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
-        for opt in self.optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if g.deform_enabled:
-            self.deform_opt.step()
-        self.deform_opt.zero_grad(set_to_none=True)
+        self._optimizer_step()
         if self.strategy is not None:
             strategy_post_backward(self.strategy, params, self.optimizers, self.strategy_state, step, infos, B, job)
             if cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0 and step < cfg.refine_stop_iter:

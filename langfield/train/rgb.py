@@ -620,21 +620,16 @@ class RGBTrainer(EpochSampler):
             g["lr"] = self._lrs()["means"]
         return views
 
-    def _train_step_batch(self) -> Dict[str, float]:
-        """A step on ``batch`` cameras, this rank's share of them rendered here (one camera per
-        render call), gradients and densification statistics reduced over the ranks (see
-        :mod:`langfield.distributed.dp`)."""
-        from langfield.distributed.dp import strategy_post_backward
+    def _render_share(self, views: List[Tuple[int, Optional[Tensor]]], step: int) -> Tuple[List[Any], Tensor]:
+        """This rank's share of the batch ``views``: each camera rendered, gsplat's pre-backward
+        hook, ``loss / B`` backpropagated. Returns the render infos (densification statistics)
+        and the summed ``[loss, mse]`` (float64, to be reduced over the ranks)."""
         from langfield.train.losses import rgb_loss
 
-        cfg, job, B = self.cfg, self.job, self.batch
-        step = self.step
-        job.set_step(step)
-        params = self.gaussians.splats
-        views = self._draw_batch(B)
+        B, params = len(views), self.gaussians.splats
         infos = []
         stats = torch.zeros(2, dtype=torch.float64)
-        for j in job.share(B):
+        for j in self.job.share(B):
             i, bg = views[j]
             image, alpha = self.ds._cached_rgba(i)
             target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
@@ -642,12 +637,26 @@ class RGBTrainer(EpochSampler):
             pred, info = out.rgb[0], out.meta
             if self.strategy is not None:
                 self.strategy.step_pre_backward(params, self.optimizers, self.strategy_state, step, info)
-            loss, _l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
+            loss, _l1, _s = rgb_loss(pred, target, self.cfg.ssim_lambda)
             (loss / B).backward()
             with torch.no_grad():
                 stats += torch.stack([loss.detach().double().cpu(),
                                       ((pred.detach() - target) ** 2).mean().double().cpu()])
             infos.append(info)
+        return infos, stats
+
+    def _train_step_batch(self) -> Dict[str, float]:
+        """A step on ``batch`` cameras, this rank's share of them rendered here (one camera per
+        render call), gradients and densification statistics reduced over the ranks (see
+        :mod:`langfield.distributed.dp`)."""
+        from langfield.distributed.dp import strategy_post_backward
+
+        cfg, job, B = self.cfg, self.job, self.batch
+        step = self.step
+        job.set_step(step)
+        params = self.gaussians.splats
+        views = self._draw_batch(B)
+        infos, stats = self._render_share(views, step)
         stats = distributed.all_reduce_grads(list(params.values()), extra=stats, dist_=job)
         lv, mse = float(stats[0]) / B, float(stats[1]) / B
         if not math.isfinite(lv):  # the same on every rank (the reduced loss): all stop together
