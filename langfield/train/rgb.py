@@ -645,6 +645,19 @@ class RGBTrainer(EpochSampler):
             infos.append(info)
         return infos, stats
 
+    def _adam_after_reduction(self, stats: Tensor, B: int, step: int) -> Tuple[float, float]:
+        """The reduced ``[loss, mse]`` sums of a batch of ``B`` -> their means, after Adam has
+        stepped; a non-finite loss (the same on every rank: the reduced one) stops every rank."""
+        lv, mse = float(stats[0]) / B, float(stats[1]) / B
+        if not math.isfinite(lv):
+            for opt in self.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
+        for opt in self.optimizers.values():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return lv, mse
+
     def _train_step_batch(self) -> Dict[str, float]:
         """A step on ``batch`` cameras, this rank's share of them rendered here (one camera per
         render call), gradients and densification statistics reduced over the ranks (see
@@ -658,14 +671,7 @@ class RGBTrainer(EpochSampler):
         views = self._draw_batch(B)
         infos, stats = self._render_share(views, step)
         stats = distributed.all_reduce_grads(list(params.values()), extra=stats, dist_=job)
-        lv, mse = float(stats[0]) / B, float(stats[1]) / B
-        if not math.isfinite(lv):  # the same on every rank (the reduced loss): all stop together
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
-        for opt in self.optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        lv, mse = self._adam_after_reduction(stats, B, step)
         if self.strategy is not None:
             strategy_post_backward(self.strategy, params, self.optimizers, self.strategy_state, step, infos, B, job)
             if (cfg.opacity_reset and step > 0 and step % cfg.reset_every == 0
@@ -719,14 +725,7 @@ class RGBTrainer(EpochSampler):
             if p.grad is None and p.requires_grad:
                 p.grad = torch.zeros_like(p)
         stats = job.all_reduce(stats.to(job.device()), "sum", what="all_reduce of the losses").cpu()
-        lv, mse = float(stats[0]) / B, float(stats[1]) / B
-        if not math.isfinite(lv):
-            for opt in self.optimizers.values():
-                opt.zero_grad(set_to_none=True)
-            raise NonFiniteError(self._nonfinite_message(f"the loss is not finite ({lv})"), step, self.last_ckpt_step)
-        for opt in self.optimizers.values():
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        lv, mse = self._adam_after_reduction(stats, B, step)
         if stats_on:
             accumulate_stats(self.strategy_state, self.sharder.take_stats())
             if refine_due(st, step):
