@@ -46,8 +46,6 @@ from .core import Dist
 __all__ = ["morton_shards", "visible_mask", "ShardedRenderer", "pack_activated", "sharded_refine", "gather_to_main",
            "shard_state_bytes"]
 
-STAT_KEYS = ("grad2d", "count", "radii")
-
 
 def _spread_bits(x: Tensor) -> Tensor:
     """10-bit integers -> every third bit (for 30-bit 3D Morton codes)."""
@@ -301,8 +299,7 @@ def shard_state_bytes(local, optimizers: Dict[str, torch.optim.Optimizer]) -> in
 
 def _all_ids(job: Dist, local: Tensor, what: str) -> Tensor:
     """The sorted global indices of every rank's ``local`` selection."""
-    parts = job.all_gather_var(local.to(torch.int64), what=what) if job.active else [local.to(torch.int64)]
-    return torch.cat(parts).sort().values
+    return torch.cat(job.all_gather_var(local.to(torch.int64), what=what)).sort().values
 
 
 def _split_rows(params, optimizers, state, mask: Tensor, samples: Tensor, revised_opacity: bool) -> None:
@@ -365,11 +362,8 @@ def sharded_refine(strategy, params, optimizers, state: Dict, step: int, ids: Te
     # them in global order, exactly as the replicated run computes them
     sp = torch.cat([params["scales"][is_split], params["quats"][is_split]], 1).detach()
     sid = ids[is_split].to(torch.int64)
-    if job.active:
-        sid_all = torch.cat(job.all_gather_var(sid, what="all_gather of the split Gaussians"))
-        sp_all = torch.cat(job.all_gather_var(sp, what="all_gather of the split Gaussians' shapes"))
-    else:
-        sid_all, sp_all = sid, sp
+    sid_all = torch.cat(job.all_gather_var(sid, what="all_gather of the split Gaussians"))
+    sp_all = torch.cat(job.all_gather_var(sp, what="all_gather of the split Gaussians' shapes"))
     S, order = sid_all.sort()
     S, sp_all = S.to(dev), sp_all[order.to(sp_all.device)].to(dev)
     nd, ns = int(D.numel()), int(S.numel())

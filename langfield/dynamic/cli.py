@@ -116,9 +116,7 @@ def cli_train_dynamic(
                               progress=opts["progress"], **batch)
         else:
             m = train_dynamic(data, out, dynamic=dyn, overwrite=overwrite, **opts)
-    except (RunError, NonFiniteError, DistError) as e:
-        raise _fail(str(e).splitlines()[0]) from None
-    except ValueError as e:  # a batch size the ranks cannot share, ...
+    except (RunError, NonFiniteError, DistError, ValueError) as e:  # ValueError: a batch the ranks cannot share, ...
         raise _fail(str(e).splitlines()[0]) from None
     if not job.is_main:  # rank 0 reports (and trains the language stage below); the others wait for it
         m = None

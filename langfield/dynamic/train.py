@@ -273,7 +273,6 @@ class DynamicTrainer(RGBTrainer):
 
     # ---- training ---------------------------------------------------------------------------------
     def train_step(self) -> Dict[str, float]:
-        from langfield.eval.views import composite_on
         from langfield.train.losses import rgb_loss
 
         if self.batch > 1 or self.job.active:
@@ -285,9 +284,8 @@ class DynamicTrainer(RGBTrainer):
         g.deform_enabled = step >= dc.warmup
         i = self._next_index()
         cams = self._cams[i]
-        image, alpha = self.ds._cached_rgba(i)
         bg = self._bg()
-        target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+        target = self._target(i, bg)
         for grp in self.optimizers["means"].param_groups:
             grp["lr"] = lr_means(cfg, self.scene_scale, step)
         lr_grid, lr_mlp = self._deform_lrs()

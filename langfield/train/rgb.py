@@ -52,6 +52,7 @@ renders/, metrics.json, and later stages' features/, autoencoder.safetensors) in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -557,17 +558,28 @@ class RGBTrainer(EpochSampler):
         v = 1.0 if self.background == "white" else 0.0
         return torch.full((3,), v, device=self.device)
 
-    def _render_step(self, model, cams, bg: Tensor, step: int):
-        """The step's render of ``model`` (the one render path), a non-finite input named as a
+    def _target(self, i: int, bg: Optional[Tensor]) -> Tensor:
+        """Training image ``i`` on this device, composited on ``bg`` where it has alpha."""
+        image, alpha = self.ds._cached_rgba(i)
+        return composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+
+    @contextlib.contextmanager
+    def _named_nonfinite(self, step: int):
+        """A render's non-finite input (a ``ValueError`` of the rasterizer) raised as a
         :class:`NonFiniteError` that keeps the last checkpoint."""
         try:
-            return render(model, cams, sh_degree=self.sh_degree_at(step), background=bg, backend=self.backend,
-                          absgrad=self.cfg.absgrad)
+            yield
         except ValueError as e:
             if "non-finite" in str(e):
                 raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
                                      self.last_ckpt_step) from None
             raise
+
+    def _render_step(self, model, cams, bg: Tensor, step: int):
+        """The step's render of ``model`` (the one render path); see :meth:`_named_nonfinite`."""
+        with self._named_nonfinite(step):
+            return render(model, cams, sh_degree=self.sh_degree_at(step), background=bg, backend=self.backend,
+                          absgrad=self.cfg.absgrad)
 
     def train_step(self) -> Dict[str, float]:
         """One optimisation step; returns {"loss", "psnr"} as floats (synchronises)."""
@@ -582,9 +594,8 @@ class RGBTrainer(EpochSampler):
         params = self.gaussians.splats
         i = self._next_index()
         cams = self._cams[i]
-        image, alpha = self.ds._cached_rgba(i)
         bg = self._bg()
-        target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+        target = self._target(i, bg)
         lr = lr_means(cfg, self.scene_scale, step)
         for g in self.optimizers["means"].param_groups:
             g["lr"] = lr
@@ -631,8 +642,7 @@ class RGBTrainer(EpochSampler):
         stats = torch.zeros(2, dtype=torch.float64)
         for j in self.job.share(B):
             i, bg = views[j]
-            image, alpha = self.ds._cached_rgba(i)
-            target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
+            target = self._target(i, bg)
             out = self._render_step(self.gaussians, self._cams[i], bg, step)
             pred, info = out.rgb[0], out.meta
             if self.strategy is not None:
@@ -701,30 +711,24 @@ class RGBTrainer(EpochSampler):
         if self.sharder is None:
             self.sharder = ShardedRenderer(job, st)
         views = self._draw_batch(B)
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(2, dtype=torch.float64, device=job.device())  # summed on the device: no sync per camera
         for j in job.share(B):  # every rank renders as many cameras: one collective round each
             i, bg = views[j]
-            image, alpha = self.ds._cached_rgba(i)
-            target = composite_on(image.to(self.device), None if alpha is None else alpha.to(self.device), bg)
-            try:
+            target = self._target(i, bg)
+            with self._named_nonfinite(step):
                 pred, _a = self.sharder.render(self.gaussians, self._cams[i], sh_degree=self.sh_degree_at(step),
                                                background=bg, backend=self.backend, ids=self.ids,
                                                absgrad=cfg.absgrad, n_cameras=B if stats_on else None)
-            except ValueError as e:
-                if "non-finite" in str(e):
-                    raise NonFiniteError(self._nonfinite_message("the parameters are not finite"), step,
-                                         self.last_ckpt_step) from None
-                raise
             loss, _l1, _s = rgb_loss(pred, target, cfg.ssim_lambda)
             (loss / B).backward()
             self.sharder.backward()
             with torch.no_grad():
-                stats += torch.stack([loss.detach().double().cpu(),
-                                      ((pred.detach() - target) ** 2).mean().double().cpu()])
+                stats += torch.stack([loss.detach().double(),
+                                      ((pred.detach() - target) ** 2).mean().double()]).to(stats.device)
         for p in self.gaussians.splats.values():  # no camera saw this shard: a zero gradient, as replicated
             if p.grad is None and p.requires_grad:
                 p.grad = torch.zeros_like(p)
-        stats = job.all_reduce(stats.to(job.device()), "sum", what="all_reduce of the losses").cpu()
+        stats = job.all_reduce(stats, "sum", what="all_reduce of the losses").cpu()
         lv, mse = self._adam_after_reduction(stats, B, step)
         if stats_on:
             accumulate_stats(self.strategy_state, self.sharder.take_stats())
