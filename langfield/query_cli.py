@@ -272,7 +272,7 @@ def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, 
     beats the object's other states by 0.1 on at least 0.1 % of the image, and the states of one
     object exclude each other: the one with the largest margin holds; the curve is that margin);
     other texts hold where their best smoothed relevancy reaches ``--hold-threshold``."""
-    from langfield.dynamic.language import EXCLUSIVE, state_holds
+    from langfield.dynamic.language import EXCLUSIVE, HOLD_FRACTION, HOLD_MARGIN, state_holds
     from langfield.io.checkpoint import atomic_write_json
     from langfield.query import save_png
 
@@ -308,11 +308,11 @@ def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, 
         for t in texts:
             s = query_stem(t)
             _curve_png(dest / f"{s}_over_time.png", [c["time"] for c in curves[t]], [c["score"] for c in curves[t]],
-                       0.1 if t in comp else hold)
+                       HOLD_MARGIN if t in comp else hold)
             held = [c["time"] for c in curves[t] if c["holds"]]
             report["queries"].append({"text": t, "curve": curves[t], "holds_at": held, "intervals": _intervals(
                 [c["holds"] for c in curves[t]], times), "plot": f"{s}_over_time.png",
-                "rule": {"kind": "relative", "competitors": comp[t], "margin": 0.1, "min_fraction": 0.001,
+                "rule": {"kind": "relative", "competitors": comp[t], "margin": HOLD_MARGIN, "min_fraction": HOLD_FRACTION,
                          "exclusive": EXCLUSIVE}
                 if t in comp else {"kind": "threshold", "hold_threshold": hold}})
             print(f"{_short(t)!r}: holds at {len(held)} of {len(times)} times"

@@ -481,11 +481,6 @@ class FrameRenderer:
         out = query_overlay(r.rgb, res, mode)
         if sel_mask is not None:
             out = selection_overlay(out, self.field.render_selection(sel_mask, vm, K, width, height))
-        if li is None:
-            with self._lock:
-                if len(self._known_level) > 64:
-                    self._known_level.clear()
-                self._known_level[(id(g), text)] = levels.index(res.level)
         img = (out.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
         return Frame(image=img, width=width, height=height, mode=mode, quality=quality, message="; ".join(messages),
                      level=res.level, path="fused", selected=n_selected, seconds=time.perf_counter() - t0,

@@ -326,15 +326,13 @@ class CodebookCodec(nn.Module):
         ``tc [H, W, L]``, ``valid [H, W]``; 0 when no pixel is valid."""
         L = self.latent_dim
         v = valid.reshape(-1).to(pred.dtype)
-        n = v.sum()
-        if float(n) == 0:
-            return pred.sum() * 0.0
+        n = v.sum()  # no host sync on the step's path: 0 valid pixels give 0 / 1
         p = pred.reshape(-1, L)
         c = tc.reshape(-1, L).to(pred.dtype)
         G = self.gram().to(pred.dtype)
         dots = (p * c).sum(-1)
         nrm = ((p @ G) * p).sum(-1).clamp_min(1e-24).sqrt()
-        return ((1.0 - dots / nrm) * v).sum() / n
+        return ((1.0 - dots / nrm) * v).sum() / n.clamp_min(1)
 
     # -- fitting ---------------------------------------------------------------------------
     @classmethod

@@ -75,6 +75,8 @@ STATE_LEVEL = "state"
 STATE_ROWS = 1.0
 """Rows of state-text embeddings in the codec fit, as a fraction of the feature rows."""
 EXCLUSIVE = True
+HOLD_MARGIN = 0.1  # a state text wins a pixel when it beats its object's other states by this much
+HOLD_FRACTION = 0.001  # ... and holds when it wins at least this fraction of the image
 """The states of one object exclude each other: of those that pass the pixel count, only the
 one with the largest smoothed margin holds (measured, 96x96 bench run: Acc 0.81 -> 0.94 against
 both holding; 0.81 when the most winning pixels decide, as blends with the background at an
@@ -646,7 +648,7 @@ def state_competitors(data: Union[str, Path], texts: Sequence[str],
 
 
 def state_holds(field, render, texts: Sequence[str], competitors: Dict[str, List[str]], *,
-                margin: float = 0.1, min_fraction: float = 0.001, min_alpha: float = 0.5,
+                margin: float = HOLD_MARGIN, min_fraction: float = HOLD_FRACTION, min_alpha: float = 0.5,
                 mask_blend: Optional[float] = None, exclusive: Optional[bool] = None) -> List[Dict[str, Any]]:
     """The relative hold rule of time-sensitive queries on one render (at one time): per text,
     the state level's relevancy minus the best of its competitors' (the other states of the
@@ -682,13 +684,13 @@ def state_holds(field, render, texts: Sequence[str], competitors: Dict[str, List
 
     won = {t: wins(sm, t) for t in allq}
     score = {t: float(d.max()) for t, (_w, d) in won.items()}
+    mixed = raw if mask_blend == 0 else {c: mask_blend * sm[c] + (1 - mask_blend) * raw[c] for c in allq}
     out = []
     for t in texts:
         win = won[t][0]
         holds = int(win.sum()) >= need
         if exclusive and holds:
             holds = all(score[t] >= score[c] for c in competitors.get(t, []) if c in score)
-        mixed = {c: mask_blend * sm[c] + (1 - mask_blend) * raw[c] for c in allq}
         mask = wins(mixed, t)[0] & top[t]
         if not bool(mask.any()):
             mask = win
@@ -753,7 +755,7 @@ def _language_metrics(field, data: Path, qpath: Path, qdoc: Dict[str, Any], *, t
 
 
 def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Path]] = None, *, device: str = "auto",
-                         threshold: float = 0.4, hold_margin: float = 0.1, hold_fraction: float = 0.001,
+                         threshold: float = 0.4, hold_margin: float = HOLD_MARGIN, hold_fraction: float = HOLD_FRACTION,
                          rgb: bool = True,
                          log=print, write: bool = True) -> Dict[str, Any]:
     """Metrics of a dynamic run (see the module docstring), merged into ``RUN/metrics.json``
