@@ -255,7 +255,11 @@ class Dist:
         if self._beat_stop is not None:
             self._beat_stop.set()
         if self._beat_thread is not None and self._beat_thread is not threading.current_thread():
-            self._beat_thread.join(timeout=1.0)
+            # wait for it to leave its store call: a thread still inside the store when the
+            # process group (and its store) is destroyed at exit aborts the process (seen under
+            # load, where the thread may take seconds to get the GIL back); it returns at once
+            # once it runs, as the stop event is set
+            self._beat_thread.join(timeout=max(30.0, 2 * self.beat_period_s))
         if exiting and self._beat_thread is not None:
             self._store_set(f"alive/{self.rank}", f"exited|{time.time():.3f}|exited")
         self._beat_stop = self._beat_thread = None
