@@ -19,8 +19,10 @@ the repeats, and CPU time of the process):
   channels, then decoded without a decoder).
 
 The codebook's coefficients are random top-4-of-64 weights per Gaussian and level (every tile
-uses every entry: the worst case of the per-tile quadratic form); ``--quality`` repeats the frame
-ratio on the trained tabletop fields (their real coefficients) at 640x480.
+uses every entry: the worst case of the per-tile quadratic form), then object-coherent ones (per
+object and level a dominant entry and a pool of 8, as trained fields have them: one to two
+entries per Gaussian and level); ``--quality`` repeats the frame ratio on the trained tabletop
+fields (their real coefficients) at 640x480.
 **3D selection**: 100k Gaussians x 3 levels, both codecs. **Quality** (``--quality``): the
 tabletop scene (labels features, offline text encoder; one RGB run, then the language stage with
 each codec): held-out name-query mIoU, localisation, 3D mIoU and language-stage time.
@@ -194,8 +196,14 @@ def timed(fn, repeats):
     return min(wall), min(cpu)
 
 
-def codebook_twin(field, L, k, seed=0):
-    """The same Gaussians with a random codebook (unit rows) and random top-k weights per level."""
+def codebook_twin(field, L, k, seed=0, groups=None, pool=8):
+    """The same Gaussians with a random codebook (unit rows) and random top-k weights per level.
+
+    ``groups`` None: every Gaussian mixes k entries drawn uniformly from all L (every tile uses
+    every entry: the worst case of the per-tile quadratic form). ``groups`` ``[N]`` (an object id
+    per Gaussian): object-coherent coefficients, as a trained field has them: per object and
+    level one dominant entry plus ``pool - 1`` others to mix in (simplex projection of the
+    dominant's 1 + U(0, 1) and the pool's U(0, 1); the rest of the codebook unused)."""
     from langfield.codec.codebook import CodebookCodec, project_topk_simplex
     from langfield.field import LanguageField
 
@@ -204,7 +212,17 @@ def codebook_twin(field, L, k, seed=0):
     D = field.text_encoder.encode(["x"]).shape[-1]
     codec = CodebookCodec(F.normalize(torch.randn(L, D, generator=gen), dim=-1), topk=k).eval()
     nl = len(field.levels)
-    lang = project_topk_simplex(torch.rand(g.num, nl, L, generator=gen), k).reshape(g.num, nl * L)
+    v = torch.rand(g.num, nl, L, generator=gen)
+    if groups is not None:
+        n_groups = int(groups.max()) + 1
+        pools = torch.stack([torch.randperm(L, generator=gen)[:pool] for _ in range(n_groups * nl)]).reshape(
+            n_groups, nl, pool)
+        sel = pools[groups]  # [N, nl, pool]: the Gaussian's object's entries per level
+        w = torch.zeros(g.num, nl, L)
+        w.scatter_(-1, sel, v[..., :pool])
+        w.scatter_add_(-1, sel[..., :1], torch.ones(g.num, nl, 1))
+        v = w
+    lang = project_topk_simplex(v, k).reshape(g.num, nl * L)
     return LanguageField(g.clone().set_lang(lang, requires_grad=False), decoder=codec, text_encoder=field.text_encoder,
                          levels=field.levels, latent_dim=L, cameras=field.cameras, kind="memory", stage="language")
 
@@ -262,8 +280,14 @@ def frames(args, rep):
     per = (args.gaussians - n_bg) // 3
     ae = blob_field(per, n_background=args.gaussians - 3 * per, decoder="mlp", text_dim=512, scale=0.02)
     cb = codebook_twin(ae, args.codebook_size, args.topk)
+    groups = (torch.arange(ae.num) // per).clamp(max=3)  # blob_field: 3 objects of `per`, then the background
+    co = codebook_twin(ae, args.codebook_size, args.topk, groups=groups)
+    nz = float((co.gaussians.lang.reshape(co.num, len(co.levels), -1) != 0).sum(-1).float().mean())
     reps = 2 if args.quick else 5
-    rows = frame_rows({"autoencoder": ae, "codebook": cb}, ae.cameras[0], W, H, "mug", reps)
+    rows = frame_rows({"autoencoder": ae, "codebook": cb}, ae.cameras[0], W, H, "mug", reps,
+                      label="random top-k (worst case): ")
+    rows += frame_rows({"codebook": co}, ae.cameras[0], W, H, "mug", reps,
+                       label=f"object-coherent ({nz:.2f} entries per Gaussian and level): ")
     # 3D selection
     sel = []
     for name, f in (("autoencoder", ae), ("codebook", cb)):

@@ -275,8 +275,30 @@ def relevancy_maps(latent_maps: Union[Mapping[Hashable, Tensor], Sequence[Tensor
 def box_filter(x: Tensor, size: int) -> Tensor:
     """Mean over ``size`` x ``size`` windows of ``[..., H, W]`` with reflected borders
     (as OpenCV's default, BORDER_REFLECT_101); ``size`` <= 1 returns ``x``. Odd sizes are
-    centred; an even size has one more pixel before than after. Running sums (float64
-    prefix sums along each axis): O(1) per pixel whatever the size."""
+    centred; an even size has one more pixel before than after; borders are replicated instead
+    when an axis is not longer than the half-window. Running sums, O(1) per pixel whatever the size: the
+    native renderer's ``lf_box_filter`` (double sums: the exact means rounded to float32) on
+    CPU and CUDA tensors, else :func:`box_filter_torch`."""
+    if size <= 1:
+        return x
+    if x.device.type in ("cpu", "cuda") and x.numel() and _native_ok(x.device.type):
+        from langfield.render import native
+
+        return native.box_filter(x, size)
+    return box_filter_torch(x, size)
+
+
+def _native_ok(kind: str) -> bool:
+    from langfield.render._build import native_available
+
+    return native_available(kind, warn=False)
+
+
+def box_filter_torch(x: Tensor, size: int) -> Tensor:
+    """:func:`box_filter` in torch (any device): running sums along each axis, the second on
+    the transposed map so that both run along contiguous memory. The prefix sums are float32
+    over each row minus the row's mean, so they keep float32's precision (error ~1e-7 against
+    the exact window means for maps in [0, 1])."""
     if size <= 1:
         return x
     shape = x.shape
@@ -284,12 +306,17 @@ def box_filter(x: Tensor, size: int) -> Tensor:
     t = x.reshape(-1, 1, H, W).float()
     a, b = (size - 1) // 2, size // 2
     mode = "reflect" if (H > max(a, b) and W > max(a, b)) else "replicate"
-    t = F.pad(t, (b, a, b, a), mode=mode)[:, 0].double()
-    c = F.pad(t.cumsum(-1), (1, 0))  # horizontal then vertical window sums
-    t = c[..., size:] - c[..., :-size]
-    c = F.pad(t.cumsum(-2), (0, 0, 1, 0))
-    t = (c[..., size:, :] - c[..., :-size, :]) * (1.0 / (size * size))
-    return t.float().reshape(shape)
+    t = F.pad(t, (b, a, b, a), mode=mode)[:, 0]
+    t = _window_sums(t, size).transpose(-1, -2).contiguous()  # horizontal, then vertical
+    t = _window_sums(t, size) * (1.0 / (size * size))
+    return t.transpose(-1, -2).contiguous().reshape(shape)
+
+
+def _window_sums(t: Tensor, size: int) -> Tensor:
+    """Sums of ``size`` consecutive values along the last axis (length n -> n - size + 1)."""
+    m = t.mean(-1, keepdim=True)
+    c = F.pad((t - m).cumsum(-1), (1, 0))
+    return (c[..., size:] - c[..., :-size]) + m * size
 
 
 def majority_filter(mask: Tensor, size: int) -> Tensor:
@@ -309,10 +336,15 @@ def majority_filter(mask: Tensor, size: int) -> Tensor:
 def normalize_map(m: Tensor) -> Tensor:
     """LangSplat's normalisation of a relevancy map ``[..., H, W]``:
     ``clip(2 (m - min) / (max - min) - 1, 0, 1)`` per map (a flat map gives zeros)."""
-    lo = m.flatten(-2).amin(-1)[..., None, None]
-    hi = m.flatten(-2).amax(-1)[..., None, None]
-    n = (m - lo) / (hi - lo + 1e-9)
-    return (2.0 * n - 1.0).clamp(0.0, 1.0)
+    return _normalize_map_(m.clone())
+
+
+def _normalize_map_(m: Tensor) -> Tensor:
+    """:func:`normalize_map` in place (no new full-size tensors: on CPU each costs page faults)."""
+    flat = m.flatten(-2)
+    lo, hi = flat.amin(-1), flat.amax(-1)  # (two passes beat torch.aminmax's one on CPU)
+    scale = (2.0 / (hi - lo + 1e-9))[..., None, None]
+    return m.sub_(lo[..., None, None]).mul_(scale).sub_(1.0).clamp_(0.0, 1.0)
 
 
 @dataclass
@@ -344,6 +376,9 @@ class QueryResult:
         return self.relevancy[self.level_index]
 
 
+LEVEL_TIE = 1e-5  # smoothed level scores closer than this to the best are a tie (first level wins)
+
+
 def auto_smooth(height: int, width: int) -> int:
     """LangSplat's 29-pixel mean filter scaled to the image (see the module docstring)."""
     k = int(round(29 * min(height, width) / 728.0))
@@ -367,12 +402,15 @@ def result_from_maps(rel: Tensor, levels: Optional[Sequence[Hashable]] = None, *
         smooth = auto_smooth(rel.shape[-2], rel.shape[-1])
     smoothed = box_filter(rel, smooth)
     scores = smoothed.flatten(1).amax(1)
-    li = int(torch.argmax(scores))
+    # the highest score; levels within LEVEL_TIE of it count as tied and the first one wins, so
+    # that float rounding (a fused pass against decoded maps, one backend against another)
+    # does not flip the choice between levels that score the same
+    li = int(torch.nonzero(scores >= scores.max() - LEVEL_TIE)[0, 0])
     W = rel.shape[-1]
     flat = int(torch.argmax(smoothed[li]))
     point = (flat % W, flat // W)
-    blended = mask_blend * smoothed + (1.0 - mask_blend) * rel if mask_blend else rel
-    heat = normalize_map(blended)
+    blended = (smoothed * mask_blend).add_(rel, alpha=1.0 - mask_blend) if mask_blend else rel.clone()
+    heat = _normalize_map_(blended)
     masks = majority_filter(heat > threshold, majority)
     return QueryResult(levels=levels, relevancy=rel, smoothed=smoothed, scores=scores, level=levels[li],
                        level_index=li, point=point, heatmaps=heat, masks=masks, threshold=threshold, text=text)

@@ -14,6 +14,7 @@
 // per Gaussian in intersection order, so the result is deterministic.
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <vector>
 #include "common.h"
 
@@ -83,9 +84,24 @@ inline bool sp_row_range(const SpTile &tg, const SpGauss &g, int ly, int &rx0, i
     return rx0 < rx1;
 }
 
+// 64-byte-aligned storage: scratch rows of a multiple of 16 floats start on a cache line
+template <class T>
+struct Al64 {
+    using value_type = T;
+    Al64() = default;
+    template <class U>
+    Al64(const Al64<U> &) {}
+    T *allocate(size_t n) { return static_cast<T *>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+    void deallocate(T *p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+    template <class U>
+    bool operator==(const Al64<U> &) const { return true; }
+    template <class U>
+    bool operator!=(const Al64<U> &) const { return false; }
+};
+
 struct SpScratch {
-    std::vector<float> T, buf;  // transmittance; channel-major [L][P+8] (acc or v_render)
-    std::vector<int32_t> last, done;
+    std::vector<float, Al64<float>> T, buf;  // transmittance; channel-major [L][P+8] (acc or v_render)
+    std::vector<int32_t, Al64<int32_t>> last, done;
     void init(int P, int L) {
         T.resize(P + 8); buf.resize((size_t)(P + 8) * L); last.resize(P + 8); done.resize(P + 8);
     }
@@ -96,7 +112,7 @@ struct SpScratch {
 // last, returns the per-lane blend weights alpha*T (0 where the pixel does not
 // blend) and the number of pixels that finished.
 inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, const float *vis, float op,
-                     int32_t cur, int &nd) {
+                     int32_t cur, int &nd, int lo = 0) {
     const lf_vi8 lane_i = {0, 1, 2, 3, 4, 5, 6, 7};
     lf_vf8 sv, vv, Tv;
     lf_vi8 dn, lv;
@@ -108,7 +124,7 @@ inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, cons
     const lf_vf8 opv = lf_vf8{} + op;
     lf_vf8 alpha = opv * vv;
     alpha = alpha < lf::ALPHA_MAX ? alpha : lf_vf8{} + lf::ALPHA_MAX;
-    const lf_vi8 inrow = (lane_i + j) < n;
+    const lf_vi8 inrow = ((lane_i + j) < n) & ((lane_i + j) >= lo);
     const lf_vi8 valid = inrow & (dn == 0) & (sv >= 0.f) & (alpha >= lf::ALPHA_THRESHOLD);
     const lf_vf8 nT = Tv * (1.f - alpha);
     const lf_vi8 fin = valid & (nT <= lf::T_MIN);
@@ -161,41 +177,57 @@ void walk_tile(SpScratch &sc, const SpTile &tg, int tile_size, const float *mean
 }
 
 
-// walk_tile's recurrence with an 8-pixel visitor: visit8(gid, p, w) gets the
-// blend weights alpha*T of the tile-local pixels [p, p + 8) of one row (0 in
-// lanes that do not blend, including lanes past the row: adding w * x there
-// adds exactly 0, so channel-major accumulators can take all 8 lanes).
-template <typename Visit8>
-void walk_tile8(SpScratch &sc, const SpTile &tg, int tile_size, const float *means2d, const float *conics,
-                const float *opacities, const int32_t *flatten_ids, Visit8 &&visit8) {
+// walk_tile's recurrence, one call per (Gaussian, tile): visitg(gid, w, p, nc) gets the
+// blend weights alpha*T of the nc 8-pixel chunks the Gaussian touched (w[c] for the
+// tile-local pixels [p[c], p[c] + 8) of one row; 0 in lanes that do not blend, including
+// lanes past the row: adding w * x there adds exactly 0, so channel-major accumulators
+// can take all 8 lanes). A Gaussian covers each pixel at most once, so a visitor that
+// loops channel-outer, chunk-inner adds to every (channel, pixel) in the same order as
+// a per-chunk visitor would: the sums are bit-identical, and the per-Gaussian work
+// (its channel list, weights and checks) is done once per tile instead of per chunk.
+template <typename VisitG>
+void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *means2d, const float *conics,
+                 const float *opacities, const int32_t *flatten_ids, VisitG &&visitg) {
     const int n_pix = tg.pw * tg.ph;
     std::fill(sc.T.begin(), sc.T.end(), 1.f);
     std::fill(sc.last.begin(), sc.last.end(), -1);
     std::fill(sc.done.begin(), sc.done.end(), 0);
     int row_done[32] = {0};
-    float sig[32], vis[32];
+    float sig[48], vis[48];
+    lf_vf8 wbuf[32 * 5];  // <= 32 rows x 5 chunks
+    int pbuf[32 * 5];
+    // with tiles of a multiple of 8 pixels, a row's chunks start at multiples of 8 (the lanes
+    // before the Gaussian's span do not blend): with 64-byte-aligned scratch rows no 8-float
+    // access crosses a cache line (a split load or store costs about twice, and a split store
+    // does not forward to the next Gaussian's load of the same pixels)
+    const bool aligned = tile_size % 8 == 0;
     int n_done = 0;
     for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
         const int64_t gid = flatten_ids[i];
         SpGauss g;
         if (!sp_gauss(tg, gid, means2d, conics, opacities, g)) continue;
+        int nc = 0;
         for (int ly = g.ly0; ly < g.ly1; ++ly) {
             if (row_done[ly] == tg.pw) continue;
             const float dy = g.m[1] - ((float)(tg.py0 + ly) + 0.5f);
             int rx0, rx1;
             if (!sp_row_range(tg, g, ly, rx0, rx1)) continue;
-            const int n = rx1 - rx0;
-            lfcpu::row_eval(n, g.m[0], dy, (float)(tg.px0 + rx0), g.con, sig, vis);
-            const int p0 = ly * tile_size + rx0;
+            const int ax0 = aligned ? (rx0 & ~7) : rx0, lo = rx0 - ax0;
+            const int n = rx1 - ax0;
+            lfcpu::row_eval(n, g.m[0], dy, (float)(tg.px0 + ax0), g.con, sig, vis);
+            const int p0 = ly * tile_size + ax0;
             int nd = 0;
             for (int j = 0; j < n; j += 8) {
-                const lf_vf8 w = blend8(sc, p0, j, n, sig, vis, g.op, (int32_t)i, nd);
-                const lf_vi8 any = (lf_vi8)w != 0;
-                if (lfcpu::count_lanes(any)) visit8(gid, p0 + j, w);
+                const lf_vf8 w = blend8(sc, p0, j, n, sig, vis, g.op, (int32_t)i, nd, j < 8 ? lo : 0);
+                if (lfcpu::any_lane((lf_vi8)w != 0)) {
+                    wbuf[nc] = w;
+                    pbuf[nc++] = p0 + j;
+                }
             }
             row_done[ly] += nd;
             n_done += nd;
         }
+        if (nc) visitg(gid, wbuf, pbuf, nc);
     }
 }
 
@@ -205,6 +237,14 @@ inline lf_vf8 ld8(const float *p) {
     return v;
 }
 inline void st8(float *p, lf_vf8 v) { __builtin_memcpy(p, &v, 32); }
+inline lf_vf8 vsqrt(lf_vf8 x) {  // correctly rounded, as sqrtf per lane
+#if defined(__AVX__)
+    return (lf_vf8)__builtin_ia32_sqrtps256((__v8sf)x);
+#else
+    for (int q = 0; q < 8; ++q) x[q] = sqrtf(x[q]);
+    return x;
+#endif
+}
 
 }  // namespace
 
@@ -359,35 +399,40 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
             SpScratch &sc = scratch[tid];
             sc.init(P + 8, NL + D);  // + 8: 16-pixel blocks read up to P + 15
             std::fill(sc.buf.begin(), sc.buf.end(), 0.f);
-            std::vector<uint8_t> used(NL, 0);
-            std::vector<int> act(L);
+            // used[d]: bit b set where a Gaussian added to coefficient d in the 16-pixel block b
+            // of the tile (P <= 1024: at most 64 blocks)
+            std::vector<uint64_t> used(NL, 0);
+            std::vector<int> act(L), bi(L + 4);
             const int Lp = (L + 3) & ~3;
             std::vector<lf_vf8> zc(2 * (size_t)Lp), dots(2 * (size_t)M);
-            std::vector<float> H((size_t)Lp * Lp), As((size_t)L * M);
             float *acc = sc.buf.data();            // [NL][PP] coefficients
             float *dacc = acc + (size_t)NL * PP;   // [D][PP] dense channels
             for (int64_t t = tb; t < te; ++t) {
                 const SpTile tg = sp_tile(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                           n_tiles, n_isects);
-                walk_tile8(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
-                           [&](int64_t gid, int p, lf_vf8 w) {
-                               const int32_t *ix = sp_idx + gid * K;
-                               const float *wt = sp_w + gid * K;
-                               for (int q = 0; q < K; ++q) {
-                                   const int32_t d = ix[q];
-                                   if (d < 0 || d >= NL || wt[q] == 0.f) continue;
-                                   float *a = acc + (size_t)d * PP + p;
-                                   st8(a, ld8(a) + w * wt[q]);
-                                   used[d] = 1;
-                               }
-                               if (D) {
-                                   const float *col = colors + gid * (int64_t)D;
-                                   for (int k = 0; k < D; ++k) {
-                                       float *a = dacc + (size_t)k * PP + p;
-                                       st8(a, ld8(a) + w * col[k]);
-                                   }
-                               }
-                           });
+                walk_tile_g(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
+                            [&](int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
+                                uint64_t blocks = 0;  // the 16-pixel blocks the chunks touch
+                                for (int c = 0; c < nc; ++c) blocks |= (1ull << (pp[c] >> 4)) | (1ull << ((pp[c] + 7) >> 4));
+                                const int32_t *ix = sp_idx + gid * K;
+                                const float *wt = sp_w + gid * K;
+                                for (int q = 0; q < K; ++q) {
+                                    const int32_t d = ix[q];
+                                    const float v = wt[q];
+                                    if (d < 0 || d >= NL || v == 0.f) continue;
+                                    float *a = acc + (size_t)d * PP;
+                                    for (int c = 0; c < nc; ++c) st8(a + pp[c], ld8(a + pp[c]) + w[c] * v);
+                                    used[d] |= blocks;
+                                }
+                                if (D) {
+                                    const float *col = colors + gid * (int64_t)D;
+                                    for (int k = 0; k < D; ++k) {
+                                        float *a = dacc + (size_t)k * PP;
+                                        const float v = col[k];
+                                        for (int c = 0; c < nc; ++c) st8(a + pp[c], ld8(a + pp[c]) + w[c] * v);
+                                    }
+                                }
+                            });
                 // dense channels, alpha, last ids
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
                 for (int ly = 0; ly < tg.ph; ++ly)
@@ -403,30 +448,28 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                         last_ids[pix] = sc.last[p];
                     }
                 if (D) std::fill(dacc, dacc + (size_t)D * PP, 0.f);
-                // per level: cosines z (C e) / sqrt(z G z) over the channels the tile used, then
-                // LERF relevancy against the canonical columns. z G z = z H z with H the upper
-                // triangle of G, off-diagonal doubled (half the multiply-adds), compacted to the
-                // s used channels; 16 pixels x 4 rows of H at a time (register blocking).
+                // per level: cosines z (C e) / sqrt(z G z) over the channels used, then LERF relevancy
+                // against the canonical columns. Each 16-pixel block takes only the channels used in it
+                // (cidx, in tile order; padded to a multiple of 4 with zero coefficients), reading G and
+                // A in place: z G z = sum_a G_aa z_a^2 + 2 sum_{a<b} G_ab z_a z_b (half the
+                // multiply-adds), 4 rows of G at a time (register blocking).
                 for (int l = 0; l < n_levels; ++l) {
                     int s = 0;
                     for (int a = 0; a < L; ++a)
                         if (used[l * L + a]) act[s++] = a;
-                    const int sp = (s + 3) & ~3;  // rows padded to a multiple of 4 (zero rows)
-                    for (int a = 0; a < sp; ++a)
-                        for (int b = 0; b < sp; ++b) {
-                            float h = 0.f;
-                            if (a < s && b < s && b >= a) h = G[(size_t)act[a] * L + act[b]] * (b > a ? 2.f : 1.f);
-                            H[(size_t)a * sp + b] = h;
-                        }
-                    for (int a = 0; a < s; ++a)
-                        for (int m = 0; m < M; ++m) As[(size_t)a * M + m] = A[(size_t)act[a] * M + m];
                     float *zl = acc + (size_t)l * L * PP;
+                    const float *Gl = G, *Al = A;  // one codebook for every level
+                    const uint64_t *ul = used.data() + (size_t)l * L;
                     for (int p0 = 0; p0 < P; p0 += 16) {
+                        const int blk = p0 >> 4;
+                        int sb = 0;  // the channels used in this block, in tile order
+                        for (int a = 0; a < s; ++a)
+                            if ((ul[act[a]] >> blk) & 1) bi[sb++] = act[a];
                         bool any_ok = false;  // a block of pixels that are all empty space scores 0
                         for (int q = 0; q < 16 && !any_ok; ++q) any_ok = 1.f - sc.T[p0 + q] > min_alpha;
                         if (!any_ok) {
-                            for (int a = 0; a < s; ++a) {  // the accumulators start the next tile at 0
-                                float *src = zl + (size_t)act[a] * PP + p0;
+                            for (int a = 0; a < sb; ++a) {  // the accumulators start the next tile at 0
+                                float *src = zl + (size_t)bi[a] * PP + p0;
                                 st8(src, lf_vf8{});
                                 st8(src + 8, lf_vf8{});
                             }
@@ -440,59 +483,87 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                             }
                             continue;
                         }
+                        const int sbp = (sb + 3) & ~3;  // padded to a multiple of 4 with the zero row s
                         // z of the 16 pixels [p0, p0 + 16), compacted: zc[a][0..1]
-                        for (int a = 0; a < s; ++a) {  // read, and leave 0 for the next tile
-                            float *src = zl + (size_t)act[a] * PP + p0;
+                        for (int a = 0; a < sb; ++a) {  // read, and leave 0 for the next tile
+                            float *src = zl + (size_t)bi[a] * PP + p0;
                             zc[2 * a] = ld8(src);
                             zc[2 * a + 1] = ld8(src + 8);  // PP = P + 16 keeps this in bounds
                             st8(src, lf_vf8{});
                             st8(src + 8, lf_vf8{});
                         }
-                        for (int a = s; a < sp; ++a) zc[2 * a] = zc[2 * a + 1] = lf_vf8{};
-                        lf_vf8 n0 = {}, n1 = {};
-                        for (int a0 = 0; a0 < sp; a0 += 4) {
-                            lf_vf8 y00 = {}, y01 = {}, y10 = {}, y11 = {}, y20 = {}, y21 = {}, y30 = {}, y31 = {};
-                            const float *h0 = H.data() + (size_t)a0 * sp, *h1 = h0 + sp, *h2 = h1 + sp, *h3 = h2 + sp;
-                            for (int b = a0; b < sp; ++b) {
-                                const lf_vf8 z0 = zc[2 * b], z1 = zc[2 * b + 1];
-                                y00 += h0[b] * z0; y01 += h0[b] * z1;
-                                y10 += h1[b] * z0; y11 += h1[b] * z1;
-                                y20 += h2[b] * z0; y21 += h2[b] * z1;
-                                y30 += h3[b] * z0; y31 += h3[b] * z1;
-                            }
-                            n0 += zc[2 * a0] * y00 + zc[2 * a0 + 2] * y10 + zc[2 * a0 + 4] * y20 + zc[2 * a0 + 6] * y30;
-                            n1 += zc[2 * a0 + 1] * y01 + zc[2 * a0 + 3] * y11 + zc[2 * a0 + 5] * y21 +
-                                  zc[2 * a0 + 7] * y31;
+                        for (int a = sb; a < sbp; ++a) {  // z = 0: any channel's G and A do
+                            zc[2 * a] = zc[2 * a + 1] = lf_vf8{};
+                            bi[a] = sb ? bi[0] : 0;
                         }
+                        lf_vf8 d0 = {}, d1 = {}, o0 = {}, o1 = {};  // diagonal and off-diagonal parts
+                        for (int a0 = 0; a0 < sbp; a0 += 4) {
+                            const int c0 = bi[a0], c1 = bi[a0 + 1], c2 = bi[a0 + 2], c3 = bi[a0 + 3];
+                            const float *g0 = Gl + (size_t)c0 * L, *g1 = Gl + (size_t)c1 * L, *g2 = Gl + (size_t)c2 * L,
+                                        *g3 = Gl + (size_t)c3 * L;
+                            const lf_vf8 za0 = zc[2 * a0], za1 = zc[2 * a0 + 1], zb0 = zc[2 * a0 + 2], zb1 = zc[2 * a0 + 3],
+                                         zc0 = zc[2 * a0 + 4], zc1 = zc[2 * a0 + 5], zd0 = zc[2 * a0 + 6], zd1 = zc[2 * a0 + 7];
+                            // within the 4 rows: the upper triangle
+                            lf_vf8 y00 = g0[c1] * zb0 + g0[c2] * zc0 + g0[c3] * zd0, y01 = g0[c1] * zb1 + g0[c2] * zc1 + g0[c3] * zd1;
+                            lf_vf8 y10 = g1[c2] * zc0 + g1[c3] * zd0, y11 = g1[c2] * zc1 + g1[c3] * zd1;
+                            lf_vf8 y20 = g2[c3] * zd0, y21 = g2[c3] * zd1, y30 = {}, y31 = {};
+                            for (int b = a0 + 4; b < sbp; ++b) {
+                                const int cb = bi[b];
+                                const lf_vf8 z0 = zc[2 * b], z1 = zc[2 * b + 1];
+                                y00 += g0[cb] * z0; y01 += g0[cb] * z1;
+                                y10 += g1[cb] * z0; y11 += g1[cb] * z1;
+                                y20 += g2[cb] * z0; y21 += g2[cb] * z1;
+                                y30 += g3[cb] * z0; y31 += g3[cb] * z1;
+                            }
+                            o0 += za0 * y00 + zb0 * y10 + zc0 * y20 + zd0 * y30;
+                            o1 += za1 * y01 + zb1 * y11 + zc1 * y21 + zd1 * y31;
+                            d0 += g0[c0] * za0 * za0 + g1[c1] * zb0 * zb0 + g2[c2] * zc0 * zc0 + g3[c3] * zd0 * zd0;
+                            d1 += g0[c0] * za1 * za1 + g1[c1] * zb1 * zb1 + g2[c2] * zc1 * zc1 + g3[c3] * zd1 * zd1;
+                        }
+                        const lf_vf8 n0 = d0 + 2.f * o0, n1 = d1 + 2.f * o1;
                         for (int m = 0; m < M; ++m) dots[2 * m] = dots[2 * m + 1] = lf_vf8{};
-                        for (int a = 0; a < s; ++a) {
+                        for (int a = 0; a < sb; ++a) {
                             const lf_vf8 z0 = zc[2 * a], z1 = zc[2 * a + 1];
-                            const float *Aa = As.data() + (size_t)a * M;
+                            const float *Aa = Al + (size_t)bi[a] * M;
                             for (int m = 0; m < M; ++m) {
                                 dots[2 * m] += Aa[m] * z0;
                                 dots[2 * m + 1] += Aa[m] * z1;
                             }
                         }
-                        for (int q = 0; q < 16; ++q) {
-                            const int p = p0 + q;
-                            if (p >= P) break;
-                            const int ly = p / tile_size, lx = p % tile_size;
-                            if (ly >= tg.ph || lx >= tg.pw) continue;
-                            const int hv = q >> 3, lane = q & 7;
-                            const int64_t pix = (int64_t)(tg.py0 + ly) * width + tg.px0 + lx;
-                            const float nq = hv ? n1[lane] : n0[lane];
-                            const float nz = fmaxf(sqrtf(fmaxf(nq, 0.f)), 1e-12f);
-                            const bool ok = 1.f - sc.T[p] > min_alpha;
-                            float worst = -INFINITY;
-                            for (int m = Q; m < M; ++m) worst = fmaxf(worst, dots[2 * m + hv][lane] / nz);
+                        // LERF relevancy of the 16 pixels, 8 lanes at a time: sigmoid(T (cos_q - max cos_canon))
+                        // with exp(-|x|) from the rasterizer's vexp_neg; rows of 8 whole pixels go out with
+                        // one store, others lane by lane
+                        for (int hv = 0; hv < 2; ++hv) {
+                            const int pb = p0 + 8 * hv;
+                            if (pb >= P) break;
+                            const lf_vf8 nq = hv ? n1 : n0;
+                            lf_vf8 nz, Tv;
+                            nz = vsqrt(nq > 0.f ? nq : lf_vf8{});  // fmaxf(sqrtf(fmaxf(nq, 0)), 1e-12) by lanes
+                            nz = nz > 1e-12f ? nz : lf_vf8{} + 1e-12f;
+                            __builtin_memcpy(&Tv, sc.T.data() + pb, 32);
+                            const lf_vi8 ok = (1.f - Tv) > min_alpha;
+                            // max_m (d_m / nz) = (max_m d_m) / nz exactly (nz > 0, rounding is monotone)
+                            lf_vf8 dmax = lf_vf8{} - INFINITY;
+                            for (int m = Q; m < M; ++m) dmax = dots[2 * m + hv] > dmax ? dots[2 * m + hv] : dmax;
+                            const lf_vf8 worst = dmax / nz;
+                            const int ly = pb / tile_size, lx = pb % tile_size;
+                            const bool whole = tile_size % 8 == 0 && ly < tg.ph && lx + 8 <= tg.pw;
                             for (int qq = 0; qq < Q; ++qq) {
-                                float r = 0.f;
-                                if (ok) {
-                                    const float x = temperature * (dots[2 * qq + hv][lane] / nz - worst);
-                                    r = 1.f / (1.f + expf(-x));
+                                const lf_vf8 x = temperature * (dots[2 * qq + hv] / nz - worst);
+                                const lf_vi8 pos = x >= 0.f;
+                                const lf_vf8 e = lfcpu::vexp_neg(lfcpu::select(pos, lf_vf8{} - x, x));
+                                lf_vf8 r = lfcpu::select(pos, 1.f / (1.f + e), e / (1.f + e));
+                                r = (lf_vf8)((lf_vi8)r & ok);
+                                float *rel = relevancy + (((int64_t)tg.cam * Q + qq) * n_levels + l) * ((int64_t)height * width);
+                                if (whole) {
+                                    __builtin_memcpy(rel + (int64_t)(tg.py0 + ly) * width + tg.px0 + lx, &r, 32);
+                                    continue;
                                 }
-                                relevancy[(((int64_t)tg.cam * Q + qq) * n_levels + l) * ((int64_t)height * width) +
-                                          pix] = r;
+                                for (int lane = 0; lane < 8 && pb + lane < P; ++lane) {
+                                    const int p = pb + lane, py = p / tile_size, px = p % tile_size;
+                                    if (py >= tg.ph || px >= tg.pw) continue;
+                                    rel[(int64_t)(tg.py0 + py) * width + tg.px0 + px] = r[lane];
+                                }
                             }
                         }
                     }

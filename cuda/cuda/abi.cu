@@ -247,6 +247,21 @@ int lf_project_bwd(int C, int N, const float *means, const float *quats, const f
                               static_cast<cudaStream_t>(stream));
 }
 
+int lf_box_filter(int n_maps, int height, int width, int size, const float *in, double *work, float *out,
+                  void *stream) {
+    const char *fn = "lf_box_filter";
+    LFC_REQUIRE(n_maps >= 0 && height >= 0 && width >= 0 && size >= 1,
+                "%s: bad n_maps=%d, H=%d, W=%d or size=%d", fn, n_maps, height, width, size);
+    if ((int64_t)n_maps * height * width == 0) return LF_OK;
+    LFC_REQUIRE((int64_t)n_maps * height * width <= kInt32Max, "%s: too many pixels", fn);
+    LFC_NONNULL(fn, in);
+    LFC_NONNULL(fn, work);
+    LFC_NONNULL(fn, out);
+    LFC_REQUIRE(in != out, "%s: out may not alias in", fn);
+    LFC_ENTER(fn, out);
+    return launch_box_filter(n_maps, height, width, size, in, work, out, static_cast<cudaStream_t>(stream));
+}
+
 int lf_sh_fwd(int degree, int M, int K, const float *dirs, const float *coeffs,
               const uint8_t *masks, float *colors, void *stream) {
     const char *fn = "lf_sh_fwd";

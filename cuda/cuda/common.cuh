@@ -9,6 +9,7 @@
 //                     tile offsets
 //   rasterize_fwd.cu  tile rasterizer, front to back
 //   rasterize_bwd.cu  tile rasterizer backward, back to front
+//   filter.cu         box filter of relevancy maps (lf_box_filter)
 //
 // Everything except the ABI symbols lives in namespace lfc and is hidden
 // (the library is built with -fvisibility=hidden). The per-pair and
@@ -147,6 +148,10 @@ int launch_rasterize_bwd(const RasterArgs &a, const float *render_alphas,
                          float *v_means2d_abs, float *v_conics,
                          float *v_colors, float *v_opacities,
                          float *v_backgrounds, cudaStream_t stream);
+
+// box filter (filter.cu): rows' window sums into work, then the columns'
+int launch_box_filter(int n_maps, int height, int width, int size, const float *in, double *work, float *out,
+                      cudaStream_t stream);
 
 // ------------------------------------------------ rasterizer block layout
 // One block per tile, one thread per pixel; the block is rounded up to a

@@ -218,6 +218,18 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
     int32_t *last_ids,            // out [C,H,W]
     void *stream);
 
+// ------------------------------------------------------------------ box filter
+// The mean over size x size windows of n_maps maps [n_maps,H,W] (lf_math.h's
+// box_border: reflect-101 borders; replicated when an axis is not longer than
+// the half-window), as the relevancy maps' smoothing uses it: window sums run along
+// the rows, then down the columns, in double (work: [n_maps,H,W] doubles), so
+// the result is the exact window mean rounded to float, whatever the size.
+LF_API int lf_box_filter(int n_maps, int height, int width, int size,
+                         const float *in,   // [n_maps,H,W]
+                         double *work,      // [n_maps,H,W] scratch (CUDA; the CPU driver: may be NULL)
+                         float *out,        // [n_maps,H,W] (may not alias in)
+                         void *stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -546,4 +546,41 @@ LF_HD void sh_eval_vjp(int degree, int K, const float *dir, const float *coeffs,
     v_dir[2] += (vu[2] - z * dot) * inv;
 }
 
+// ---------------------------------------------------------------- box filter
+// The mean over size x size windows (lf_box_filter): output x takes the input
+// indices [x - b, x + a] with a = (size - 1) / 2, b = size / 2 (odd sizes centred;
+// an even size has one more before than after), past the borders reflected
+// without repeating the edge (BORDER_REFLECT_101: -1 -> 1, n -> n - 2) when both
+// axes are longer than the half-window, else replicated (clamped) on both.
+LF_HD int box_border(int i, int n, bool reflect) {
+    if (reflect) {
+        if (i < 0) return -i;
+        if (i >= n) return 2 * n - 2 - i;
+        return i;
+    }
+    return i < 0 ? 0 : (i >= n ? n - 1 : i);
+}
+
+// Whether an axis of length n is longer than this size's half-window.
+LF_HD bool box_reflects(int n, int size) {
+    const int a = (size - 1) / 2, b = size / 2;
+    return n > (a > b ? a : b);
+}
+
+// Running window sums along one axis of length n (stride between elements),
+// in double: out[x] = sum of src over the window of x.
+template <typename In>
+LF_HD void box_running_sums(const In *src, int64_t stride, int n, int size, bool reflect, double *out,
+                            int64_t out_stride) {
+    const int a = (size - 1) / 2, b = size / 2;
+    double s = 0.0;
+    for (int k = -b; k <= a; ++k) s += (double)src[(int64_t)box_border(k, n, reflect) * stride];
+    out[0] = s;
+    for (int x = 1; x < n; ++x) {
+        s += (double)src[(int64_t)box_border(x + a, n, reflect) * stride] -
+             (double)src[(int64_t)box_border(x - 1 - b, n, reflect) * stride];
+        out[(int64_t)x * out_stride] = s;
+    }
+}
+
 }  // namespace lf

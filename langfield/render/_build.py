@@ -309,6 +309,7 @@ _SIGNATURES: Dict[str, list] = {
     "lf_rasterize_fwd": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P],
     "lf_rasterize_bwd": [_I, _I, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I64, _P, _P, _P, _P,
                          _P, _P, _P, _P, _P, _P, _P],
+    "lf_box_filter": [_I, _I, _I, _I, _P, _P, _P, _P],
 }
 ABI_VERSION = 1
 

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from langfield.render._build import load_library
 
-__all__ = ["project", "sh", "isect", "rasterize", "rasterize_sparse", "rasterize_sparse_relevancy", "NativeError"]
+__all__ = ["project", "sh", "isect", "rasterize", "rasterize_sparse", "rasterize_sparse_relevancy", "box_filter",
+           "NativeError"]
 
 
 class NativeError(RuntimeError):
@@ -342,3 +343,19 @@ def rasterize_sparse_relevancy(means2d, conics, sp_idx, sp_w, opacities, width, 
         _p(A_), _p(G_), float(temperature), float(min_alpha), _p(render), _p(rel), _p(alphas), _p(last_ids),
         _stream(sp_w)), "rasterize_sparse_relevancy forward")
     return rel, render, alphas, last_ids
+
+
+@torch.no_grad()
+def box_filter(x: Tensor, size: int) -> Tensor:
+    """lf_box_filter: the mean over ``size`` x ``size`` windows of ``[..., H, W]`` (float32 out),
+    as :func:`langfield.query.box_filter` defines it; window sums in double."""
+    shape = x.shape
+    H, W = int(shape[-2]), int(shape[-1])
+    src = _c(x).reshape(-1, H, W)
+    out = torch.empty_like(src)
+    # the CUDA driver's row sums go through a work buffer; the CPU driver keeps its own
+    work = torch.empty(src.shape, dtype=torch.float64, device=src.device) if src.is_cuda else None
+    lib = _lib(src)
+    _check(lib, lib.lf_box_filter(src.shape[0], H, W, int(size), _p(src), _p(work), _p(out), _stream(src)),
+           "box_filter")
+    return out.reshape(shape)
