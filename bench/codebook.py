@@ -64,6 +64,7 @@ def dense_field_render(field, viewmat, K, width, height):
 def latency(args, rows_out):
     from langfield.codec.codebook import CodebookCodec, project_topk_simplex
     from langfield.field import LanguageField
+    from langfield.data.base import scale_K
     from langfield.render.model import Cameras, render
     from langfield.render.sparse import render_sparse, sparse_topk
     import langfield.viewer  # noqa: F401  (the viewer package, installed from viewer/)
@@ -82,9 +83,7 @@ def latency(args, rows_out):
                              text_encoder=ae_field.text_encoder, levels=ae_field.levels, latent_dim=L,
                              cameras=ae_field.cameras, kind="memory", stage="language")
     cam = ae_field.cameras[0]
-    K = cam.K.copy()
-    K[0] *= W / cam.width
-    K[1] *= H / cam.height
+    K = scale_K(cam.K, W / cam.width, H / cam.height)
     text = "mug"
     reps = 2 if args.quick else 5
 

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine, print_table, timeit, write_json  # noqa: E402
 
 from langfield.autoencoder import SceneAutoencoder  # noqa: E402
+from langfield.data.base import scale_K  # noqa: E402
 from langfield.query import (heatmap_overlay, relevancy_maps, result_from_maps,  # noqa: E402
                              select_gaussians)
 
@@ -233,9 +234,7 @@ def frame_rows(fields, cam, W, H, text, repeats, label=""):
     from langfield.field import LanguageField
     from langfield.query import query_maps
 
-    K = cam.K.copy()
-    K[0] *= W / cam.width
-    K[1] *= H / cam.height
+    K = scale_K(cam.K, W / cam.width, H / cam.height)
     vm = cam.viewmat
     rows = []
     base = next(iter(fields.values()))

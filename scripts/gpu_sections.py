@@ -99,10 +99,9 @@ def _codebook_field(N: int, L: int, k: int, device: str, seed: int = 0, D: int =
 
 
 def _scaled_K(cam, W, H):
-    K = cam.K.copy()
-    K[0] *= W / cam.width
-    K[1] *= H / cam.height
-    return K
+    from langfield.data.base import scale_K
+
+    return scale_K(cam.K, W / cam.width, H / cam.height)
 
 
 def _measure(fn, cuda: bool, warmup: int, repeats: int) -> Dict[str, float]:

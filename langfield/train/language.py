@@ -272,6 +272,7 @@ class LanguageTrainer(EpochSampler):
         self.pos = 0
         self.last_ckpt_step: Optional[int] = None
         self._support: Optional[Tensor] = None  # sparse codebook training: the (fixed) pair indices [N, levels*k]
+        self._support32: Optional[Tensor] = None  # the same, int32 (the renderer's index type)
         self._compact = False  # targets projected onto the latent space (_compact_loss)
         from langfield import distributed
 
@@ -377,6 +378,7 @@ class LanguageTrainer(EpochSampler):
                 self.log(f"[language] codebook: coefficients from the views in {time.perf_counter() - t0:.1f} s")
             sup = sparse_topk(lang.detach(), self.cfg.latent_dim, self.codec.topk)[0]
         self._support = sup.to(device=lang.device, dtype=torch.int64).contiguous()
+        self._support32 = self._support.to(torch.int32)
 
     @torch.no_grad()
     def _view_init(self) -> Tensor:
@@ -597,7 +599,7 @@ class LanguageTrainer(EpochSampler):
 
             lang = self.gaussians.splats["lang"]
             w = lang.gather(1, self._support)
-            pred = render_sparse(self.gaussians, cams, self._support.to(torch.int32), w, lang.shape[1],
+            pred = render_sparse(self.gaussians, cams, self._support32, w, lang.shape[1],
                                  backend=self.backend).lang[0]
         else:
             out = render(self.gaussians, cams, colors=False, language=True, backend=self.backend, validate=False)
