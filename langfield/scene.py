@@ -308,6 +308,17 @@ class SceneModel(Protocol):
     def activated(self, t: Optional[float] = None) -> Activated: ...
 
 
+class FixedModel:
+    """A scene model that hands the renderer parameters activated once (``t`` is ignored): a
+    map rendered many times with the same parameters, or a detached snapshot of one."""
+
+    def __init__(self, a: Activated):
+        self.a = a
+
+    def activated(self, t: Optional[float] = None) -> Activated:
+        return self.a
+
+
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 

@@ -43,7 +43,7 @@ from langfield.maths import inv_rigid, se3_exp
 from langfield.render.model import Cameras, render
 from langfield.slam.keyframes import Keyframe, KeyframeConfig, choose_window, is_keyframe
 from langfield.slam.mapper import GaussianMap, MapperConfig, lrs_of, prune_mask, seed_gaussians
-from langfield.scene import Activated
+from langfield.scene import Activated, FixedModel
 from langfield.slam.tracker import TrackerConfig, constant_velocity, rigid, scale_K, track
 
 __all__ = ["SlamConfig", "Mapper", "prepare_frame"]
@@ -107,16 +107,6 @@ def prepare_frame(frame, width: Optional[int], height: Optional[int]) -> Tuple[T
     Ks[0] *= w / W
     Ks[1] *= h / H
     return im, d, Ks
-
-
-class _Fixed:
-    """A scene model handing the renderer parameters already activated."""
-
-    def __init__(self, a: Activated):
-        self.a = a
-
-    def activated(self, t=None) -> Activated:
-        return self.a
 
 
 class Mapper:
@@ -277,7 +267,7 @@ class Mapper:
                 vm = kf.viewmat
             a = self.map.activated()
             shared = lang is not None and cfg.lang_pass == "shared"  # latents in the colour pass: they move the geometry
-            out = render(_Fixed(a), Cameras(vm[None], self.K[None], w, h), depth=True, language=shared,
+            out = render(FixedModel(a), Cameras(vm[None], self.K[None], w, h), depth=True, language=shared,
                          backend=self.config.backend, validate=False)
             valid = kf.depth > 0
             nv = max(1, int(valid.sum()))
@@ -305,7 +295,7 @@ class Mapper:
         w, h = self.size
         geo = Activated(means=a.means.detach(), quats=a.quats.detach(), scales=a.scales.detach(),
                         opacities=a.opacities.detach(), sh=a.sh.detach(), sh_degree=a.sh_degree, lang=a.lang)
-        out = render(_Fixed(geo), Cameras(viewmat.detach()[None], scale_K(self.K, s)[None], w // s, h // s),
+        out = render(FixedModel(geo), Cameras(viewmat.detach()[None], scale_K(self.K, s)[None], w // s, h // s),
                      colors=False, language=True, backend=self.config.backend, validate=False)
         return out.lang[0]
 

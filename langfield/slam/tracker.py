@@ -41,6 +41,7 @@ from torch import Tensor
 
 from langfield.maths import inv_rigid, se3_exp
 from langfield.render.model import Cameras, render
+from langfield.scene import FixedModel
 
 __all__ = ["TrackerConfig", "TrackResult", "track", "track_warp", "track_render", "pyramid", "constant_velocity",
            "pose_error"]
@@ -327,19 +328,13 @@ def track(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, cfg: O
     raise ValueError(f"tracker method must be 'warp' or 'render', got {cfg.method!r}")
 
 
-class _Frozen:
-    """A scene model whose activated parameters are computed once, without gradients (tracking
+def _frozen(model) -> FixedModel:
+    """``model`` with its activated parameters computed once, without gradients (tracking
     renders the map many times and needs no gradient on it)."""
-
-    def __init__(self, model):
-        if hasattr(model, "snapshot"):  # a map that mapping may change meanwhile: copies taken under its lock
-            self.a = model.snapshot()
-        else:
-            with torch.no_grad():
-                self.a = model.activated()
-
-    def activated(self, t=None):
-        return self.a
+    if hasattr(model, "snapshot"):  # a map that mapping may change meanwhile: copies taken under its lock
+        return FixedModel(model.snapshot())
+    with torch.no_grad():
+        return FixedModel(model.activated())
 
 
 def _sample(maps: Tensor, u: Tensor, v: Tensor) -> Tensor:
@@ -365,7 +360,7 @@ def track_warp(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor, c
     again at the new pose and the level continues (at most ``max_renders`` renders), so the
     final pose is aligned against a render taken at (or within a hair of) it."""
     cfg = cfg or TrackerConfig()
-    frozen = _Frozen(model)
+    frozen = _frozen(model)
     T_cur = rigid(T_init.detach().float().clone())
     iters_all: List[int] = []
     total, renders = 0, 0
@@ -514,7 +509,7 @@ def track_render(model, image: Tensor, depth: Tensor, K: Tensor, T_init: Tensor,
     (Levenberg-Marquardt). A level ends when the step is below ``tol_trans`` / ``tol_rot`` or
     lambda saturates. Returns the best pose (:class:`TrackResult`)."""
     cfg = cfg or TrackerConfig()
-    model = _Frozen(model)
+    model = _frozen(model)
     T_cur = T_init.detach().float().clone()
     iters_all: List[int] = []
     total = 0
