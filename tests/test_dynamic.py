@@ -361,16 +361,17 @@ def test_dynamic_language_stage_and_its_metrics(dynamic_language_run):
     gt = {q: v["frames_gt"] for q, v in ts["queries"].items()}  # truth from the scene's schedule
     assert all(t < 0.5 for t in gt["red light"]) and all(t >= 0.5 for t in gt["green light"])
     assert all(0.35 <= t < 0.8 for t in gt["open box"]) and all(0.25 <= t < 0.75 for t in gt["moving toy car"])
-    # held-out times of seen cameras: measured Acc / vIoU 0.90 / 0.55 in this test (0.90 / 0.53 in
-    # a one-thread run; per query 1.0 on the lights and the box, the small car at 48x48 is the
-    # weak one); the bars leave room for thread counts and load
-    assert ts["acc"] >= 0.75 and ts["viou"] >= 0.4, (ts["acc"], ts["viou"])
+    # held-out times of seen cameras: measured Acc / vIoU 0.90 / 0.53-0.55 in this test (session 7,
+    # one thread: 0.90 / 0.53; per query vIoU box 0.80-0.84, lights 0.62-0.75, and the small car
+    # at 48x48, which the RGB stage barely reconstructs, 0.02-0.18); bars 0.1 below
+    assert ts["acc"] >= 0.8 and ts["viou"] >= 0.43, (ts["acc"], ts["viou"])
     assert ts["hold_rule"]["competitors"]["open box"] == ["closed box"]
-    assert m["rgb"]["n_views"] == 12 and m["rgb"]["psnr"] > 17.0  # measured 21.4 dB
+    assert m["rgb"]["n_views"] == 12 and m["rgb"]["psnr"] > 19.0  # measured 21.4 dB
     # camera 0, never trained on, reported apart (measured RGB 10.9 dB, Acc / vIoU 0.93 / 0.49)
     un = m["unseen_camera"]
     assert un["rgb"]["n_views"] == 12 and un["rgb"]["psnr"] > 8.0
-    assert un["time_sensitive"]["n_frames"] == 12 and un["time_sensitive"]["acc"] >= 0.75
+    assert un["time_sensitive"]["n_frames"] == 12 and un["time_sensitive"]["acc"] >= 0.8
+    assert un["time_sensitive"]["viou"] >= 0.39, un["time_sensitive"]["viou"]
     doc = json.loads((run / "metrics.json").read_text())
     assert doc["dynamic"]["time_sensitive"]["acc"] == ts["acc"]
     cfg = json.loads((run / "config.json").read_text())

@@ -29,7 +29,9 @@ State supervision: per training frame a label map of *state texts*: for langfiel
 scenes (``scene.json`` names a built-in scene) each state active at the frame's time
 (``Scene.state_queries(t)``: "red light" on the traffic light before t = 0.5, "open box" on
 the box from 0.35 to 0.8, "moving toy car" from 0.25 to 0.75, ...) over its pixels, every other
-object pixel its whole-level name (time-agnostic context), background none.
+object pixel its whole-level name (time-agnostic context), background pixels the zero
+latent (:data:`BACKGROUND`; without it, the Gaussians painting the sky keep state prototypes
+and decode to state texts).
 
 Evaluation (:func:`evaluate_dynamic_run`): PSNR / SSIM on the held-out (view, time) pairs;
 time-agnostic mIoU / localisation per frame (:func:`langfield.eval.language.evaluate_field` on
@@ -81,6 +83,15 @@ HOLD_FRACTION = 0.001  # ... and holds when it wins at least this fraction of th
 one with the largest smoothed margin holds (measured, 96x96 bench run: Acc 0.81 -> 0.94 against
 both holding; 0.81 when the most winning pixels decide, as blends with the background at an
 object's border read as the other state)."""
+BACKGROUND = -2
+"""Label of background pixels (no object) in the state label maps: their state-level target is
+the zero latent (what an empty pixel renders). Unsupervised there (before session 7), the
+Gaussians that paint the sky kept the prototypes they started with, the K-means centres of the
+state texts, and with 3000 RGB steps (the sky covered, alpha > 0.5) the "closed box" / "red
+light" masks took in 200-500 background pixels each (vIoU 0.53 / 0.55 against 0.92 / 0.74
+with 1500 steps). (A "background" text as the target instead, fitted into the 3-D codec with
+the state texts, merged "open box" and "closed box": box vIoU 0.0.) Gaussians that see no
+object start with zero prototypes."""
 MASK_BLEND = 0.0
 """Weight of the smoothed relevancy in a state query's mask (the rest: the raw relevancy)."""
 
@@ -120,7 +131,8 @@ def _read_label(path: Path, size: Tuple[int, int]) -> np.ndarray:
 
 def state_label_maps(ds, indices: Sequence[int]) -> Tuple[List[str], Dict[int, Tensor]]:
     """``(texts, maps)``: the state texts plus whole-object names, and per frame ``i`` an index
-    map [H, W] into ``texts`` (-1 = background) at the frame's time (see the module docstring)."""
+    map [H, W] into ``texts`` (:data:`BACKGROUND` on background pixels) at the frame's time (see
+    the module docstring)."""
     root = Path(ds.root)
     scene = _scene_of(root)
     from langfield.features.labels import read_label_names
@@ -145,7 +157,7 @@ def state_label_maps(ds, indices: Sequence[int]) -> Tuple[List[str], Dict[int, T
         H, W = int(f.height), int(f.width)
         lab = {lv: _read_label(root / lp[lv], (H, W)) for lv in levels if lv in lp}
         w = lab["whole"]
-        out = np.full((H, W), -1, dtype=np.int64)
+        out = np.full((H, W), BACKGROUND, dtype=np.int64)
         for k, ti in whole_text.items():
             out[w == k] = ti
         for text, per_level in scene.state_queries(float(f.time)).items():
@@ -426,8 +438,9 @@ class DynamicLanguageTrainer(LanguageTrainer):
         K = self.n_states
         counts, obs = self._votes if self._votes is not None else self._state_votes()
         top_n, top_i = counts.topk(min(K, counts.shape[1]), dim=1)
-        protos = C[None].repeat(g.num, 1, 1).clone()
         seen = top_n > 0
+        protos = C[None].repeat(g.num, 1, 1).clone()
+        protos[~seen[:, 0]] = 0.0  # no object seen (the sky, the background): the zero latent
         protos[seen] = lat[top_i[seen]]
         one = seen[:, 0] & ~seen.all(1)  # saw fewer than K texts: the unseen slots repeat the first
         protos[one] = torch.where(seen[one][..., None], protos[one], lat[top_i[one, 0]][:, None])
@@ -495,7 +508,7 @@ class DynamicLanguageTrainer(LanguageTrainer):
     def _state_target(self, i: int) -> Tuple[Tensor, Tensor]:
         ix = self.state_maps[i].to(self.device)
         table = torch.cat([self.state_table, self.state_table.new_zeros(1, self.state_table.shape[1])])
-        return table[torch.where(ix < 0, table.shape[0] - 1, ix)], ix >= 0
+        return table[torch.where(ix < 0, table.shape[0] - 1, ix)], (ix >= 0) | (ix == BACKGROUND)
 
     def _write_config(self) -> None:
         super()._write_config()
