@@ -182,10 +182,9 @@ def cli_query(
     t_used = cam.time if time is None else float(time)
     if dynamic and t_used is not None:
         field.gaussians.set_time(t_used)  # 3D selection with time-sensitive latents follows the time
-    r = field.render(cam.viewmat, cam.K, cam.width, cam.height, t=t_used) if time is not None \
-        else field.render_camera(cam)
-    try:
-        results = field.query(r, texts, level="auto" if li is None else li, threshold=threshold)
+    try:  # one pass (a codebook field's fused kernel; render + query for the others)
+        r, results = field.render_query(cam.viewmat, cam.K, cam.width, cam.height, texts,
+                                        level="auto" if li is None else li, threshold=threshold, t=t_used)
     except (NoLanguageError, ValueError) as e:
         raise _fail(str(e)) from None
     from langfield.io.checkpoint import atomic_write_json

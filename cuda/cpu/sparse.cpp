@@ -6,12 +6,14 @@
 // lfcpu::alpha_bbox, alpha_row_span and row_eval, so the blended Gaussians and
 // their weights alpha*T are bit-identical to a dense render of the scattered
 // weights); only the channel update differs: K scattered adds per blended
-// (pixel, Gaussian) pair instead of L.
+// (pixel, Gaussian) pair instead of L, made per (Gaussian, tile) for all of its
+// 8-pixel chunks at once (walk_tile_g).
 //
 // Backward (weights only) recomputes the front-to-back recurrence exactly as the
 // forward did (no division by 1 - alpha) and sums, per intersection, alpha T
-// v_render[pixel, idx_j] into a private slot of K floats; the slots are reduced
-// per Gaussian in intersection order, so the result is deterministic.
+// v_render[pixel, idx_j] (8 pixels per vector, then across the lanes) into a
+// private slot of K floats; the slots are reduced per Gaussian in intersection
+// order, so the result is deterministic.
 #include <algorithm>
 #include <cstring>
 #include <new>
@@ -140,44 +142,8 @@ inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, cons
     return w;
 }
 
-// Runs the tile's front-to-back recurrence and calls visit(i, gid, p, w) for every
-// blended (intersection i, pixel p, weight w = alpha T) in blend order.
-template <typename Visit>
-void walk_tile(SpScratch &sc, const SpTile &tg, int tile_size, const float *means2d, const float *conics,
-               const float *opacities, const int32_t *flatten_ids, Visit &&visit) {
-    const int n_pix = tg.pw * tg.ph;
-    std::fill(sc.T.begin(), sc.T.end(), 1.f);
-    std::fill(sc.last.begin(), sc.last.end(), -1);
-    std::fill(sc.done.begin(), sc.done.end(), 0);
-    int row_done[32] = {0};
-    float sig[32], vis[32];
-    int n_done = 0;
-    for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
-        const int64_t gid = flatten_ids[i];
-        SpGauss g;
-        if (!sp_gauss(tg, gid, means2d, conics, opacities, g)) continue;
-        for (int ly = g.ly0; ly < g.ly1; ++ly) {
-            if (row_done[ly] == tg.pw) continue;
-            const float dy = g.m[1] - ((float)(tg.py0 + ly) + 0.5f);
-            int rx0, rx1;
-            if (!sp_row_range(tg, g, ly, rx0, rx1)) continue;
-            const int n = rx1 - rx0;
-            lfcpu::row_eval(n, g.m[0], dy, (float)(tg.px0 + rx0), g.con, sig, vis);
-            const int p0 = ly * tile_size + rx0;
-            int nd = 0;
-            for (int j = 0; j < n; j += 8) {
-                const lf_vf8 w = blend8(sc, p0, j, n, sig, vis, g.op, (int32_t)i, nd);
-                for (int q = 0; q < 8; ++q)
-                    if (w[q] != 0.f) visit(i, gid, p0 + j + q, w[q]);
-            }
-            row_done[ly] += nd;
-            n_done += nd;
-        }
-    }
-}
-
-
-// walk_tile's recurrence, one call per (Gaussian, tile): visitg(gid, w, p, nc) gets the
+// The tile's front-to-back recurrence, one call per (Gaussian, tile): visitg(i, gid, w, p, nc) gets, for
+// intersection i, the
 // blend weights alpha*T of the nc 8-pixel chunks the Gaussian touched (w[c] for the
 // tile-local pixels [p[c], p[c] + 8) of one row; 0 in lanes that do not blend, including
 // lanes past the row: adding w * x there adds exactly 0, so channel-major accumulators
@@ -227,7 +193,7 @@ void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *me
             row_done[ly] += nd;
             n_done += nd;
         }
-        if (nc) visitg(gid, wbuf, pbuf, nc);
+        if (nc) visitg(i, gid, wbuf, pbuf, nc);
     }
 }
 
@@ -267,25 +233,28 @@ LF_API int lf_rasterize_sparse_fwd(int C, int N, int K, int L, int width, int he
              "lf_rasterize_sparse_fwd: null input");
     const int64_t n_tiles = (int64_t)C * tile_width * tile_height;
     return lfcpu::guarded("lf_rasterize_sparse_fwd", [&]() -> int {
-        const int P = tile_size * tile_size, PP = P + 8;
+        const int P = tile_size * tile_size, PP = P + 16;  // 64-byte rows (walk_tile_g)
         std::vector<SpScratch> scratch(lfcpu::num_threads());
         lfcpu::parallel_for(n_tiles, 1, [&](int64_t tb, int64_t te, int tid) {
             SpScratch &sc = scratch[tid];
-            sc.init(P, L);
+            sc.init(P + 8, L);
             for (int64_t t = tb; t < te; ++t) {
                 const SpTile tg = sp_tile(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                           n_tiles, n_isects);
                 std::fill(sc.buf.begin(), sc.buf.end(), 0.f);
                 float *acc = sc.buf.data();
-                walk_tile(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
-                          [&](int64_t, int64_t gid, int p, float w) {
-                              const int32_t *ix = sp_idx + gid * K;
-                              const float *wt = sp_w + gid * K;
-                              for (int q = 0; q < K; ++q) {
-                                  const int32_t d = ix[q];
-                                  if (d >= 0 && d < L) acc[(size_t)d * PP + p] += w * wt[q];
-                              }
-                          });
+                walk_tile_g(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
+                            [&](int64_t, int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
+                                const int32_t *ix = sp_idx + gid * K;
+                                const float *wt = sp_w + gid * K;
+                                for (int q = 0; q < K; ++q) {
+                                    const int32_t d = ix[q];
+                                    if (d < 0 || d >= L) continue;
+                                    const float v = wt[q];
+                                    float *a = acc + (size_t)d * PP;
+                                    for (int c = 0; c < nc; ++c) st8(a + pp[c], ld8(a + pp[c]) + w[c] * v);
+                                }
+                            });
                 for (int ly = 0; ly < tg.ph; ++ly)
                     for (int lx = 0; lx < tg.pw; ++lx) {
                         const int p = ly * tile_size + lx;
@@ -320,11 +289,12 @@ LF_API int lf_rasterize_sparse_bwd(int C, int N, int K, int L, int width, int he
     const int64_t n_tiles = (int64_t)C * tile_width * tile_height;
     return lfcpu::guarded("lf_rasterize_sparse_bwd", [&]() -> int {
         std::vector<float> slots((size_t)n_isects * K, 0.f);
-        const int P = tile_size * tile_size, PP = P + 8;
+        const int P = tile_size * tile_size, PP = P + 16;  // 64-byte rows (walk_tile_g)
         std::vector<SpScratch> scratch(lfcpu::num_threads());
         lfcpu::parallel_for(n_tiles, 1, [&](int64_t tb, int64_t te, int tid) {
             SpScratch &sc = scratch[tid];
-            sc.init(P, L);
+            sc.init(P + 8, L);
+            std::fill(sc.buf.begin(), sc.buf.end(), 0.f);  // lanes past the tile's pixels read 0
             for (int64_t t = tb; t < te; ++t) {
                 const SpTile tg = sp_tile(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                           n_tiles, n_isects);
@@ -337,15 +307,22 @@ LF_API int lf_rasterize_sparse_bwd(int C, int N, int K, int L, int width, int he
                         const float *src = v_render + pix * L;
                         for (int k = 0; k < L; ++k) vr[(size_t)k * PP + p] = src[k];
                     }
-                walk_tile(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
-                          [&](int64_t i, int64_t gid, int p, float w) {
-                              const int32_t *ix = sp_idx + gid * K;
-                              float *slot = slots.data() + (size_t)i * K;
-                              for (int q = 0; q < K; ++q) {
-                                  const int32_t d = ix[q];
-                                  if (d >= 0 && d < L) slot[q] += w * vr[(size_t)d * PP + p];
-                              }
-                          });
+                // per intersection and pair: the sum over its blended pixels of alpha T v_render,
+                // 8 pixels at a time (lanes that do not blend have weight 0)
+                walk_tile_g(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
+                            [&](int64_t i, int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
+                                const int32_t *ix = sp_idx + gid * K;
+                                float *slot = slots.data() + (size_t)i * K;
+                                for (int q = 0; q < K; ++q) {
+                                    const int32_t d = ix[q];
+                                    if (d < 0 || d >= L) continue;
+                                    const float *v = vr + (size_t)d * PP;
+                                    lf_vf8 s8 = {};
+                                    for (int c = 0; c < nc; ++c)  // only blended lanes: a 0 * NaN elsewhere stays out
+                                        s8 += (lf_vf8)((lf_vi8)(w[c] * ld8(v + pp[c])) & ((lf_vi8)w[c] != 0));
+                                    slot[q] += lfcpu::hsum(s8);
+                                }
+                            });
             }
         });
         // deterministic reduction: Gaussian-id ranges per thread, intersections in order
@@ -411,7 +388,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                 const SpTile tg = sp_tile(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                           n_tiles, n_isects);
                 walk_tile_g(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
-                            [&](int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
+                            [&](int64_t, int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
                                 uint64_t blocks = 0;  // the 16-pixel blocks the chunks touch
                                 for (int c = 0; c < nc; ++c) blocks |= (1ull << (pp[c] >> 4)) | (1ull << ((pp[c] + 7) >> 4));
                                 const int32_t *ix = sp_idx + gid * K;
