@@ -278,10 +278,11 @@ def box_filter(x: Tensor, size: int) -> Tensor:
     centred; an even size has one more pixel before than after; borders are replicated instead
     when an axis is not longer than the half-window. Running sums, O(1) per pixel whatever the size: the
     native renderer's ``lf_box_filter`` (double sums: the exact means rounded to float32) on
-    CPU and CUDA tensors, else :func:`box_filter_torch`."""
+    CPU and CUDA tensors, else (and when a gradient is wanted) :func:`box_filter_torch`."""
     if size <= 1:
         return x
-    if x.device.type in ("cpu", "cuda") and x.numel() and _native_ok(x.device.type):
+    native = x.device.type in ("cpu", "cuda") and x.numel() and not (x.requires_grad and torch.is_grad_enabled())
+    if native and _native_ok(x.device.type):  # (the native filter has no gradient)
         from langfield.render import native
 
         return native.box_filter(x, size)
@@ -405,7 +406,8 @@ def result_from_maps(rel: Tensor, levels: Optional[Sequence[Hashable]] = None, *
     # the highest score; levels within LEVEL_TIE of it count as tied and the first one wins, so
     # that float rounding (a fused pass against decoded maps, one backend against another)
     # does not flip the choice between levels that score the same
-    li = int(torch.nonzero(scores >= scores.max() - LEVEL_TIE)[0, 0])
+    tied = torch.nonzero(scores >= scores.max() - LEVEL_TIE)
+    li = int(tied[0, 0]) if len(tied) else int(torch.argmax(scores))  # (no candidate: NaN scores)
     W = rel.shape[-1]
     flat = int(torch.argmax(smoothed[li]))
     point = (flat % W, flat // W)

@@ -1,29 +1,14 @@
 // CPU driver: lf_box_filter (langfield_abi.h), on lf_math.h's box_running_sums.
 //
-// One task per (map, strip of 64 columns): the rows' window sums of the strip's
-// columns (each row's running sum starts from the strip's first window), kept in
+// One task per (map, strip of lf::BOX_STRIP columns): the rows' window sums of the
+// strip's columns (each row's running sum starts from the strip's first window, as
+// in the CUDA driver), kept in
 // a per-thread buffer that lives across calls (no work buffer: `work` may be
 // NULL here), then the strip's columns' window sums down the rows, 64 running
 // sums at a time (vectorised across the strip).
 #include <algorithm>
 #include <vector>
 #include "common.h"
-
-namespace {
-
-// The window sums of row `src` (length n) at positions [x0, x0 + nx), from the window of x0.
-inline void row_strip_sums(const float *src, int n, int size, bool reflect, int x0, int nx, double *out) {
-    const int a = (size - 1) / 2, b = size / 2;
-    double s = 0.0;
-    for (int k = x0 - b; k <= x0 + a; ++k) s += (double)src[lf::box_border(k, n, reflect)];
-    out[0] = s;
-    for (int x = x0 + 1; x < x0 + nx; ++x) {
-        s += (double)src[lf::box_border(x + a, n, reflect)] - (double)src[lf::box_border(x - 1 - b, n, reflect)];
-        out[x - x0] = s;
-    }
-}
-
-}  // namespace
 
 extern "C" {
 
@@ -38,7 +23,7 @@ LF_API int lf_box_filter(int n_maps, int height, int width, int size, const floa
     const bool refl = lf::box_reflects(width, size) && lf::box_reflects(height, size);
     const int a = (size - 1) / 2, b = size / 2;
     const double inv = 1.0 / ((double)size * size);
-    constexpr int S = 64;
+    constexpr int S = lf::BOX_STRIP;
     return lfcpu::guarded("lf_box_filter", [&]() -> int {
         const int64_t strips = (width + S - 1) / S;
         lfcpu::parallel_for((int64_t)n_maps * strips, 1, [&](int64_t t0, int64_t t1, int) {
@@ -51,7 +36,8 @@ LF_API int lf_box_filter(int n_maps, int height, int width, int size, const floa
                 const float *src = in + m * (int64_t)height * width;
                 float *o = out + m * (int64_t)height * width + x0;
                 double *h = hbuf.data();  // [height][S]: the rows' window sums of the strip
-                for (int y = 0; y < height; ++y) row_strip_sums(src + (int64_t)y * width, width, size, refl, x0, nx, h + (size_t)y * S);
+                for (int y = 0; y < height; ++y)
+                    lf::box_running_sums(src + (int64_t)y * width, 1, width, size, refl, x0, nx, h + (size_t)y * S, 1);
                 for (int x = 0; x < nx; ++x) acc[x] = 0.0;
                 for (int k = -b; k <= a; ++k) {
                     const double *row = h + (size_t)lf::box_border(k, height, refl) * S;

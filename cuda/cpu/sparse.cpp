@@ -15,6 +15,7 @@
 // private slot of K floats; the slots are reduced per Gaussian in intersection
 // order, so the result is deterministic.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <new>
 #include <vector>
@@ -159,9 +160,9 @@ void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *me
     std::fill(sc.last.begin(), sc.last.end(), -1);
     std::fill(sc.done.begin(), sc.done.end(), 0);
     int row_done[32] = {0};
-    float sig[48], vis[48];
-    lf_vf8 wbuf[32 * 5];  // <= 32 rows x 5 chunks
-    int pbuf[32 * 5];
+    float sig[32], vis[32];  // a row's span from its aligned start: <= tile_size <= 32 pixels
+    lf_vf8 wbuf[32 * 4];      // <= 32 rows x 4 chunks
+    int pbuf[32 * 4];
     // with tiles of a multiple of 8 pixels, a row's chunks start at multiples of 8 (the lanes
     // before the Gaussian's span do not blend): with 64-byte-aligned scratch rows no 8-float
     // access crosses a cache line (a split load or store costs about twice, and a split store
@@ -203,6 +204,18 @@ inline lf_vf8 ld8(const float *p) {
     return v;
 }
 inline void st8(float *p, lf_vf8 v) { __builtin_memcpy(p, &v, 32); }
+// a[p[c] .. + 8) += w[c] * v for the nc chunks. Lanes that do not blend have w = 0 and
+// add exactly 0, unless v is not finite (0 * inf = NaN): then only the blended lanes add,
+// as a per-pixel loop would.
+inline void add_chunks(float *a, const lf_vf8 *w, const int *pp, int nc, float v) {
+    if (std::isfinite(v)) {
+        for (int c = 0; c < nc; ++c) st8(a + pp[c], ld8(a + pp[c]) + w[c] * v);
+        return;
+    }
+    for (int c = 0; c < nc; ++c)
+        st8(a + pp[c], ld8(a + pp[c]) + (lf_vf8)((lf_vi8)(w[c] * v) & ((lf_vi8)w[c] != 0)));
+}
+
 inline lf_vf8 vsqrt(lf_vf8 x) {  // correctly rounded, as sqrtf per lane
 #if defined(__AVX__)
     return (lf_vf8)__builtin_ia32_sqrtps256((__v8sf)x);
@@ -252,7 +265,7 @@ LF_API int lf_rasterize_sparse_fwd(int C, int N, int K, int L, int width, int he
                                     if (d < 0 || d >= L) continue;
                                     const float v = wt[q];
                                     float *a = acc + (size_t)d * PP;
-                                    for (int c = 0; c < nc; ++c) st8(a + pp[c], ld8(a + pp[c]) + w[c] * v);
+                                    add_chunks(a, w, pp, nc, v);
                                 }
                             });
                 for (int ly = 0; ly < tg.ph; ++ly)
@@ -398,7 +411,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                                     const float v = wt[q];
                                     if (d < 0 || d >= NL || v == 0.f) continue;
                                     float *a = acc + (size_t)d * PP;
-                                    for (int c = 0; c < nc; ++c) st8(a + pp[c], ld8(a + pp[c]) + w[c] * v);
+                                    add_chunks(a, w, pp, nc, v);
                                     used[d] |= blocks;
                                 }
                                 if (D) {
@@ -406,7 +419,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                                     for (int k = 0; k < D; ++k) {
                                         float *a = dacc + (size_t)k * PP;
                                         const float v = col[k];
-                                        for (int c = 0; c < nc; ++c) st8(a + pp[c], ld8(a + pp[c]) + w[c] * v);
+                                        add_chunks(a, w, pp, nc, v);
                                     }
                                 }
                             });
@@ -508,8 +521,8 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                             }
                         }
                         // LERF relevancy of the 16 pixels, 8 lanes at a time: sigmoid(T (cos_q - max cos_canon))
-                        // with exp(-|x|) from the rasterizer's vexp_neg; rows of 8 whole pixels go out with
-                        // one store, others lane by lane
+                        // with exp(-|x|) from the rasterizer's vexp_neg (the CUDA driver's 1 / (1 + expf(-x))
+                        // to a few ulps); rows of 8 whole pixels go out with one store, others lane by lane
                         for (int hv = 0; hv < 2; ++hv) {
                             const int pb = p0 + 8 * hv;
                             if (pb >= P) break;

@@ -568,19 +568,24 @@ LF_HD bool box_reflects(int n, int size) {
 }
 
 // Running window sums along one axis of length n (stride between elements),
-// in double: out[x] = sum of src over the window of x.
+// in double, at positions [x0, x0 + nx): out[x - x0] = sum of src over the
+// window of x, starting from x0's window (so a row cut into strips gives the
+// same sums whichever driver runs the strips).
 template <typename In>
-LF_HD void box_running_sums(const In *src, int64_t stride, int n, int size, bool reflect, double *out,
-                            int64_t out_stride) {
+LF_HD void box_running_sums(const In *src, int64_t stride, int n, int size, bool reflect, int x0, int nx,
+                            double *out, int64_t out_stride) {
     const int a = (size - 1) / 2, b = size / 2;
     double s = 0.0;
-    for (int k = -b; k <= a; ++k) s += (double)src[(int64_t)box_border(k, n, reflect) * stride];
+    for (int k = x0 - b; k <= x0 + a; ++k) s += (double)src[(int64_t)box_border(k, n, reflect) * stride];
     out[0] = s;
-    for (int x = 1; x < n; ++x) {
+    for (int x = x0 + 1; x < x0 + nx; ++x) {
         s += (double)src[(int64_t)box_border(x + a, n, reflect) * stride] -
              (double)src[(int64_t)box_border(x - 1 - b, n, reflect) * stride];
-        out[(int64_t)x * out_stride] = s;
+        out[(int64_t)(x - x0) * out_stride] = s;
     }
 }
+
+// The column strips of the box filter's row pass (both drivers).
+constexpr int BOX_STRIP = 64;
 
 }  // namespace lf
