@@ -275,24 +275,22 @@ def relevancy_maps(latent_maps: Union[Mapping[Hashable, Tensor], Sequence[Tensor
 def box_filter(x: Tensor, size: int) -> Tensor:
     """Mean over ``size`` x ``size`` windows of ``[..., H, W]`` with reflected borders
     (as OpenCV's default, BORDER_REFLECT_101); ``size`` <= 1 returns ``x``. Odd sizes are
-    centred; an even size has one more pixel before than after; borders are replicated instead
-    when an axis is not longer than the half-window. Running sums, O(1) per pixel whatever the size: the
-    native renderer's ``lf_box_filter`` (double sums: the exact means rounded to float32) on
-    CPU and CUDA tensors, else (and when a gradient is wanted) :func:`box_filter_torch`."""
+    centred; an even size has one more pixel before than after; borders are replicated
+    instead when an axis is not longer than the half-window. Running sums, O(1) per pixel
+    whatever the size: the native renderer's ``lf_box_filter`` (double sums: the exact means
+    rounded to float32) on CPU and CUDA tensors, else (and when a gradient is wanted, which
+    the native filter does not give) :func:`box_filter_torch`."""
     if size <= 1:
         return x
-    native = x.device.type in ("cpu", "cuda") and x.numel() and not (x.requires_grad and torch.is_grad_enabled())
-    if native and _native_ok(x.device.type):  # (the native filter has no gradient)
+    from langfield.render._build import native_available
+
+    use_native = (x.device.type in ("cpu", "cuda") and x.numel() > 0
+                  and not (x.requires_grad and torch.is_grad_enabled()))
+    if use_native and native_available(x.device.type, warn=False):
         from langfield.render import native
 
         return native.box_filter(x, size)
     return box_filter_torch(x, size)
-
-
-def _native_ok(kind: str) -> bool:
-    from langfield.render._build import native_available
-
-    return native_available(kind, warn=False)
 
 
 def box_filter_torch(x: Tensor, size: int) -> Tensor:
