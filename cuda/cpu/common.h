@@ -43,10 +43,11 @@ template <typename F> int guarded(const char *what, F &&body) {
 // sigma <= L = ln(255 * opacity); the ellipse sigma <= L has half-extents
 // sqrt(2 L Sigma_xx), sqrt(2 L Sigma_yy) with Sigma = conic^-1.
 inline bool alpha_bbox(const float *mean2d, const float *conic, float opacity, int &x0, int &x1,
-                       int &y0, int &y1) {
+                       int &y0, int &y1, float *L_out = nullptr) {
     if (!(opacity > 0.f)) return false;
     float L = logf(opacity * 255.f);
     if (!(L >= 0.f)) return false;  // opacity < 1/255: never visible
+    if (L_out) *L_out = L;
     float det = conic[0] * conic[2] - conic[1] * conic[1];
     if (!(det > 0.f)) {  // not positive definite: no safe bound, use everything
         x0 = -(1 << 30); x1 = 1 << 30; y0 = -(1 << 30); y1 = 1 << 30;

@@ -65,13 +65,12 @@ inline bool sp_gauss(const SpTile &tg, int64_t gid, const float *means2d, const 
     g.con = conics + gid * 3;
     g.op = opacities[gid];
     int bx0, bx1, by0, by1;
-    if (!lfcpu::alpha_bbox(g.m, g.con, g.op, bx0, bx1, by0, by1)) return false;
+    if (!lfcpu::alpha_bbox(g.m, g.con, g.op, bx0, bx1, by0, by1, &g.Lg)) return false;
     g.lx0 = std::max(bx0 - tg.px0, 0);
     g.lx1 = std::min(bx1 - tg.px0, tg.pw);
     g.ly0 = std::max(by0 - tg.py0, 0);
     g.ly1 = std::min(by1 - tg.py0, tg.ph);
     if (g.lx0 >= g.lx1 || g.ly0 >= g.ly1) return false;
-    g.Lg = logf(g.op * 255.f);
     g.pd = g.con[0] * g.con[2] - g.con[1] * g.con[1] > 0.f;
     return true;
 }
@@ -143,6 +142,23 @@ inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, cons
     return w;
 }
 
+// Prefetch of the cache line at p. An asm statement, because GCC 12 drops some
+// __builtin_prefetch calls (all of those in the relevancy driver's walk).
+inline void sp_prefetch_line(const void *p) {
+#if defined(__x86_64__) || defined(__i386__)
+    asm volatile("prefetcht0 %0" : : "m"(*(const char *)p));
+#else
+    __builtin_prefetch(p);
+#endif
+}
+// the cache lines of the n >= 1 elements at p (the first and the last: 2 lines at most when n * sizeof(T) <= 64)
+template <typename T>
+inline void sp_prefetch(const T *p, int n) {
+    sp_prefetch_line(p);
+    sp_prefetch_line(p + (n - 1));
+}
+constexpr int SP_PREFETCH = 8;  // intersections ahead: a tile's Gaussians are in depth order, scattered in memory
+
 // The tile's front-to-back recurrence, one call per (Gaussian, tile): visitg(i, gid, w, p, nc) gets, for
 // intersection i, the
 // blend weights alpha*T of the nc 8-pixel chunks the Gaussian touched (w[c] for the
@@ -152,9 +168,10 @@ inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, cons
 // loops channel-outer, chunk-inner adds to every (channel, pixel) in the same order as
 // a per-chunk visitor would: the sums are bit-identical, and the per-Gaussian work
 // (its channel list, weights and checks) is done once per tile instead of per chunk.
-template <typename VisitG>
+// prefetch(gid) fetches the visitor's data of the Gaussian SP_PREFETCH intersections ahead.
+template <typename VisitG, typename Prefetch>
 void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *means2d, const float *conics,
-                 const float *opacities, const int32_t *flatten_ids, VisitG &&visitg) {
+                 const float *opacities, const int32_t *flatten_ids, VisitG &&visitg, Prefetch &&prefetch) {
     const int n_pix = tg.pw * tg.ph;
     std::fill(sc.T.begin(), sc.T.end(), 1.f);
     std::fill(sc.last.begin(), sc.last.end(), -1);
@@ -171,6 +188,13 @@ void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *me
     int n_done = 0;
     for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
         const int64_t gid = flatten_ids[i];
+        if (i + SP_PREFETCH < tg.end) {
+            const int64_t pg = flatten_ids[i + SP_PREFETCH];
+            sp_prefetch(means2d + pg * 2, 2);
+            sp_prefetch(conics + pg * 3, 3);
+            sp_prefetch_line(opacities + pg);
+            prefetch(pg);
+        }
         SpGauss g;
         if (!sp_gauss(tg, gid, means2d, conics, opacities, g)) continue;
         int nc = 0;
@@ -267,7 +291,8 @@ LF_API int lf_rasterize_sparse_fwd(int C, int N, int K, int L, int width, int he
                                     float *a = acc + (size_t)d * PP;
                                     add_chunks(a, w, pp, nc, v);
                                 }
-                            });
+                            },
+                            [&](int64_t pg) { sp_prefetch(sp_idx + pg * K, K); sp_prefetch(sp_w + pg * K, K); });
                 for (int ly = 0; ly < tg.ph; ++ly)
                     for (int lx = 0; lx < tg.pw; ++lx) {
                         const int p = ly * tile_size + lx;
@@ -335,7 +360,8 @@ LF_API int lf_rasterize_sparse_bwd(int C, int N, int K, int L, int width, int he
                                         s8 += (lf_vf8)((lf_vi8)(w[c] * ld8(v + pp[c])) & ((lf_vi8)w[c] != 0));
                                     slot[q] += lfcpu::hsum(s8);
                                 }
-                            });
+                            },
+                            [&](int64_t pg) { sp_prefetch(sp_idx + pg * K, K); });
             }
         });
         // deterministic reduction: Gaussian-id ranges per thread, intersections in order
@@ -392,8 +418,8 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
             // used[d]: bit b set where a Gaussian added to coefficient d in the 16-pixel block b
             // of the tile (P <= 1024: at most 64 blocks)
             std::vector<uint64_t> used(NL, 0);
-            std::vector<int> act(L), bi(L + 4);
-            const int Lp = (L + 3) & ~3;
+            std::vector<int> act(L), bi(L + 8);
+            const int Lp = (L + 7) & ~7;
             std::vector<lf_vf8> zc(2 * (size_t)Lp), dots(2 * (size_t)M);
             float *acc = sc.buf.data();            // [NL][PP] coefficients
             float *dacc = acc + (size_t)NL * PP;   // [D][PP] dense channels
@@ -422,6 +448,11 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                                         add_chunks(a, w, pp, nc, v);
                                     }
                                 }
+                            },
+                            [&](int64_t pg) {
+                                sp_prefetch(sp_idx + pg * K, K);
+                                sp_prefetch(sp_w + pg * K, K);
+                                if (D) sp_prefetch(colors + pg * D, D);
                             });
                 // dense channels, alpha, last ids
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
@@ -440,9 +471,9 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                 if (D) std::fill(dacc, dacc + (size_t)D * PP, 0.f);
                 // per level: cosines z (C e) / sqrt(z G z) over the channels used, then LERF relevancy
                 // against the canonical columns. Each 16-pixel block takes only the channels used in it
-                // (cidx, in tile order; padded to a multiple of 4 with zero coefficients), reading G and
+                // (cidx, in tile order; padded to a multiple of 8 with zero coefficients), reading G and
                 // A in place: z G z = sum_a G_aa z_a^2 + 2 sum_{a<b} G_ab z_a z_b (half the
-                // multiply-adds), 4 rows of G at a time (register blocking).
+                // multiply-adds), 8 rows of G at a time (register blocking: 16 accumulators, each z and G entry loaded once per use).
                 for (int l = 0; l < n_levels; ++l) {
                     int s = 0;
                     for (int a = 0; a < L; ++a)
@@ -473,7 +504,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                             }
                             continue;
                         }
-                        const int sbp = (sb + 3) & ~3;  // padded to a multiple of 4 with the zero row s
+                        const int sbp = (sb + 7) & ~7;  // padded to a multiple of 8 with zero coefficients
                         // z of the 16 pixels [p0, p0 + 16), compacted: zc[a][0..1]
                         for (int a = 0; a < sb; ++a) {  // read, and leave 0 for the next tile
                             float *src = zl + (size_t)bi[a] * PP + p0;
@@ -487,38 +518,69 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                             bi[a] = sb ? bi[0] : 0;
                         }
                         lf_vf8 d0 = {}, d1 = {}, o0 = {}, o1 = {};  // diagonal and off-diagonal parts
-                        for (int a0 = 0; a0 < sbp; a0 += 4) {
-                            const int c0 = bi[a0], c1 = bi[a0 + 1], c2 = bi[a0 + 2], c3 = bi[a0 + 3];
-                            const float *g0 = Gl + (size_t)c0 * L, *g1 = Gl + (size_t)c1 * L, *g2 = Gl + (size_t)c2 * L,
-                                        *g3 = Gl + (size_t)c3 * L;
-                            const lf_vf8 za0 = zc[2 * a0], za1 = zc[2 * a0 + 1], zb0 = zc[2 * a0 + 2], zb1 = zc[2 * a0 + 3],
-                                         zc0 = zc[2 * a0 + 4], zc1 = zc[2 * a0 + 5], zd0 = zc[2 * a0 + 6], zd1 = zc[2 * a0 + 7];
-                            // within the 4 rows: the upper triangle
-                            lf_vf8 y00 = g0[c1] * zb0 + g0[c2] * zc0 + g0[c3] * zd0, y01 = g0[c1] * zb1 + g0[c2] * zc1 + g0[c3] * zd1;
-                            lf_vf8 y10 = g1[c2] * zc0 + g1[c3] * zd0, y11 = g1[c2] * zc1 + g1[c3] * zd1;
-                            lf_vf8 y20 = g2[c3] * zd0, y21 = g2[c3] * zd1, y30 = {}, y31 = {};
-                            for (int b = a0 + 4; b < sbp; ++b) {
+                        for (int a0 = 0; a0 < sbp; a0 += 8) {
+                            const float *g[8];
+                            lf_vf8 za[8], zb[8], y0[8], y1[8];
+#pragma GCC unroll 8
+                            for (int k = 0; k < 8; ++k) {
+                                g[k] = Gl + (size_t)bi[a0 + k] * L;
+                                za[k] = zc[2 * (a0 + k)];
+                                zb[k] = zc[2 * (a0 + k) + 1];
+                                y0[k] = y1[k] = lf_vf8{};
+                            }
+                            // within the 8 rows: the upper triangle
+#pragma GCC unroll 8
+                            for (int j = 1; j < 8; ++j) {
+                                const int cj = bi[a0 + j];
+#pragma GCC unroll 8
+                                for (int k = 0; k < j; ++k) {
+                                    y0[k] += g[k][cj] * za[j];
+                                    y1[k] += g[k][cj] * zb[j];
+                                }
+                            }
+                            for (int b = a0 + 8; b < sbp; ++b) {
                                 const int cb = bi[b];
                                 const lf_vf8 z0 = zc[2 * b], z1 = zc[2 * b + 1];
-                                y00 += g0[cb] * z0; y01 += g0[cb] * z1;
-                                y10 += g1[cb] * z0; y11 += g1[cb] * z1;
-                                y20 += g2[cb] * z0; y21 += g2[cb] * z1;
-                                y30 += g3[cb] * z0; y31 += g3[cb] * z1;
+#pragma GCC unroll 8
+                                for (int k = 0; k < 8; ++k) {
+                                    y0[k] += g[k][cb] * z0;
+                                    y1[k] += g[k][cb] * z1;
+                                }
                             }
-                            o0 += za0 * y00 + zb0 * y10 + zc0 * y20 + zd0 * y30;
-                            o1 += za1 * y01 + zb1 * y11 + zc1 * y21 + zd1 * y31;
-                            d0 += g0[c0] * za0 * za0 + g1[c1] * zb0 * zb0 + g2[c2] * zc0 * zc0 + g3[c3] * zd0 * zd0;
-                            d1 += g0[c0] * za1 * za1 + g1[c1] * zb1 * zb1 + g2[c2] * zc1 * zc1 + g3[c3] * zd1 * zd1;
+#pragma GCC unroll 8
+                            for (int k = 0; k < 8; ++k) {
+                                const float gkk = g[k][bi[a0 + k]];
+                                o0 += za[k] * y0[k];
+                                o1 += zb[k] * y1[k];
+                                d0 += gkk * za[k] * za[k];
+                                d1 += gkk * zb[k] * zb[k];
+                            }
                         }
                         const lf_vf8 n0 = d0 + 2.f * o0, n1 = d1 + 2.f * o1;
-                        for (int m = 0; m < M; ++m) dots[2 * m] = dots[2 * m + 1] = lf_vf8{};
-                        for (int a = 0; a < sb; ++a) {
-                            const lf_vf8 z0 = zc[2 * a], z1 = zc[2 * a + 1];
-                            const float *Aa = Al + (size_t)bi[a] * M;
-                            for (int m = 0; m < M; ++m) {
-                                dots[2 * m] += Aa[m] * z0;
-                                dots[2 * m + 1] += Aa[m] * z1;
+                        // d_m = sum_a A_am z_a, 4 columns at a time in registers (the same order of sums per m)
+                        for (int m0 = 0; m0 < M; m0 += 4) {
+                            lf_vf8 r[8] = {};
+                            if (m0 + 4 <= M) {
+                                for (int a = 0; a < sb; ++a) {
+                                    const lf_vf8 z0 = zc[2 * a], z1 = zc[2 * a + 1];
+                                    const float *Aa = Al + (size_t)bi[a] * M + m0;
+#pragma GCC unroll 4
+                                    for (int k = 0; k < 4; ++k) {
+                                        r[2 * k] += Aa[k] * z0;
+                                        r[2 * k + 1] += Aa[k] * z1;
+                                    }
+                                }
+                            } else {
+                                for (int a = 0; a < sb; ++a) {
+                                    const lf_vf8 z0 = zc[2 * a], z1 = zc[2 * a + 1];
+                                    const float *Aa = Al + (size_t)bi[a] * M + m0;
+                                    for (int k = 0; k < M - m0; ++k) {
+                                        r[2 * k] += Aa[k] * z0;
+                                        r[2 * k + 1] += Aa[k] * z1;
+                                    }
+                                }
                             }
+                            for (int k = 0; k < 8 && m0 + k / 2 < M; ++k) dots[2 * m0 + k] = r[k];
                         }
                         // LERF relevancy of the 16 pixels, 8 lanes at a time: sigmoid(T (cos_q - max cos_canon))
                         // with exp(-|x|) from the rasterizer's vexp_neg (the CUDA driver's 1 / (1 + expf(-x))
