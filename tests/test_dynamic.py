@@ -61,6 +61,41 @@ def test_zero_deformation_renders_the_static_scene_exactly(kind):
             assert torch.equal(getattr(out, name), getattr(ref, name)), (kind, t, name)
         out2 = render(dg, _cams(), t=t, language=True)
         assert torch.equal(out2.rgb, ref.rgb)
+    # zero temporal-opacity bins: a gate of exactly 1, the static scene bit for bit
+    dg.set_time_opacity(torch.zeros(dg.num, 5))
+    for t in (0.0, 0.37, 1.0):
+        out = render(dg, _cams(time=t), language=True, depth=True)
+        for name in ("rgb", "alpha", "depth", "lang"):
+            assert torch.equal(getattr(out, name), getattr(ref, name)), (kind, t, name, "time_opacity")
+
+
+def test_temporal_opacity_gates_gaussians_in_time():
+    from langfield.dynamic import DeformableGaussians, DeformConfig
+    from langfield.dynamic.model import time_gate
+    from langfield.render import render
+
+    g = _tiny_gaussians()
+    dg = DeformableGaussians.from_gaussians(g, DeformConfig(resolutions=(8,), time_resolution=4, features=4, hidden=16))
+    bins = torch.zeros(dg.num, 3)
+    bins[: dg.num // 2, 1:] = -30.0  # the first half exists at t = 0 only, fading out by t = 0.5
+    dg.set_time_opacity(bins)
+    base = torch.sigmoid(dg.splats["opacities"].detach())
+    assert torch.equal(dg.activated(0.0).opacities.detach(), base)  # its peak bin: the canonical opacity
+    a = dg.activated(1.0).opacities.detach()
+    h = dg.num // 2
+    assert float(a[:h].max()) < 1e-12 and torch.equal(a[h:], base[h:])
+    mid = dg.activated(0.25).opacities.detach()  # halfway to bin 1: exp(-15)
+    assert torch.allclose(mid[:h], base[:h] * math.exp(-15.0), rtol=1e-5)
+    assert torch.allclose(time_gate(bins, 0.25)[:h], torch.full((h,), math.exp(-15.0)), rtol=1e-5)
+    # gradients reach the bins around t (zero bins: the gate is 1 and still learns)
+    dg.set_time_opacity(torch.zeros(dg.num, 3))
+    render(dg, _cams(time=0.3)).rgb.sum().backward()
+    gb = dg.splats["time_opacity"].grad
+    assert gb is not None and float(gb[:, :2].abs().sum()) > 0
+    # plain Gaussians of the model leave the bins out (gsplat names only)
+    assert "time_opacity" not in dg.to_dict() and dg.select(torch.arange(5)).num == 5
+    with pytest.raises(ValueError, match="time_opacity"):
+        dg.set_time_opacity(torch.zeros(dg.num, 1))
 
 
 def test_deformation_moves_and_gradients_reach_the_field():
@@ -107,6 +142,7 @@ def test_checkpoint_round_trip_and_model_kind():
         for p in dg.deform.planes:
             p.normal_(0, 1)
     dg.set_states(torch.randn(dg.num, 2, 3))
+    dg.set_time_opacity(torch.randn(dg.num, 4))
     with torch.no_grad():
         for p in dg.mixer.parameters():
             p.normal_(0, 0.3)
@@ -123,6 +159,7 @@ def test_checkpoint_round_trip_and_model_kind():
         for name in ("means", "quats", "scales", "opacities", "sh", "lang"):
             assert torch.equal(getattr(a, name).detach(), getattr(b, name)), name
     assert back.lang_dim == 6 and not any(p.requires_grad for p in back.parameters())
+    assert torch.equal(back.time_opacity, dg.time_opacity.detach())
 
 
 # ------------------------------------------------------------------------------------------ trainer
@@ -242,13 +279,14 @@ def test_dynamic_trainer_fits_a_moving_object_on_held_out_times(moving_scene, tm
     assert on["psnr"] > off["psnr"] + 2.0, (on["psnr"], off["psnr"])
 
 
-def test_dynamic_resume_is_exact(moving_scene, tmp_path):
+@pytest.mark.parametrize("bins", [0, 4])
+def test_dynamic_resume_is_exact(moving_scene, tmp_path, bins):
     from langfield.dynamic.train import train_dynamic
     from langfield.io.checkpoint import load_checkpoint
 
     opts = {**SMALL, "steps": 40, "ckpt_every": 20, "init_random": 500, "densify": True, "refine_start_iter": 10,
             "refine_every": 10, "refine_stop_iter": 35}
-    dyn = _small_dynamic(warmup=15)
+    dyn = _small_dynamic(warmup=15, time_opacity_bins=bins)
     train_dynamic(moving_scene, tmp_path / "a", dynamic=dyn, evaluate=False, **opts)
 
     class Stop(Exception):
@@ -264,7 +302,12 @@ def test_dynamic_resume_is_exact(moving_scene, tmp_path):
     a = load_checkpoint(sorted((tmp_path / "a" / "checkpoints").glob("*.safetensors"))[-1])
     b = load_checkpoint(sorted((tmp_path / "b" / "checkpoints").glob("*.safetensors"))[-1])
     assert a.step == b.step == 40
-    for group in ("splats", "deform", "deform_optim", "optim"):
+    groups = ("splats", "deform", "deform_optim", "optim") + (("temporal",) if bins else ())
+    if bins:  # the bins were trained, densified with the Gaussians, and stored apart from splats
+        n = a.tensors["splats"]["means"].shape[0]
+        assert "time_opacity" not in a.tensors["splats"] and a.tensors["temporal"]["opacity"].shape == (n, bins)
+        assert float(a.tensors["temporal"]["opacity"].abs().max()) > 0 and "time_opacity" in a.tensors["optim"]
+    for group in groups:
         fa, fb = a.tensors[group], b.tensors[group]
         assert fa.keys() == fb.keys()
         for k in fa:

@@ -37,6 +37,7 @@ def cli_train_dynamic(
     time_resolution: int = 24,
     deform_color: bool = False,
     deform_opacity: bool = False,
+    time_opacity_bins: int = 0,
     sh_degree: int = 3,
     init_random: int = 20_000,
     downscale: int = 1,
@@ -68,6 +69,9 @@ def cli_train_dynamic(
         time_resolution: hexplane samples along time.
         deform_color: the field also changes the DC colour over time (states that only change colour).
         deform_opacity: the field also changes the opacity over time.
+        time_opacity_bins: per-Gaussian temporal opacity over this many bins of time (0: off; e.g. the
+            number of frame times): Gaussians may exist over a time interval only, for small objects that
+            move further than their own size (4DGS / STG style).
         sh_degree: highest SH degree (0..3).
         init_random: random Gaussians in the cameras' common view when the data has no points.
         downscale: integer image downscale.
@@ -100,7 +104,8 @@ def cli_train_dynamic(
     except ValueError:
         raise _fail(f"--resolutions must be comma-separated integers, got {resolutions!r}") from None
     dyn = DynamicConfig(deform=deform, resolutions=res, time_resolution=time_resolution, warmup=warmup,
-                        deform_color=deform_color, deform_opacity=deform_opacity)
+                        deform_color=deform_color, deform_opacity=deform_opacity,
+                        time_opacity_bins=time_opacity_bins)
     from langfield.distributed import DistError, alone, get as _job
 
     job = _job()

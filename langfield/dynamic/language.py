@@ -560,7 +560,7 @@ class DynamicLanguageTrainer(LanguageTrainer):
             st = opt.state_dict()["state"]
             if st:
                 optim[k] = {str(j): {n: v for n, v in s.items() if isinstance(v, Tensor)} for j, s in st.items()}
-        tensors = {"splats": {k: v.detach() for k, v in g.splats.items()}, "rng": {"sampler": self.gen.get_state()},
+        tensors = {"splats": {k: v.detach() for k, v in g.to_dict().items()}, "rng": {"sampler": self.gen.get_state()},
                    "sampler": {"perm": self.perm.clone()}, **g.model_tensors()}
         if optim:
             tensors["optim"] = optim

@@ -16,7 +16,18 @@ per-Gaussian temporal logits ``time_logits`` [N, R, K] (R bins over t, linearly
 interpolated) are added to the mixer's logits. ``.lang`` (used
 by 3D selection) gives the state channel at ``.time`` (set it with :meth:`set_time`).
 
-Checkpoints: tensors ``splats`` (canonical), ``deform`` (the field's state dict), and with
+Temporal opacity (4DGS / STG style, optional): ``splats["time_opacity"]`` [N, R] log-gates over
+R bins evenly spread over t (linearly interpolated); the opacity at ``t`` is
+``sigmoid(opacity) * exp(b(t) - max_r b_r)``: 1 at a Gaussian's brightest bin, so the canonical
+opacity stays its peak (gsplat's pruning on it keeps its meaning) and a Gaussian can exist over a
+time interval only (an object that drives further than its own size is then drawn by
+Gaussians along its path, each at its moment, where a deformation learnt from the photometric
+loss alone cannot carry it). Zeros (the start) give a gate of exactly 1: the static scene. It
+lives in ``splats`` so that densification splits, clones and prunes it with the Gaussians; in
+checkpoints it is the ``temporal`` group (``splats`` keeps gsplat's names only).
+
+Checkpoints: tensors ``splats`` (canonical), ``deform`` (the field's state dict), optional
+``temporal`` (``opacity`` [N, R]), and with
 time-sensitive language ``states`` (``prototypes``, optional ``time_logits``) / ``mixer``;
 config.json ``model``: ``{"kind": "deformable", "deform": DeformConfig, "states": {"k": K,
 "hidden": H, "time_bins": R, ...} | None}``.
@@ -33,9 +44,11 @@ from torch import Tensor, nn
 from langfield.dynamic.field import DeformConfig, DeformationField
 from langfield.scene import Activated, Gaussians
 
-__all__ = ["DeformableGaussians", "StateMixer", "MODEL_KIND"]
+__all__ = ["DeformableGaussians", "StateMixer", "MODEL_KIND", "TIME_OPACITY"]
 
 MODEL_KIND = "deformable"
+TIME_OPACITY = "time_opacity"
+"""The ``splats`` key of the per-Gaussian temporal opacity bins [N, R]."""
 
 
 class StateMixer(nn.Module):
@@ -72,14 +85,24 @@ def interp_time(grid: Tensor, t: float) -> Tensor:
     return (1.0 - w) * grid[:, i0] + w * grid[:, i0 + 1]
 
 
+def time_gate(bins: Tensor, t: float) -> Tensor:
+    """The temporal opacity factor [N] in (0, 1] of log-gates ``bins`` [N, R] at ``t``:
+    ``exp(b(t) - max_r b_r)`` (exactly 1 for equal bins)."""
+    bt = interp_time(bins[:, :, None], t)[:, 0]
+    return torch.exp(bt - bins.max(1).values)
+
+
 class DeformableGaussians(Gaussians):
     """See the module docstring. ``DeformableGaussians(means, quats, scales, opacities, sh0,
     shN=None, lang=None, *, deform, ...)``; :meth:`from_gaussians` wraps static Gaussians."""
 
     def __init__(self, means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh0: Tensor,
                  shN: Optional[Tensor] = None, lang: Optional[Tensor] = None, requires_grad: bool = True,
-                 copy: bool = True, *, deform: Optional[DeformationField] = None):
+                 copy: bool = True, *, deform: Optional[DeformationField] = None,
+                 time_opacity: Optional[Tensor] = None):
         super().__init__(means, quats, scales, opacities, sh0, shN, lang, requires_grad=requires_grad, copy=copy)
+        if time_opacity is not None:
+            self.set_time_opacity(time_opacity, requires_grad=requires_grad)
         if deform is None:
             deform = DeformationField.for_points(self.splats["means"].detach())
         self.deform = deform.to(self.splats["means"].device)
@@ -122,6 +145,34 @@ class DeformableGaussians(Gaussians):
             self.time_logits = None
         return self
 
+    def set_time_opacity(self, bins: Optional[Tensor], requires_grad: bool = True) -> "DeformableGaussians":
+        """Per-Gaussian temporal opacity log-gates [N, R] (R >= 2; None removes them)."""
+        if bins is None:
+            if TIME_OPACITY in self.splats:
+                del self.splats[TIME_OPACITY]
+            return self
+        if bins.ndim != 2 or bins.shape[0] != self.num or bins.shape[1] < 2:
+            raise ValueError(f"time_opacity must be [N, R] with N = {self.num} and R >= 2, got {tuple(bins.shape)}")
+        self.splats[TIME_OPACITY] = nn.Parameter(bins.detach().to(self.device).float().clone(),
+                                                 requires_grad=requires_grad)
+        return self
+
+    @property
+    def time_opacity(self) -> Optional[Tensor]:
+        return self.splats[TIME_OPACITY] if TIME_OPACITY in self.splats else None
+
+    def to_dict(self, detach: bool = True) -> Dict[str, Tensor]:
+        """The canonical Gaussians' raw tensors (gsplat names; not the temporal opacity)."""
+        return {k: v for k, v in super().to_dict(detach).items() if k != TIME_OPACITY}
+
+    def select(self, mask: Tensor) -> Gaussians:
+        return Gaussians.from_dict({k: v[mask] for k, v in self.to_dict().items()},
+                                   requires_grad=self.means.requires_grad, copy=False)
+
+    def clone(self) -> Gaussians:
+        return Gaussians.from_dict({k: v.clone() for k, v in self.to_dict().items()},
+                                   requires_grad=self.means.requires_grad, copy=False)
+
     def set_time(self, t: float) -> "DeformableGaussians":
         self.time = float(t)
         return self
@@ -155,12 +206,15 @@ class DeformableGaussians(Gaussians):
             return a
         d = self.deform(sp["means"], float(t))
         opac = sp["opacities"] if d.opacities is None else sp["opacities"] + d.opacities
+        opac = torch.sigmoid(opac)
+        if TIME_OPACITY in sp:
+            opac = opac * time_gate(sp[TIME_OPACITY], float(t))
         sh0 = sp["sh0"] if d.sh0 is None else sp["sh0"] + d.sh0[:, None, :]
         lang = static_lang
         if self.states is not None and static_lang is not None:
             lang = torch.cat([static_lang, self.state_latents(t, d.feature)], -1)
         return Activated(means=sp["means"] + d.means, quats=sp["quats"] + d.quats, scales=torch.exp(sp["scales"] + d.scales),
-                         opacities=torch.sigmoid(opac), sh=torch.cat([sh0, sp["shN"]], 1), sh_degree=self.sh_degree,
+                         opacities=opac, sh=torch.cat([sh0, sp["shN"]], 1), sh_degree=self.sh_degree,
                          lang=lang)
 
     @property
@@ -189,11 +243,17 @@ class DeformableGaussians(Gaussians):
             st = {"k": int(self.states.shape[1]), "hidden": self.mixer.hidden, "t_freqs": self.mixer.t_freqs,
                   "latent_dim": int(self.states.shape[2]),
                   "time_bins": 0 if self.time_logits is None else int(self.time_logits.shape[1])}
-        return {"kind": MODEL_KIND, "deform": self.deform.cfg.to_dict(), "states": st}
+        out = {"kind": MODEL_KIND, "deform": self.deform.cfg.to_dict(), "states": st}
+        if self.time_opacity is not None:
+            out["time_opacity_bins"] = int(self.time_opacity.shape[1])
+        return out
 
     def model_tensors(self) -> Dict[str, Any]:
-        """The tensors a checkpoint needs besides ``splats``: ``deform`` (+ ``states``, ``mixer``)."""
+        """The tensors a checkpoint needs besides ``splats``: ``deform`` (+ ``temporal``, ``states``,
+        ``mixer``)."""
         out: Dict[str, Any] = {"deform": {k: v.detach() for k, v in self.deform.state_dict().items()}}
+        if self.time_opacity is not None:
+            out["temporal"] = {"opacity": self.time_opacity.detach()}
         if self.states is not None:
             out["states"] = {"prototypes": self.states.detach()}
             if self.time_logits is not None:
@@ -223,6 +283,12 @@ class DeformableGaussians(Gaussians):
         s = {k[len("splats."):] if k.startswith("splats.") else k: v for k, v in s.items()}
         g = cls(s["means"], s["quats"], s["scales"], s["opacities"], s["sh0"], s.get("shN"), s.get("lang"),
                 requires_grad=requires_grad, copy=False, deform=field)
+        tb = (t.get("temporal") or {}).get("opacity")
+        if tb is not None:
+            try:
+                g.set_time_opacity(tb, requires_grad=requires_grad)
+            except ValueError as e:
+                raise RunError(f"checkpoint temporal opacity: {e}") from None
         st = model.get("states")
         if st and "states" in t and "mixer" in t:
             mixer = StateMixer(cfg.hidden, int(st["k"]), int(st.get("hidden", 32)), int(st.get("t_freqs", 4)))

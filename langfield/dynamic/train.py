@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from langfield.dynamic.field import DeformConfig, DeformationField
-from langfield.dynamic.model import DeformableGaussians
+from langfield.dynamic.model import TIME_OPACITY, DeformableGaussians
 from langfield.io.checkpoint import atomic_write_json
 from langfield.run import NonFiniteError, RunError, RunFolder
 from langfield.train.config import TrainConfig
@@ -56,6 +56,11 @@ class DynamicConfig:
     layers: int = 1
     deform_opacity: bool = False
     deform_color: bool = False
+    time_opacity_bins: int = 0
+    """Per-Gaussian temporal opacity over this many bins of t (0: off; see
+    :mod:`langfield.dynamic.model`): Gaussians that exist over a time interval only, for objects
+    that move further than their own size."""
+    time_opacity_lr: float = 0.05
     warmup: Optional[int] = None
     """Static steps before the deformation is switched on; default min(3000, steps // 12) (500 of
     a 6,000-step run: on D-NeRF 200x200 jumpingjacks 30.8 dB at 4k steps against 27.6 with
@@ -77,7 +82,9 @@ class DynamicConfig:
         self.deform_config().validate()
         if self.warmup is not None and self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
-        for k in ("grid_lr", "mlp_lr", "lr_final"):
+        if self.time_opacity_bins < 0 or self.time_opacity_bins == 1:
+            raise ValueError(f"--time-opacity-bins must be 0 (off) or >= 2, got {self.time_opacity_bins}")
+        for k in ("grid_lr", "mlp_lr", "lr_final", "time_opacity_lr"):
             if not getattr(self, k) > 0:
                 raise ValueError(f"--{k.replace('_', '-')} must be > 0, got {getattr(self, k)}")
         for k in ("tv_weight", "time_smooth_weight"):
@@ -123,6 +130,7 @@ class DynamicTrainer(RGBTrainer):
         self.dcfg = dcfg.resolved(cfg.steps)
         self.deform_opt: Optional[torch.optim.Optimizer] = None
         self._pending_deform: Optional[Dict[str, Tensor]] = None
+        self._pending_temporal: Optional[Tensor] = None
         if not getattr(dataset, "has_time", False):
             raise RunError(f"{data}: the dataset has no frame times; train it as a static scene (without --dynamic)")
 
@@ -171,8 +179,12 @@ class DynamicTrainer(RGBTrainer):
                 field.load_state_dict(self._pending_deform)
             else:
                 field = DeformationField.for_points(raw["means"], self.dcfg.deform_config())
+            bins = self._pending_temporal
+            if bins is None and self.dcfg.time_opacity_bins >= 2:
+                bins = torch.zeros(raw["means"].shape[0], self.dcfg.time_opacity_bins)
             g = DeformableGaussians(raw["means"], raw["quats"], raw["scales"], raw["opacities"], raw["sh0"],
-                                    raw["shN"], raw.get("lang"), requires_grad=True, copy=False, deform=field)
+                                    raw["shN"], raw.get("lang"), requires_grad=True, copy=False, deform=field,
+                                    time_opacity=bins)
             self.gaussians = g.to(self.device)
         super()._init_optim()
         d = self.gaussians.deform
@@ -184,6 +196,11 @@ class DynamicTrainer(RGBTrainer):
                        "name": "mlp"})
         # the batch rule of the Gaussians' Adams (eps 1e-15, betas (0.9, 0.999) for one camera)
         self.deform_opt = torch.optim.Adam(groups, **self._batch_scaling()[1])
+
+    def _lrs(self) -> Dict[str, float]:
+        out = super()._lrs()
+        out[TIME_OPACITY] = self._batch_scaling()[0] * self.dcfg.time_opacity_lr
+        return out
 
     def _deform_lrs(self):
         c = self.dcfg
@@ -228,6 +245,7 @@ class DynamicTrainer(RGBTrainer):
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_tensors(self) -> Dict[str, Any]:
         out = super().state_tensors()
+        out["splats"].pop(TIME_OPACITY, None)  # stored as ``temporal`` (model_tensors): splats keep gsplat's names
         out.update(self.gaussians.model_tensors())
         st = self.deform_opt.state_dict()["state"]
         if st:
@@ -259,12 +277,14 @@ class DynamicTrainer(RGBTrainer):
         if "deform" not in t:
             raise RunError(f"{self.run.checkpoints}: checkpoint {ckpt.step} has no deformation field")
         self._pending_deform = t["deform"]
+        self._pending_temporal = (t.get("temporal") or {}).get("opacity")
         self._pending_deform_cfg = ((ckpt.config.get("model") or {}).get("deform")
                                     or self.dcfg.deform_config().to_dict())
         try:
             super()._load_state(ckpt)  # -> _init_optim wraps the Gaussians with the stored field
         finally:
             self._pending_deform = None
+            self._pending_temporal = None
         st = t.get("deform_optim", {})
         if st:
             sd = self.deform_opt.state_dict()
