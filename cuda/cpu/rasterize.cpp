@@ -161,6 +161,11 @@ LF_API int lf_rasterize_fwd(int C, int N, int D, int width, int height, int tile
                 float sig[32], vis[32];
                 int n_done = 0;
                 for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
+                    if (i + lfcpu::PREFETCH_AHEAD < tg.end) {
+                        const int64_t pg = flatten_ids[i + lfcpu::PREFETCH_AHEAD];
+                        lfcpu::prefetch_gauss(pg, means2d, conics, opacities);
+                        lfcpu::prefetch_span(colors + pg * D, D);
+                    }
                     TileGauss g;
                     if (!tile_gauss(tg, flatten_ids[i], means2d, conics, colors, opacities, D, g)) continue;
                     const float *m = g.m, *con = g.con, *col = g.col;
@@ -300,6 +305,11 @@ LF_API int lf_rasterize_bwd(int C, int N, int D, int width, int height, int tile
                         }
                     }
                 for (int64_t i = std::min<int64_t>(max_last, tg.end - 1); i >= tg.start; --i) {
+                    if (i - lfcpu::PREFETCH_AHEAD >= tg.start) {  // back to front
+                        const int64_t pg = flatten_ids[i - lfcpu::PREFETCH_AHEAD];
+                        lfcpu::prefetch_gauss(pg, means2d, conics, opacities);
+                        lfcpu::prefetch_span(colors + pg * D, D);
+                    }
                     TileGauss tgs;
                     if (!tile_gauss(tg, flatten_ids[i], means2d, conics, colors, opacities, D, tgs)) continue;
                     const float *m = tgs.m, *con = tgs.con, *col = tgs.col;

@@ -142,23 +142,6 @@ inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, cons
     return w;
 }
 
-// Prefetch of the cache line at p. An asm statement, because GCC 12 drops some
-// __builtin_prefetch calls (all of those in the relevancy driver's walk).
-inline void sp_prefetch_line(const void *p) {
-#if defined(__x86_64__) || defined(__i386__)
-    asm volatile("prefetcht0 %0" : : "m"(*(const char *)p));
-#else
-    __builtin_prefetch(p);
-#endif
-}
-// the cache lines of the n >= 1 elements at p (the first and the last: 2 lines at most when n * sizeof(T) <= 64)
-template <typename T>
-inline void sp_prefetch(const T *p, int n) {
-    sp_prefetch_line(p);
-    sp_prefetch_line(p + (n - 1));
-}
-constexpr int SP_PREFETCH = 8;  // intersections ahead: a tile's Gaussians are in depth order, scattered in memory
-
 // The tile's front-to-back recurrence, one call per (Gaussian, tile): visitg(i, gid, w, p, nc) gets, for
 // intersection i, the
 // blend weights alpha*T of the nc 8-pixel chunks the Gaussian touched (w[c] for the
@@ -168,7 +151,7 @@ constexpr int SP_PREFETCH = 8;  // intersections ahead: a tile's Gaussians are i
 // loops channel-outer, chunk-inner adds to every (channel, pixel) in the same order as
 // a per-chunk visitor would: the sums are bit-identical, and the per-Gaussian work
 // (its channel list, weights and checks) is done once per tile instead of per chunk.
-// prefetch(gid) fetches the visitor's data of the Gaussian SP_PREFETCH intersections ahead.
+// prefetch(gid) fetches the visitor's data of the Gaussian lfcpu::PREFETCH_AHEAD intersections ahead.
 template <typename VisitG, typename Prefetch>
 void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *means2d, const float *conics,
                  const float *opacities, const int32_t *flatten_ids, VisitG &&visitg, Prefetch &&prefetch) {
@@ -188,11 +171,9 @@ void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *me
     int n_done = 0;
     for (int64_t i = tg.start; i < tg.end && n_done < n_pix; ++i) {
         const int64_t gid = flatten_ids[i];
-        if (i + SP_PREFETCH < tg.end) {
-            const int64_t pg = flatten_ids[i + SP_PREFETCH];
-            sp_prefetch(means2d + pg * 2, 2);
-            sp_prefetch(conics + pg * 3, 3);
-            sp_prefetch_line(opacities + pg);
+        if (i + lfcpu::PREFETCH_AHEAD < tg.end) {
+            const int64_t pg = flatten_ids[i + lfcpu::PREFETCH_AHEAD];
+            lfcpu::prefetch_gauss(pg, means2d, conics, opacities);
             prefetch(pg);
         }
         SpGauss g;
@@ -292,7 +273,7 @@ LF_API int lf_rasterize_sparse_fwd(int C, int N, int K, int L, int width, int he
                                     add_chunks(a, w, pp, nc, v);
                                 }
                             },
-                            [&](int64_t pg) { sp_prefetch(sp_idx + pg * K, K); sp_prefetch(sp_w + pg * K, K); });
+                            [&](int64_t pg) { lfcpu::prefetch_span(sp_idx + pg * K, K); lfcpu::prefetch_span(sp_w + pg * K, K); });
                 for (int ly = 0; ly < tg.ph; ++ly)
                     for (int lx = 0; lx < tg.pw; ++lx) {
                         const int p = ly * tile_size + lx;
@@ -361,7 +342,7 @@ LF_API int lf_rasterize_sparse_bwd(int C, int N, int K, int L, int width, int he
                                     slot[q] += lfcpu::hsum(s8);
                                 }
                             },
-                            [&](int64_t pg) { sp_prefetch(sp_idx + pg * K, K); });
+                            [&](int64_t pg) { lfcpu::prefetch_span(sp_idx + pg * K, K); });
             }
         });
         // deterministic reduction: Gaussian-id ranges per thread, intersections in order
@@ -450,9 +431,9 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                                 }
                             },
                             [&](int64_t pg) {
-                                sp_prefetch(sp_idx + pg * K, K);
-                                sp_prefetch(sp_w + pg * K, K);
-                                if (D) sp_prefetch(colors + pg * D, D);
+                                lfcpu::prefetch_span(sp_idx + pg * K, K);
+                                lfcpu::prefetch_span(sp_w + pg * K, K);
+                                if (D) lfcpu::prefetch_span(colors + pg * D, D);
                             });
                 // dense channels, alpha, last ids
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
