@@ -406,8 +406,11 @@ def test_dynamic_language_stage_and_its_metrics(dynamic_language_run):
     assert all(0.35 <= t < 0.8 for t in gt["open box"]) and all(0.25 <= t < 0.75 for t in gt["moving toy car"])
     # held-out times of seen cameras: measured Acc / vIoU 0.90 / 0.53-0.55 in this test (session 7,
     # one thread: 0.90 / 0.53; per query vIoU box 0.80-0.84, lights 0.62-0.75, and the small car
-    # at 48x48, which the RGB stage barely reconstructs, 0.02-0.18); bars 0.1 below
-    assert ts["acc"] >= 0.8 and ts["viou"] >= 0.43, (ts["acc"], ts["viou"])
+    # at 48x48, which the RGB stage barely reconstructs, 0.02-0.18); session 8 (extra initial points
+    # on the travelling objects, background target on the time-agnostic levels): 0.94 / 0.58,
+    # time-agnostic mIoU 0.29; bars about 0.1 below
+    assert ts["acc"] >= 0.8 and ts["viou"] >= 0.47, (ts["acc"], ts["viou"])
+    assert ta["miou"] >= 0.18, ta["miou"]
     assert ts["hold_rule"]["competitors"]["open box"] == ["closed box"]
     assert m["rgb"]["n_views"] == 12 and m["rgb"]["psnr"] > 19.0  # measured 21.4 dB
     # camera 0, never trained on, reported apart (measured RGB 10.9 dB, Acc / vIoU 0.93 / 0.49)
