@@ -465,8 +465,10 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                     for (int p0 = 0; p0 < P; p0 += 16) {
                         const int blk = p0 >> 4;
                         int sb = 0;  // the channels used in this block, in tile order
-                        for (int a = 0; a < s; ++a)
-                            if ((ul[act[a]] >> blk) & 1) bi[sb++] = act[a];
+                        for (int a = 0; a < s; ++a) {  // branch-free: the bits are as good as random
+                            bi[sb] = act[a];
+                            sb += (int)((ul[act[a]] >> blk) & 1);
+                        }
                         bool any_ok = false;  // a block of pixels that are all empty space scores 0
                         for (int q = 0; q < 16 && !any_ok; ++q) any_ok = 1.f - sc.T[p0 + q] > min_alpha;
                         if (!any_ok) {
@@ -552,13 +554,15 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                                     }
                                 }
                             } else {
-                                for (int a = 0; a < sb; ++a) {
-                                    const lf_vf8 z0 = zc[2 * a], z1 = zc[2 * a + 1];
-                                    const float *Aa = Al + (size_t)bi[a] * M + m0;
-                                    for (int k = 0; k < M - m0; ++k) {
-                                        r[2 * k] += Aa[k] * z0;
-                                        r[2 * k + 1] += Aa[k] * z1;
+                                for (int k = 0; k < M - m0; ++k) {  // one column at a time, in registers
+                                    lf_vf8 r0 = {}, r1 = {};
+                                    for (int a = 0; a < sb; ++a) {
+                                        const float Aak = Al[(size_t)bi[a] * M + m0 + k];
+                                        r0 += Aak * zc[2 * a];
+                                        r1 += Aak * zc[2 * a + 1];
                                     }
+                                    r[2 * k] = r0;
+                                    r[2 * k + 1] = r1;
                                 }
                             }
                             for (int k = 0; k < 8 && m0 + k / 2 < M; ++k) dots[2 * m0 + k] = r[k];
