@@ -189,6 +189,18 @@ def cli_query(
         raise _fail(str(e)) from None
     from langfield.io.checkpoint import atomic_write_json
 
+    # states of an object ("open box" / "closed box"): at one time they hold, or not, by the relative
+    # rule of --over-time and `langfield eval` (the state level against the object's other states);
+    # the mask is empty where the state does not hold (the state level alone would light up the object
+    # in either state, since the texts share words)
+    states, comp, state_level = {}, {}, None
+    if dynamic:
+        from langfield.dynamic.language import STATE_LEVEL as state_level, state_holds
+
+        if li is None or field.levels[li] == state_level:
+            comp = _state_texts(field, run, data, texts)
+        if comp:
+            states = {h["text"]: h for h in state_holds(field, r, list(comp), comp)}
     try:
         save_png(dest / "rgb.png", r.rgb)
         report = {"run": str(run), "view": cam.name, "view_index": cam.index, "step": field.step, "queries": []}
@@ -196,11 +208,16 @@ def cli_query(
             report["time"] = t_used
         for t, res in zip(texts, results):
             s = query_stem(t)
+            h = states.get(t)
+            mask = res.mask if h is None else h["mask"] if h["holds"] else h["mask"] & False
             save_png(dest / f"{s}_heatmap.png", heatmap_overlay(r.rgb, res.heatmap))
-            save_png(dest / f"{s}_mask.png", res.mask.float()[..., None].expand(-1, -1, 3))
-            e = {"text": t, "level": str(res.level), "point": list(res.point),
+            save_png(dest / f"{s}_mask.png", mask.float()[..., None].expand(-1, -1, 3))
+            e = {"text": t, "level": str(res.level) if h is None else state_level, "point": list(res.point),
                  "level_scores": {str(k): float(v) for k, v in zip(res.levels, res.scores)},
-                 "mask_pixels": int(res.mask.sum()), "heatmap": f"{s}_heatmap.png", "mask": f"{s}_mask.png"}
+                 "mask_pixels": int(mask.sum()), "heatmap": f"{s}_heatmap.png", "mask": f"{s}_mask.png"}
+            if h is not None:
+                e.update(holds=bool(h["holds"]), state_score=float(h["score"]),
+                         rule={"kind": "relative", "competitors": comp[t]})
             if select_3d or ply is not None:
                 sel = field.select(t, level="auto" if li is None else li, threshold=select_threshold)
                 foot = field.render_selection(sel.mask, cam.viewmat, cam.K, cam.width, cam.height, t=t_used)
@@ -217,8 +234,8 @@ def cli_query(
                     write_ply(ply, g)
                     e["ply"] = str(ply)
             report["queries"].append(e)
-            msg = f"{_short(t)!r}: level {res.level}, point (x={res.point[0]}, y={res.point[1]}), " \
-                  f"mask {e['mask_pixels']} px"
+            msg = f"{_short(t)!r}: level {e['level']}, point (x={res.point[0]}, y={res.point[1]}), " \
+                  f"mask {e['mask_pixels']} px" + ("" if h is None else f", {'holds' if h['holds'] else 'does not hold'}")
             if "selected_gaussians" in e:
                 msg += f", {e['selected_gaussians']} of {field.num} Gaussians selected"
             print(msg)

@@ -457,6 +457,18 @@ def test_query_cli_with_time(dynamic_language_run):
     assert p.returncode == 0, p.stderr
     rep = json.loads((out / "query.json").read_text())
     assert rep["time"] == pytest.approx(0.7) and rep["queries"][0]["level"] == "state"
+    # states at one time: the relative rule (the light is green from t = 0.5), an empty mask where a state
+    # does not hold, whichever level is chosen
+    for tt, on in ((0.7, "green light"), (0.2, "red light")):
+        p = subprocess.run([sys.executable, "-m", "langfield.cli", "query", str(run), "green light", "red light",
+                            "--time", str(tt), "--out", str(out / "states"), "--device", "cpu"],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        qs = {q["text"]: q for q in json.loads((out / "states" / "query.json").read_text())["queries"]}
+        for t, q in qs.items():
+            assert q["level"] == "state" and q["rule"]["competitors"] == [c for c in qs if c != t]
+            assert q["holds"] == (t == on), (tt, t, q["holds"], q["state_score"])
+            assert (q["mask_pixels"] > 0) == q["holds"]
     p = subprocess.run([sys.executable, "-m", "langfield.cli", "query", str(run), "green light", "--over-time",
                         "--level", "state", "--out", str(out), "--device", "cpu"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

@@ -83,6 +83,7 @@ def cli_train(
     warmup: Optional[int] = None,
     deform_color: bool = False,
     states: Optional[int] = None,
+    time_opacity_bins: Optional[int] = None,
     batch_size: Optional[int] = None,
     no_lr_batch_scaling: bool = False,
     shard_gaussians: bool = False,
@@ -152,6 +153,8 @@ def cli_train(
         warmup: dynamic: static steps first (default min(3000, steps // 12)).
         deform_color: dynamic: the field also changes colour over time (states that only change colour).
         states: dynamic language: state prototypes per Gaussian for time-sensitive queries (default 2).
+        time_opacity_bins: dynamic: per-Gaussian temporal opacity over this many bins of time (default 0: off;
+            e.g. the number of frame times, for small objects that move further than their own size).
         batch_size: cameras per step over all ranks (default 1; under torchrun: the number of ranks, each
             rendering batch-size / ranks of them); learning rates are scaled for it as gsplat's multi-GPU
             trainer (x sqrt(batch)); divide --steps by it yourself.
@@ -177,7 +180,7 @@ def cli_train(
             backend=backend, ckpt_every=ckpt_every, seed=seed, no_densify=no_densify or None, resume=resume or None,
             overwrite=overwrite or None, quiet=quiet or None, features=features, lang_steps=lang_steps,
             text_encoder=text_encoder, deform=deform, warmup=warmup, deform_color=deform_color or None,
-            states=states).items() if v is not None}
+            states=states, time_opacity_bins=time_opacity_bins).items() if v is not None}
         if not dynamic:
             print("langfield: the data has time: training a dynamic (4D) scene (--static for a static one)",
                   file=sys.stderr)
@@ -188,6 +191,8 @@ def cli_train(
         if no_lr_batch_scaling:
             dyn["no_lr_batch_scaling"] = True
         return cli_train_dynamic(data, out, **dyn)
+    if time_opacity_bins is not None:
+        raise _fail("--time-opacity-bins is for dynamic runs (data with time, or --dynamic)")
     plain_warnings()
     from langfield.run import NonFiniteError, RunError
     from langfield.train.rgb import train_rgb
