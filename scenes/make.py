@@ -11,7 +11,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -285,6 +285,26 @@ def _travelling_ids(scene: Scene) -> List[int]:
     return out
 
 
+def _unproject(frame: dict, result: dict, vs: np.ndarray, us: np.ndarray):
+    """World points and colours of the pixels (vs, us) of one rendered frame (depth > 0 there)."""
+    z = result["depth"][vs, us].astype(np.float64)
+    K = np.asarray(frame["K"])
+    x = ((us + 0.5) - K[0, 2]) / K[0, 0] * z
+    y = ((vs + 0.5) - K[1, 2]) / K[1, 1] * z
+    pc = np.stack([x, y, z, np.ones_like(x)], -1)
+    return (pc @ np.linalg.inv(frame["viewmat"]).T)[:, :3], result["rgb"][vs, us]
+
+
+def _at_most(xyz: list, rgb: list, n: int, seed: int):
+    """The concatenated points, a sorted random subset of ``n`` where there are more."""
+    xyz = np.concatenate(xyz) if xyz else np.zeros((0, 3))
+    rgb = np.concatenate(rgb) if rgb else np.zeros((0, 3), np.uint8)
+    if len(xyz) > n:
+        keep = np.sort(np.random.default_rng(seed).choice(len(xyz), n, replace=False))
+        xyz, rgb = xyz[keep], rgb[keep]
+    return xyz, rgb
+
+
 def _moving_points(frames, results, ids: Sequence[int], budget: int, seed: int):
     """Extra initial points on the objects ``ids`` (``whole`` labels): every such pixel of the
     training frames (at their times, so along each object's path), at most ``budget``. A
@@ -295,26 +315,13 @@ def _moving_points(frames, results, ids: Sequence[int], budget: int, seed: int):
     for i, f in enumerate(frames):
         if f["split"] != "train":
             continue
-        dep = results[i]["depth"]
         lab = np.asarray(results[i]["labels"][wi])
-        ok = np.isin(lab, list(ids)) & (dep > 0)
-        vs, us = np.nonzero(ok)
-        if not len(vs):
-            continue
-        z = dep[vs, us].astype(np.float64)
-        K = np.asarray(f["K"])
-        x = ((us + 0.5) - K[0, 2]) / K[0, 0] * z
-        y = ((vs + 0.5) - K[1, 2]) / K[1, 1] * z
-        pc = np.stack([x, y, z, np.ones_like(x)], -1)
-        xyz.append((pc @ np.linalg.inv(f["viewmat"]).T)[:, :3])
-        rgb.append(results[i]["rgb"][vs, us])
-    if not xyz:
-        return np.zeros((0, 3)), np.zeros((0, 3), np.uint8)
-    xyz, rgb = np.concatenate(xyz), np.concatenate(rgb)
-    if len(xyz) > budget:
-        keep = np.sort(np.random.default_rng(seed + 1).choice(len(xyz), budget, replace=False))
-        xyz, rgb = xyz[keep], rgb[keep]
-    return xyz, rgb
+        vs, us = np.nonzero(np.isin(lab, list(ids)) & (results[i]["depth"] > 0))
+        if len(vs):
+            p, c = _unproject(f, results[i], vs, us)
+            xyz.append(p)
+            rgb.append(c)
+    return _at_most(xyz, rgb, budget, seed + 1)
 
 
 def _points(frames, results, max_points: int, seed: int):
@@ -326,21 +333,11 @@ def _points(frames, results, max_points: int, seed: int):
         h, w = dep.shape
         stride = max(1, int(math.sqrt(h * w / per)))
         vs, us = np.mgrid[stride // 2:h:stride, stride // 2:w:stride]
-        z = dep[vs, us].astype(np.float64)
-        ok = z > 0
-        K = np.asarray(frames[i]["K"])
-        x = ((us[ok] + 0.5) - K[0, 2]) / K[0, 0] * z[ok]
-        y = ((vs[ok] + 0.5) - K[1, 2]) / K[1, 1] * z[ok]
-        pc = np.stack([x, y, z[ok], np.ones_like(x)], -1)
-        c2w = np.linalg.inv(frames[i]["viewmat"])
-        xyz.append((pc @ c2w.T)[:, :3])
-        rgb.append(results[i]["rgb"][vs[ok], us[ok]])
-    xyz = np.concatenate(xyz) if xyz else np.zeros((0, 3))
-    rgb = np.concatenate(rgb) if rgb else np.zeros((0, 3), np.uint8)
-    if len(xyz) > max_points:
-        keep = np.sort(np.random.default_rng(seed).choice(len(xyz), max_points, replace=False))
-        xyz, rgb = xyz[keep], rgb[keep]
-    return xyz, rgb
+        ok = dep[vs, us] > 0
+        p, c = _unproject(frames[i], results[i], vs[ok], us[ok])
+        xyz.append(p)
+        rgb.append(c)
+    return _at_most(xyz, rgb, max_points, seed)
 
 
 def _queries_doc(scene: Scene, kind: str, frs: List[dict], results: List[dict], split: str, out: Path) -> dict:
