@@ -251,7 +251,7 @@ def _state_texts(field, run: Path, data, texts) -> Dict[str, List[str]]:
     """The texts that are states of an object in the run's dataset (``queries.json``
     ``time_sensitive`` or ``labels.json`` objects' ``states``), with their competitors (the
     other states of the same object); empty when the field has no state level."""
-    from langfield.dynamic.language import STATE_LEVEL, state_competitors
+    from langfield.dynamic.language import STATE_LEVEL, state_groups
 
     if STATE_LEVEL not in field.levels:
         return {}
@@ -263,21 +263,15 @@ def _state_texts(field, run: Path, data, texts) -> Dict[str, List[str]]:
             root = None
     if root is None or not root.is_dir():
         return {}
-    qdoc, known = None, set()
     try:
         qp = root / "queries.json"
         qdoc = json.loads(qp.read_text("utf-8")) if qp.is_file() else None
-        if isinstance(qdoc, dict) and isinstance(qdoc.get("time_sensitive"), dict):
-            known |= {str(t) for t in qdoc["time_sensitive"]}
-        lp = root / "labels.json"
-        objs = json.loads(lp.read_text("utf-8")).get("objects", []) if lp.is_file() else []
-        for o in objs if isinstance(objs, list) else []:
-            if isinstance(o, dict):
-                known |= {str(x) for x in (o.get("states") or [])}
-    except (OSError, ValueError, AttributeError):
-        return {}
-    st = [t for t in texts if t in known]
-    return state_competitors(root, st, qdoc if isinstance(qdoc, dict) else None) if st else {}
+    except (OSError, ValueError):
+        qdoc = None
+    qdoc = qdoc if isinstance(qdoc, dict) else None
+    groups = state_groups(root, qdoc)
+    st = [t for t in texts if t in groups]
+    return {t: g if (g := groups[t]) is not None else [c for c in st if c != t] for t in st}
 
 
 def _query_over_time(field, cams, cam, texts, dest: Path, li, threshold: float, hold: float, run: Path,

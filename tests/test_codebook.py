@@ -172,6 +172,30 @@ def test_fused_relevancy_equals_reference(C, L, levels, k, tile, min_alpha):
         assert float((rgb - dense_col).abs().max()) <= 1e-6 and float((a - alpha[..., 0]).abs().max()) <= 1e-6, be
         rel2, none, _ = rasterize_sparse_relevancy(*args, min_alpha=min_alpha, backend=be)  # no colour channels
         assert none is None and torch.equal(rel2, rel)
+    # the native op's last-blended ids, wanted (tracked in the same pass) or not: the maps are the
+    # same, and the ids are those of the sparse forward
+    from langfield.render import native
+    from langfield.render.sparse import _check_pairs
+
+    sp_idx, sp_w = _check_pairs(idx, w, levels * L, C, 300)
+    nat = (meta["means2d"].detach(), meta["conics"].detach(), sp_idx, sp_w, meta["opacities"].detach(), s.width,
+           s.height, tile, meta["isect_offsets"], meta["flatten_ids"], levels, A, G, 2, 10.0, min_alpha)
+    r1, c1, a1, last1 = native.rasterize_sparse_relevancy(*nat, colors=col, backgrounds=bg, want_last_ids=True)
+    r0, c0, a0, last0 = native.rasterize_sparse_relevancy(*nat, colors=col, backgrounds=bg)
+    _, _, last_fwd = native.rasterize_sparse(meta["means2d"].detach(), meta["conics"].detach(), sp_idx, sp_w,
+                                             meta["opacities"].detach(), s.width, s.height, tile,
+                                             meta["isect_offsets"], meta["flatten_ids"], levels * L)
+    assert last0 is None and torch.equal(last1, last_fwd) and int((last1 >= 0).sum()) > 0
+    assert torch.equal(r0, r1) and torch.equal(c0, c1) and torch.equal(a0, a1)
+    # a non-finite colour adds only where its Gaussian blends (0 * inf stays out elsewhere): the
+    # other pixels and channels are those of the finite colours, bit for bit, and nothing is NaN
+    col_inf = col.clone()
+    col_inf[:, 7, 1] = float("inf")
+    _, rgb_inf, _ = rasterize_sparse_relevancy(*args, min_alpha=min_alpha, colors=col_inf, backgrounds=bg,
+                                               backend="cpu")
+    inf = torch.isinf(rgb_inf)
+    assert bool(inf[..., 1].any()) and not bool(inf[..., [0, 2, 3]].any()) and not bool(torch.isnan(rgb_inf).any())
+    assert torch.equal(rgb_inf[~inf], c1[~inf])
     if min_alpha > 0:
         empty = (alpha[..., 0] <= min_alpha)[:, None, None].expand_as(rel)
         assert bool(empty.any()) and bool((rel[empty] == 0).all()) and bool((rel[~empty] > 0).all())

@@ -439,7 +439,7 @@ def test_dynamic_language_stage_and_its_metrics(dynamic_language_run):
 
 
 def test_state_competitors_and_hold_rule_fallbacks(tmp_path):
-    from langfield.dynamic.language import state_competitors
+    from langfield.dynamic.language import state_competitors, state_groups
 
     (tmp_path / "labels.json").write_text(json.dumps({"objects": [{"name": "box", "states": ["open box", "closed box"]},
                                                                   {"name": "x", "states": []}]}))
@@ -447,6 +447,12 @@ def test_state_competitors_and_hold_rule_fallbacks(tmp_path):
     assert c == {"open box": ["closed box"], "closed box": ["open box"], "lamp on": ["open box", "closed box"]}
     c = state_competitors(tmp_path, ["open box"], {"time_sensitive": {"open box": {"competitors": ["shut box"]}}})
     assert c == {"open box": ["shut box"]}
+    # the declared states (what `langfield query` treats by the hold rule): a time-sensitive text
+    # without competitors takes its labels.json object's, one in neither file is not a state
+    g = state_groups(tmp_path, {"time_sensitive": {"closed box": {}, "lamp on": {"competitors": "bad"}}})
+    assert g == {"closed box": ["open box"], "lamp on": None, "open box": ["closed box"]}
+    (tmp_path / "labels.json").write_text("{not json")
+    assert state_groups(tmp_path, None) == {} and state_competitors(tmp_path, ["a", "b"]) == {"a": ["b"], "b": ["a"]}
 
 
 def test_query_cli_with_time(dynamic_language_run):

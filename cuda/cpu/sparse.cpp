@@ -103,41 +103,44 @@ struct Al64 {
 
 struct SpScratch {
     std::vector<float, Al64<float>> T, buf;  // transmittance; channel-major [L][P+8] (acc or v_render)
-    std::vector<int32_t, Al64<int32_t>> last, done;
+    std::vector<int32_t, Al64<int32_t>> last;
     void init(int P, int L) {
-        T.resize(P + 8); buf.resize((size_t)(P + 8) * L); last.resize(P + 8); done.resize(P + 8);
+        T.resize(P + 8); buf.resize((size_t)(P + 8) * L); last.resize(P + 8);
     }
 };
 
 // The blend step of the 8 pixels [p0 + j, p0 + j + 8) of one row for the Gaussian
-// of intersection `cur` (rasterize.cpp's forward, verbatim): updates T, done and
-// last, returns the per-lane blend weights alpha*T (0 where the pixel does not
-// blend) and the number of pixels that finished.
+// of intersection `cur` (rasterize.cpp's forward, with the same arithmetic): updates T and
+// (with Last) last, returns the per-lane blend weights alpha*T (0 where the pixel does not
+// blend) and the number of pixels that finished. A finished pixel keeps its T with the sign
+// bit set (T > 0 always: it starts at 1 and only steps that leave it above T_MIN are taken),
+// which saves rasterize.cpp's separate `done` flags (a load and a store per chunk); without
+// Last the last-blended ids are not tracked (another load and store).
+template <bool Last>
 inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, const float *vis, float op,
                      int32_t cur, int &nd, int lo = 0) {
     const lf_vi8 lane_i = {0, 1, 2, 3, 4, 5, 6, 7};
     lf_vf8 sv, vv, Tv;
-    lf_vi8 dn, lv;
     __builtin_memcpy(&sv, sig + j, 32);
     __builtin_memcpy(&vv, vis + j, 32);
     __builtin_memcpy(&Tv, sc.T.data() + p0 + j, 32);
-    __builtin_memcpy(&dn, sc.done.data() + p0 + j, 32);
-    __builtin_memcpy(&lv, sc.last.data() + p0 + j, 32);
     const lf_vf8 opv = lf_vf8{} + op;
     lf_vf8 alpha = opv * vv;
     alpha = alpha < lf::ALPHA_MAX ? alpha : lf_vf8{} + lf::ALPHA_MAX;
     const lf_vi8 inrow = ((lane_i + j) < n) & ((lane_i + j) >= lo);
-    const lf_vi8 valid = inrow & (dn == 0) & (sv >= 0.f) & (alpha >= lf::ALPHA_THRESHOLD);
+    const lf_vi8 valid = inrow & (Tv > 0.f) & (sv >= 0.f) & (alpha >= lf::ALPHA_THRESHOLD);
     const lf_vf8 nT = Tv * (1.f - alpha);
     const lf_vi8 fin = valid & (nT <= lf::T_MIN);
     const lf_vi8 contrib = valid & ~fin;
     const lf_vf8 w = (lf_vf8)((lf_vi8)(alpha * Tv) & contrib);
-    Tv = (lf_vf8)(((lf_vi8)nT & contrib) | ((lf_vi8)Tv & ~contrib));
-    dn = dn | (fin & 1);
-    lv = (contrib & cur) | (lv & ~contrib);
+    Tv = (lf_vf8)((((lf_vi8)nT & contrib) | ((lf_vi8)Tv & ~contrib)) | (fin & (int32_t)0x80000000));
     __builtin_memcpy(sc.T.data() + p0 + j, &Tv, 32);
-    __builtin_memcpy(sc.done.data() + p0 + j, &dn, 32);
-    __builtin_memcpy(sc.last.data() + p0 + j, &lv, 32);
+    if (Last) {
+        lf_vi8 lv;
+        __builtin_memcpy(&lv, sc.last.data() + p0 + j, 32);
+        lv = (contrib & cur) | (lv & ~contrib);
+        __builtin_memcpy(sc.last.data() + p0 + j, &lv, 32);
+    }
     nd += lfcpu::count_lanes(fin);
     return w;
 }
@@ -152,13 +155,12 @@ inline lf_vf8 blend8(SpScratch &sc, int p0, int j, int n, const float *sig, cons
 // a per-chunk visitor would: the sums are bit-identical, and the per-Gaussian work
 // (its channel list, weights and checks) is done once per tile instead of per chunk.
 // prefetch(gid) fetches the visitor's data of the Gaussian lfcpu::PREFETCH_AHEAD intersections ahead.
-template <typename VisitG, typename Prefetch>
+template <bool Last, typename VisitG, typename Prefetch>
 void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *means2d, const float *conics,
                  const float *opacities, const int32_t *flatten_ids, VisitG &&visitg, Prefetch &&prefetch) {
     const int n_pix = tg.pw * tg.ph;
     std::fill(sc.T.begin(), sc.T.end(), 1.f);
-    std::fill(sc.last.begin(), sc.last.end(), -1);
-    std::fill(sc.done.begin(), sc.done.end(), 0);
+    if (Last) std::fill(sc.last.begin(), sc.last.end(), -1);
     int row_done[32] = {0};
     float sig[32], vis[32];  // a row's span from its aligned start: <= tile_size <= 32 pixels
     lf_vf8 wbuf[32 * 4];      // <= 32 rows x 4 chunks
@@ -190,7 +192,7 @@ void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *me
             const int p0 = ly * tile_size + ax0;
             int nd = 0;
             for (int j = 0; j < n; j += 8) {
-                const lf_vf8 w = blend8(sc, p0, j, n, sig, vis, g.op, (int32_t)i, nd, j < 8 ? lo : 0);
+                const lf_vf8 w = blend8<Last>(sc, p0, j, n, sig, vis, g.op, (int32_t)i, nd, j < 8 ? lo : 0);
                 if (lfcpu::any_lane((lf_vi8)w != 0)) {
                     wbuf[nc] = w;
                     pbuf[nc++] = p0 + j;
@@ -201,6 +203,7 @@ void walk_tile_g(SpScratch &sc, const SpTile &tg, int tile_size, const float *me
         }
         if (nc) visitg(i, gid, wbuf, pbuf, nc);
     }
+    for (float &x : sc.T) x = std::fabs(x);  // the finished pixels' sign bits (blend8)
 }
 
 inline lf_vf8 ld8(const float *p) {
@@ -219,6 +222,41 @@ inline void add_chunks(float *a, const lf_vf8 *w, const int *pp, int nc, float v
     }
     for (int c = 0; c < nc; ++c)
         st8(a + pp[c], ld8(a + pp[c]) + (lf_vf8)((lf_vi8)(w[c] * v) & ((lf_vi8)w[c] != 0)));
+}
+
+// acc[off[q] + p[c] .. + 8) += w[c] * val[q] for the nq updates and nc chunks, chunk by chunk
+// (each chunk's weights and position loaded once for all of its updates; with NQ known, the
+// values stay in registers): per (channel, pixel) the same single add as add_chunks.
+template <int NQ>
+inline void add_updates_n(float *acc, const int *off, const float *val, const lf_vf8 *w, const int *pp, int nc) {
+    lf_vf8 v[NQ];
+#pragma GCC unroll 16
+    for (int q = 0; q < NQ; ++q) v[q] = lf_vf8{} + val[q];
+    for (int c = 0; c < nc; ++c) {
+        float *b = acc + pp[c];
+        const lf_vf8 wc = w[c];
+#pragma GCC unroll 16
+        for (int q = 0; q < NQ; ++q) {
+            float *a = b + off[q];
+            st8(a, ld8(a) + wc * v[q]);
+        }
+    }
+}
+inline void add_updates(float *acc, const int *off, const float *val, int nq, bool finite, const lf_vf8 *w,
+                        const int *pp, int nc) {
+    if (!finite) {  // a non-finite value adds only in the blended lanes (add_chunks)
+        for (int q = 0; q < nq; ++q) add_chunks(acc + off[q], w, pp, nc, val[q]);
+        return;
+    }
+    switch (nq) {
+#define LF_ADD_CASE(n) case n: add_updates_n<n>(acc, off, val, w, pp, nc); return;
+        LF_ADD_CASE(1) LF_ADD_CASE(2) LF_ADD_CASE(3) LF_ADD_CASE(4) LF_ADD_CASE(5) LF_ADD_CASE(6)
+        LF_ADD_CASE(7) LF_ADD_CASE(8) LF_ADD_CASE(9) LF_ADD_CASE(10) LF_ADD_CASE(11) LF_ADD_CASE(12)
+        LF_ADD_CASE(13) LF_ADD_CASE(14) LF_ADD_CASE(15) LF_ADD_CASE(16)
+#undef LF_ADD_CASE
+        default:
+            for (int q = 0; q < nq; ++q) add_chunks(acc + off[q], w, pp, nc, val[q]);
+    }
 }
 
 inline lf_vf8 vsqrt(lf_vf8 x) {  // correctly rounded, as sqrtf per lane
@@ -261,7 +299,7 @@ LF_API int lf_rasterize_sparse_fwd(int C, int N, int K, int L, int width, int he
                                           n_tiles, n_isects);
                 std::fill(sc.buf.begin(), sc.buf.end(), 0.f);
                 float *acc = sc.buf.data();
-                walk_tile_g(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
+                walk_tile_g<true>(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
                             [&](int64_t, int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
                                 const int32_t *ix = sp_idx + gid * K;
                                 const float *wt = sp_w + gid * K;
@@ -328,7 +366,7 @@ LF_API int lf_rasterize_sparse_bwd(int C, int N, int K, int L, int width, int he
                     }
                 // per intersection and pair: the sum over its blended pixels of alpha T v_render,
                 // 8 pixels at a time (lanes that do not blend have weight 0)
-                walk_tile_g(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
+                walk_tile_g<false>(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
                             [&](int64_t i, int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
                                 const int32_t *ix = sp_idx + gid * K;
                                 float *slot = slots.data() + (size_t)i * K;
@@ -382,8 +420,8 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
     LF_CHECK(tile_width == (width + tile_size - 1) / tile_size &&
                  tile_height == (height + tile_size - 1) / tile_size,
              "lf_rasterize_sparse_relevancy_fwd: tile grid does not match the image");
-    LF_CHECK(relevancy && render_alphas && last_ids && A && G && (D == 0 || render),
-             "lf_rasterize_sparse_relevancy_fwd: null output, A or G");
+    LF_CHECK(relevancy && render_alphas && A && G && (D == 0 || render),
+             "lf_rasterize_sparse_relevancy_fwd: null output, A or G");  // last_ids: optional
     LF_CHECK(n_isects == 0 || (means2d && conics && sp_idx && sp_w && opacities && flatten_ids && tile_offsets &&
                                (D == 0 || colors)),
              "lf_rasterize_sparse_relevancy_fwd: null input");
@@ -399,7 +437,8 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
             // used[d]: bit b set where a Gaussian added to coefficient d in the 16-pixel block b
             // of the tile (P <= 1024: at most 64 blocks)
             std::vector<uint64_t> used(NL, 0);
-            std::vector<int> act(L), bi(L + 8);
+            std::vector<int> act(L), bi(L + 8), offs(K + D);
+            std::vector<float> vals(K + D);
             const int Lp = (L + 7) & ~7;
             std::vector<lf_vf8> zc(2 * (size_t)Lp), dots(2 * (size_t)M);
             float *acc = sc.buf.data();            // [NL][PP] coefficients
@@ -407,34 +446,42 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
             for (int64_t t = tb; t < te; ++t) {
                 const SpTile tg = sp_tile(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                           n_tiles, n_isects);
-                walk_tile_g(sc, tg, tile_size, means2d, conics, opacities, flatten_ids,
+                const auto visit = 
                             [&](int64_t, int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
                                 uint64_t blocks = 0;  // the 16-pixel blocks the chunks touch
                                 for (int c = 0; c < nc; ++c) blocks |= (1ull << (pp[c] >> 4)) | (1ull << ((pp[c] + 7) >> 4));
                                 const int32_t *ix = sp_idx + gid * K;
                                 const float *wt = sp_w + gid * K;
+                                int nq = 0;  // the channel updates: offsets into the accumulators, values
+                                bool finite = true;
                                 for (int q = 0; q < K; ++q) {
                                     const int32_t d = ix[q];
                                     const float v = wt[q];
                                     if (d < 0 || d >= NL || v == 0.f) continue;
-                                    float *a = acc + (size_t)d * PP;
-                                    add_chunks(a, w, pp, nc, v);
+                                    offs[nq] = d * PP;
+                                    vals[nq++] = v;
+                                    finite &= std::isfinite(v);
                                     used[d] |= blocks;
                                 }
                                 if (D) {
                                     const float *col = colors + gid * (int64_t)D;
                                     for (int k = 0; k < D; ++k) {
-                                        float *a = dacc + (size_t)k * PP;
-                                        const float v = col[k];
-                                        add_chunks(a, w, pp, nc, v);
+                                        offs[nq] = (NL + k) * PP;
+                                        vals[nq++] = col[k];
+                                        finite &= std::isfinite(col[k]);
                                     }
                                 }
-                            },
-                            [&](int64_t pg) {
-                                lfcpu::prefetch_span(sp_idx + pg * K, K);
-                                lfcpu::prefetch_span(sp_w + pg * K, K);
-                                if (D) lfcpu::prefetch_span(colors + pg * D, D);
-                            });
+                                add_updates(acc, offs.data(), vals.data(), nq, finite, w, pp, nc);
+                            };
+                const auto fetch = [&](int64_t pg) {
+                    lfcpu::prefetch_span(sp_idx + pg * K, K);
+                    lfcpu::prefetch_span(sp_w + pg * K, K);
+                    if (D) lfcpu::prefetch_span(colors + pg * D, D);
+                };
+                if (last_ids)
+                    walk_tile_g<true>(sc, tg, tile_size, means2d, conics, opacities, flatten_ids, visit, fetch);
+                else  // (no last-blended ids wanted: one load and store less per 8 pixels)
+                    walk_tile_g<false>(sc, tg, tile_size, means2d, conics, opacities, flatten_ids, visit, fetch);
                 // dense channels, alpha, last ids
                 const float *bg = backgrounds ? backgrounds + tg.cam * D : nullptr;
                 for (int ly = 0; ly < tg.ph; ++ly)
@@ -447,7 +494,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                                 out[k] = dacc[(size_t)k * PP + p] + (bg ? sc.T[p] * bg[k] : 0.f);
                         }
                         render_alphas[pix] = 1.f - sc.T[p];
-                        last_ids[pix] = sc.last[p];
+                        if (last_ids) last_ids[pix] = sc.last[p];
                     }
                 if (D) std::fill(dacc, dacc + (size_t)D * PP, 0.f);
                 // per level: cosines z (C e) / sqrt(z G z) over the channels used, then LERF relevancy
@@ -541,6 +588,23 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                         }
                         const lf_vf8 n0 = d0 + 2.f * o0, n1 = d1 + 2.f * o1;
                         // d_m = sum_a A_am z_a, 4 columns at a time in registers (the same order of sums per m)
+                        if (M <= 8) {  // every column in one pass over z (the same order of sums per m)
+                            lf_vf8 r[16] = {};
+                            for (int a = 0; a < sb; ++a) {
+                                const lf_vf8 z0 = zc[2 * a], z1 = zc[2 * a + 1];
+                                const float *Aa = Al + (size_t)bi[a] * M;
+#pragma GCC unroll 8
+                                for (int k = 0; k < 8; ++k) {
+                                    if (k < M) {
+                                        r[2 * k] += Aa[k] * z0;
+                                        r[2 * k + 1] += Aa[k] * z1;
+                                    }
+                                }
+                            }
+#pragma GCC unroll 16
+                            for (int k = 0; k < 16; ++k)
+                                if (k < 2 * M) dots[k] = r[k];
+                        } else
                         for (int m0 = 0; m0 < M; m0 += 4) {
                             lf_vf8 r[8] = {};
                             if (m0 + 4 <= M) {

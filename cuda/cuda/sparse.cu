@@ -328,7 +328,7 @@ __global__ void sparse_relevancy_kernel(RelArgs r, float *__restrict__ render, f
     if (!inside) return;
     if (level == 0) {
         render_alphas[pix] = 1.f - T;
-        last_ids[pix] = cur_idx;
+        if (last_ids) last_ids[pix] = cur_idx;
         if (dense) {
             const float *bg = r.backgrounds ? r.backgrounds + (int64_t)c * r.D : nullptr;
             for (int k = 0; k < r.D; ++k) render[pix * r.D + k] = dacc[k] + (bg ? T * bg[k] : 0.f);
@@ -432,7 +432,7 @@ int lf_rasterize_sparse_relevancy_fwd(int C, int N, int K, int n_levels, int L, 
     if (Q < 1 || M <= Q) return set_error(LF_ERR_ARG, "%s: need Q >= 1 and M > Q, got Q=%d M=%d", fn, Q, M);
     if (D < 0 || D > 8) return set_error(LF_ERR_ARG, "%s: at most 8 dense channels, got %d", fn, D);
     if ((int64_t)C * width * height == 0) return LF_OK;
-    if (!tile_offsets || !relevancy || !render_alphas || !last_ids || !A || !G || (D > 0 && !render))
+    if (!tile_offsets || !relevancy || !render_alphas || !A || !G || (D > 0 && !render))  // last_ids: optional
         return set_error(LF_ERR_ARG, "%s: a required output, A, G or tile_offsets is NULL", fn);
     if (n_isects > 0 && !(means2d && conics && sp_idx && sp_w && opacities && flatten_ids && (D == 0 || colors)))
         return set_error(LF_ERR_ARG, "%s: a required input is NULL", fn);

@@ -215,7 +215,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
     float *render,                // out [C,H,W,D] or NULL when D == 0
     float *relevancy,             // out [C,Q,n_levels,H,W]
     float *render_alphas,         // out [C,H,W]
-    int32_t *last_ids,            // out [C,H,W]
+    int32_t *last_ids,            // out [C,H,W], or NULL: not tracked (cheaper)
     void *stream);
 
 // ------------------------------------------------------------------ box filter

@@ -650,28 +650,36 @@ def time_sensitive_metrics(frames: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
             "viou": float(np.mean(vs)) if vs else None, "queries": qs}
 
 
-def state_competitors(data: Union[str, Path], texts: Sequence[str],
-                      qdoc: Optional[Dict[str, Any]] = None) -> Dict[str, List[str]]:
-    """For each time-sensitive text, the other states of the same object (``queries.json``
-    ``time_sensitive.<text>.competitors``, else ``labels.json`` objects' ``states``); a text
-    no file groups competes with every other given text."""
-    groups: Dict[str, List[str]] = {}
+def state_groups(data: Union[str, Path], qdoc: Optional[Dict[str, Any]] = None) -> Dict[str, Optional[List[str]]]:
+    """The texts a dataset declares as states of an object, each with its competitors (the other
+    states of the same object): ``queries.json`` ``time_sensitive.<text>.competitors`` (``qdoc``,
+    its parsed document), else the ``states`` of the ``labels.json`` object it belongs to; None
+    for a time-sensitive text that neither file groups. Unreadable files count as absent."""
+    groups: Dict[str, Optional[List[str]]] = {}
     ts = (qdoc or {}).get("time_sensitive")
     if isinstance(ts, dict):
         for t, e in ts.items():
-            if isinstance(e, dict) and isinstance(e.get("competitors"), list):
-                groups[str(t)] = [str(c) for c in e["competitors"]]
-    if not all(t in groups for t in texts):
-        lp = Path(data) / "labels.json"
-        try:
-            objs = json.loads(lp.read_text("utf-8")).get("objects", []) if lp.is_file() else []
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            objs = []
-        for o in objs if isinstance(objs, list) else []:
-            st = [str(x) for x in (o.get("states") or [])] if isinstance(o, dict) else []
-            for t in st:
-                groups.setdefault(t, [c for c in st if c != t])
-    return {t: groups.get(t, [c for c in texts if c != t]) for t in texts}
+            c = e.get("competitors") if isinstance(e, dict) else None
+            groups[str(t)] = [str(x) for x in c] if isinstance(c, list) else None
+    lp = Path(data) / "labels.json"
+    try:
+        objs = json.loads(lp.read_text("utf-8")).get("objects", []) if lp.is_file() else []
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        objs = []
+    for o in objs if isinstance(objs, list) else []:
+        st = [str(x) for x in (o.get("states") or [])] if isinstance(o, dict) else []
+        for t in st:
+            if groups.get(t) is None:
+                groups[t] = [c for c in st if c != t]
+    return groups
+
+
+def state_competitors(data: Union[str, Path], texts: Sequence[str],
+                      qdoc: Optional[Dict[str, Any]] = None) -> Dict[str, List[str]]:
+    """For each time-sensitive text, the other states of the same object (:func:`state_groups`);
+    a text no file groups competes with every other given text."""
+    groups = state_groups(data, qdoc)
+    return {t: g if (g := groups.get(t)) is not None else [c for c in texts if c != t] for t in texts}
 
 
 def state_holds(field, render, texts: Sequence[str], competitors: Dict[str, List[str]], *,

@@ -313,12 +313,13 @@ def rasterize_sparse(means2d, conics, sp_idx, sp_w, opacities, width, height, ti
 @torch.no_grad()
 def rasterize_sparse_relevancy(means2d, conics, sp_idx, sp_w, opacities, width, height, tile_size, tile_offsets,
                                flatten_ids, n_levels, A, G, n_queries, temperature, min_alpha, colors=None,
-                               backgrounds=None):
+                               backgrounds=None, want_last_ids=False):
     """lf_rasterize_sparse_relevancy_fwd (no gradients): ``sp_idx``/``sp_w`` ``[C, N, K]`` with
     channels in ``[0, n_levels * L)``, ``A [L, M]`` (queries first), ``G [L, L]``; optional dense
     ``colors [C, N, D]`` (+ ``backgrounds [C, D]``) blended in the same pass. Returns
     ``(relevancy [C, Q, n_levels, H, W], render [C, H, W, D] or None, alphas [C, H, W],
-    last_ids [C, H, W])``."""
+    last_ids [C, H, W] or None)``: the last-blended ids only with ``want_last_ids`` (tracking
+    them costs a load and a store per 8 pixels and Gaussian)."""
     C, N, K = sp_w.shape
     L, M = A.shape
     dev = sp_w.device
@@ -335,7 +336,7 @@ def rasterize_sparse_relevancy(means2d, conics, sp_idx, sp_w, opacities, width, 
     rel = torch.empty((C, int(n_queries), int(n_levels), height, width), dtype=torch.float32, device=dev)
     render = torch.empty((C, height, width, D), dtype=torch.float32, device=dev) if D else None
     alphas = torch.empty((C, height, width), dtype=torch.float32, device=dev)
-    last_ids = torch.empty((C, height, width), dtype=torch.int32, device=dev)
+    last_ids = torch.empty((C, height, width), dtype=torch.int32, device=dev) if want_last_ids else None
     lib = _sparse_lib(sp_w)
     _check(lib, lib.lf_rasterize_sparse_relevancy_fwd(
         C, N, K, int(n_levels), L, M, int(n_queries), D, int(width), int(height), int(tile_size), tw, th, _p(m2),
