@@ -649,6 +649,11 @@ def _run_cameras(doc: Dict[str, Any], run: Optional[Path] = None) -> List[FieldC
                           background=(1.0, 1.0, 1.0), cache_images=False)
     except Exception:
         return []
+    return dataset_cameras(ds)
+
+
+def dataset_cameras(ds) -> List[FieldCamera]:
+    """A loaded dataset's frames as :class:`FieldCamera` s (no images read)."""
     split_of = {}
     for sp in ("train", "test", "val"):
         for i in ds.indices(sp):

@@ -474,6 +474,27 @@ def load_run_dataset(doc: Mapping[str, Any], cache_images: bool = False, verify:
                         allow_outside=cfg.allow_outside)
 
 
+def open_dataset_in_run_world(doc: Mapping[str, Any], data: PathLike, cache_images: bool = False):
+    """Another capture of a run's scene (e.g. the same cameras at other times) with the run's
+    loading options, in the run's world: its poses take the normalisation the run's own dataset
+    got (``config.json`` ``dataset.transform``), not one of their own, so that they agree with
+    the trained Gaussians."""
+    import numpy as np
+
+    from langfield.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(doc["train"])
+    ds = open_dataset(data, downscale=cfg.downscale, normalize=False, test_every=cfg.test_every,
+                      cache_images=cache_images, allow_outside=cfg.allow_outside)
+    T = (doc.get("dataset") or {}).get("transform")
+    if not cfg.normalize or T is None:
+        return ds
+    try:
+        return ds.transformed(np.asarray(T, dtype=np.float64))
+    except (TypeError, ValueError) as e:
+        raise RunError(f"config.json dataset.transform: not a 4x4 similarity ({e})") from None
+
+
 def open_dataset(data: PathLike, *, downscale: int = 1, normalize: bool = True, test_every: int = 8,
                  cache_images: bool = True, verify: bool = False, skip_bad: bool = False,
                  allow_outside: bool = False):

@@ -84,9 +84,15 @@ def test_temporal_opacity_gates_gaussians_in_time():
     a = dg.activated(1.0).opacities.detach()
     h = dg.num // 2
     assert float(a[:h].max()) < 1e-12 and torch.equal(a[h:], base[h:])
-    mid = dg.activated(0.25).opacities.detach()  # halfway to bin 1: exp(-15)
-    assert torch.allclose(mid[:h], base[:h] * math.exp(-15.0), rtol=1e-5)
-    assert torch.allclose(time_gate(bins, 0.25)[:h], torch.full((h,), math.exp(-15.0)), rtol=1e-5)
+    # halfway to bin 1 the gates mix linearly: 0.5 (interpolating the logs gave exp(-15), so a
+    # Gaussian gated to one frame time vanished between frame times)
+    mid = dg.activated(0.25).opacities.detach()
+    assert torch.allclose(mid[:h], base[:h] * 0.5, rtol=1e-6) and torch.equal(mid[h:], base[h:])
+    g1 = time_gate(bins, 0.4)[:h]  # 80 % of the way: 0.2 * 1 + 0.8 * exp(-30)
+    assert torch.allclose(g1, torch.full((h,), 0.2 + 0.8 * math.exp(-30.0)), rtol=1e-6)
+    b2 = torch.tensor([[0.0, -2.0, 1.0]])  # exactly the bins' gates at the bin times
+    assert torch.allclose(torch.stack([time_gate(b2, t) for t in (0.0, 0.5, 1.0)])[:, 0],
+                          torch.exp(b2[0] - 1.0), rtol=1e-7)
     # gradients reach the bins around t (zero bins: the gate is 1 and still learns)
     dg.set_time_opacity(torch.zeros(dg.num, 3))
     render(dg, _cams(time=0.3)).rgb.sum().backward()
@@ -436,6 +442,44 @@ def test_dynamic_language_stage_and_its_metrics(dynamic_language_run):
     lab = {o["name"]: o for o in json.loads((data / "labels.json").read_text())["objects"]}
     assert [s["text"] for s in lab["toy car"]["state_queries"]] == ["parked toy car", "moving toy car"]
     assert lab["traffic light"]["state_queries"][0]["level"] == "whole"
+
+
+def test_eval_between_frame_times_on_another_capture(dynamic_language_run, tmp_path):
+    """`langfield eval RUN --data OTHER --new-times`: the same scene and cameras captured at 23
+    times (the run's 12 and the 11 midpoints) is put in the run's world (its poses agree with
+    the run's cameras) and only the midpoints are evaluated."""
+    from langfield.field import LanguageField, dataset_cameras
+    from langfield.run import RunFolder, open_dataset_in_run_world
+    from langfield.scenes.make import make_scene
+
+    data, run, _res = dynamic_language_run
+    mid = tmp_path / "mid"
+    make_scene("dynamic", mid, kind="dynamic", camera="static", views=5, frames=23, size=(48, 48), fov=40.0,
+               max_points=3000, holdout="times")
+    doc = RunFolder(run).read_config()
+    cams = dataset_cameras(open_dataset_in_run_world(doc, mid))
+    own = LanguageField.load(run, device="cpu").cameras
+    assert len(cams) == 5 * 23 and len(own) == 5 * 12
+    for c in own:  # the same camera at the same time in both captures, in one world
+        twin = [d for d in cams if abs(d.time - c.time) < 1e-6 and np.abs(d.viewmat - c.viewmat).max() < 1e-5]
+        assert twin, (c.name, c.time)
+    seen = sorted({c.time for c in own})
+    p = subprocess.run([sys.executable, "-m", "langfield.cli", "eval", str(run), "--data", str(mid), "--new-times",
+                        "--device", "cpu"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout[p.stdout.index("{"):])
+    m = json.loads((run / "metrics.json").read_text())["dynamic_other"]
+    assert m["data"] == str(mid) and m["new_times_only"] and summary["acc"] == m["time_sensitive"]["acc"]
+    ts = m["time_sensitive"]
+    times = {t for q in ("red light", "green light") for t in ts["queries"][q]["frames_gt"]}  # one holds at each
+    assert ts["n_frames"] == 11 and len(times) == 11  # one held-out view per midpoint
+    assert all(min(abs(t - s) for s in seen) > 1e-3 for t in times)
+    assert m["rgb"]["n_views"] == 11 and m["rgb"]["psnr"] > 15.0
+    assert 0.0 <= ts["acc"] <= 1.0 and m["unseen_camera"]["time_sensitive"]["n_frames"] == 11
+    print("between frame times: Acc / vIoU", ts["acc"], ts["viou"], "PSNR", m["rgb"]["psnr"])
+    p = subprocess.run([sys.executable, "-m", "langfield.cli", "eval", str(run), "--data", str(tmp_path / "nope"),
+                        "--device", "cpu"], capture_output=True, text=True)
+    assert p.returncode != 0 and "--data" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_state_competitors_and_hold_rule_fallbacks(tmp_path):

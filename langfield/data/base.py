@@ -445,6 +445,25 @@ class Dataset(torch.utils.data.Dataset):
                      scene_scale=self.scene_scale, meta=self.meta, cache_images=self.cache_images)
         return ds
 
+    def transformed(self, T: np.ndarray) -> "Dataset":
+        """The same frames and points moved by the similarity ``T`` [4, 4] (``x_new = T @ x``;
+        depths scaled with it): ``transform`` becomes ``T @ transform``. Another capture of a
+        run's scene takes the run's world this way (``langfield.run.open_dataset_in_run_world``)."""
+        T = np.asarray(T, dtype=np.float64)
+        if T.shape != (4, 4) or not np.isfinite(T).all():
+            raise ValueError(f"transform must be a finite 4x4 similarity, got shape {T.shape}")
+        s = similarity_scale(T)
+        frames = self.frames
+        if frames:
+            new = _apply_to_cameras(T, np.stack([f.camtoworld for f in frames]))
+            frames = [replace(f, camtoworld=new[i], depth_scale=f.depth_scale * s) for i, f in enumerate(frames)]
+        points = self.points
+        if points is not None:
+            points = PointCloud(_apply_to_points(T, points.xyz.astype(np.float64)).astype(np.float32), points.rgb)
+        return Dataset(frames, root=self.root, format=self.format, points=points, background=self.background,
+                       transform=T @ self.transform, applied_transform=self.applied_transform, meta=self.meta,
+                       cache_images=self.cache_images)
+
     def split(self, name: str) -> "Dataset":
         return self.subset(self.indices(name))
 
@@ -671,17 +690,12 @@ def finalize(frames: List[Frame], *, root: PathLike, format: str, points: Option
     """Normalise (optionally) and build the Dataset."""
     if not frames:
         raise DatasetError("no frames", root)
-    T = np.eye(4)
+    ds = Dataset(frames, root=root, format=format, points=points, background=background,
+                 applied_transform=applied_transform, meta=meta, cache_images=cache_images)
     if normalize:
         c2w = np.stack([f.camtoworld for f in frames])
-        T = normalize_world(c2w, points.xyz if points is not None else None)
-        s = similarity_scale(T)
-        new = _apply_to_cameras(T, c2w)
-        frames = [replace(f, camtoworld=new[i], depth_scale=f.depth_scale * s) for i, f in enumerate(frames)]
-        if points is not None:
-            points = PointCloud(_apply_to_points(T, points.xyz.astype(np.float64)).astype(np.float32), points.rgb)
-    return Dataset(frames, root=root, format=format, points=points, background=background, transform=T,
-                   applied_transform=applied_transform, meta=meta, cache_images=cache_images)
+        ds = ds.transformed(normalize_world(c2w, points.xyz if points is not None else None))
+    return ds
 
 
 def scaled_size(w: int, h: int, factor: float) -> Tuple[int, int]:

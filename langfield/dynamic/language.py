@@ -746,15 +746,23 @@ def _queries_doc(data: Path) -> Optional[Tuple[Path, Dict[str, Any]]]:
 
 
 def _language_metrics(field, data: Path, qpath: Path, qdoc: Dict[str, Any], *, threshold: float, hold_margin: float,
-                      hold_fraction: float, log=print) -> Dict[str, Any]:
+                      hold_fraction: float, log=print, keep=None) -> Dict[str, Any]:
     """Time-agnostic mIoU / localisation and time-sensitive Acc / vIoU of ``field`` on the views
-    of one queries file."""
+    of one queries file (those whose camera ``keep(camera)`` accepts, when given)."""
     from langfield.eval.language import QuerySet, QueryView, match_camera, resize_mask, evaluate_field, \
         load_queries
 
     out: Dict[str, Any] = {}
     sensitive = {q["text"] for v in qdoc.get("views", []) for q in v.get("queries", []) if q.get("time_sensitive")}
     qs = load_queries(qpath)
+    if keep is not None:
+        def kept(name):
+            cam = match_camera(field.cameras, name)
+            return cam is not None and keep(cam)
+
+        pairs = [(v, qv) for v, qv in zip(qdoc.get("views", []), qs.views) if kept(qv.name)]
+        qdoc = {**qdoc, "views": [v for v, _ in pairs]}
+        qs = QuerySet(qs.source, [qv for _, qv in pairs])
     agnostic = QuerySet(qs.source, [QueryView(v.name, [q for q in v.queries if q.text not in sensitive], [])
                                     for v in qs.views])
     ta = evaluate_field(field, agnostic, threshold=threshold, three_d=False, log=log)
@@ -791,7 +799,7 @@ def _language_metrics(field, data: Path, qpath: Path, qdoc: Dict[str, Any], *, t
 
 def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Path]] = None, *, device: str = "auto",
                          threshold: float = 0.4, hold_margin: float = HOLD_MARGIN, hold_fraction: float = HOLD_FRACTION,
-                         rgb: bool = True,
+                         rgb: bool = True, data: Optional[Union[str, Path]] = None, new_times_only: bool = False,
                          log=print, write: bool = True) -> Dict[str, Any]:
     """Metrics of a dynamic run (see the module docstring), merged into ``RUN/metrics.json``
     under ``dynamic`` when ``write``. ``queries``: a ``queries.json`` (default: the dataset's).
@@ -800,23 +808,49 @@ def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Pat
     ``holdout="times"``: held-out times of cameras seen in training, as 4D LangSplat evaluates on
     frames of the training videos). Where the dataset also has a val split with its own
     ``queries_val.json`` (the camera never trained on), the same metrics on it are reported
-    separately under ``unseen_camera``."""
-    from langfield.field import LanguageField
+    separately under ``unseen_camera``.
+
+    ``data``: another capture of the run's scene instead of the run's dataset (e.g. the same
+    cameras at more times: ``langfield scenes make dynamic --frames 31`` beside a 16-frame
+    run), in the run's world (:func:`langfield.run.open_dataset_in_run_world`); its test / val
+    splits and queries files are evaluated. ``new_times_only``: only views at times the run has
+    no training frame at (between its frame times). Either one writes under ``dynamic_other``."""
+    from langfield.field import LanguageField, dataset_cameras
+    from langfield.run import load_run_dataset, open_dataset_in_run_world
 
     run = Path(run)
     field = LanguageField.load(run, device=device)
     doc = RunFolder(run).read_config()
-    data = Path(doc["data"])
-    out: Dict[str, Any] = {"step": field.step, "stage": field.stage}
+    own = Path(doc["data"])
+    other = data is not None and Path(data).resolve() != own.resolve()
+    data = Path(data) if data is not None else own
+    seen = sorted({float(c.time) for c in field.cameras if c.split == "train" and c.time is not None})
+    if new_times_only and not seen:
+        raise RunError(f"{run}: the run's training frame times are unknown (its dataset {own} is missing), "
+                       f"so times it never saw cannot be told apart")
+
+    def new_time(t) -> bool:  # at least 1e-6 from every training frame time
+        return t is not None and min(abs(float(t) - s) for s in seen) > 1e-6
+
+    keep = (lambda cam: new_time(cam.time)) if new_times_only else None
     ds = None
+    if other:
+        ds = open_dataset_in_run_world(doc, data)
+        field.cameras = dataset_cameras(ds)
+    out: Dict[str, Any] = {"step": field.step, "stage": field.stage}
+    if other or new_times_only:
+        out.update(data=str(data), new_times_only=bool(new_times_only))
     if rgb:
         from langfield.eval.views import eval_background, evaluate_views
-        from langfield.run import load_run_dataset
 
-        ds = load_run_dataset(doc)
+        ds = ds if ds is not None else load_run_dataset(doc)
         bg = eval_background(doc.get("dataset", {}).get("background", "black"))
 
         def rgb_metrics(idx):
+            if new_times_only:
+                idx = [i for i in idx if new_time(ds.frames[i].time)]
+            if not idx:
+                return None
             r = evaluate_views(field.gaussians, ds, idx, background=bg, sh_degree=field.sh_degree,
                                backend=field.backend)
             return {"psnr": r["psnr"], "ssim": r["ssim"], "n_views": r["n_views"],
@@ -824,9 +858,9 @@ def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Pat
                               for v in r["views"]]}
 
         test = ds.indices("test") or ds.indices("val")
-        if test:
-            out["rgb"] = rgb_metrics(test)
-    kw = dict(threshold=threshold, hold_margin=hold_margin, hold_fraction=hold_fraction, log=log)
+        if test and (m := rgb_metrics(test)) is not None:
+            out["rgb"] = m
+    kw = dict(threshold=threshold, hold_margin=hold_margin, hold_fraction=hold_fraction, log=log, keep=keep)
     if field.has_language:
         qd = (Path(queries), json.loads(Path(queries).read_text("utf-8"))) if queries is not None \
             else _queries_doc(data)
@@ -839,11 +873,12 @@ def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Pat
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunError(f"{qv}: not valid JSON ({e})") from None
         un: Dict[str, Any] = {"note": "a camera never trained on (split val)"}
-        if ds is not None and ds.indices("val") and ds.indices("test"):
-            un["rgb"] = rgb_metrics(ds.indices("val"))
+        if ds is not None and ds.indices("val") and ds.indices("test") and \
+                (m := rgb_metrics(ds.indices("val"))) is not None:
+            un["rgb"] = m
         if field.has_language:
             un.update(_language_metrics(field, data, qv, vdoc, **kw))
         out["unseen_camera"] = un
     if write:
-        update_metrics(run, out, key="dynamic")
+        update_metrics(run, out, key="dynamic_other" if (other or new_times_only) else "dynamic")
     return out

@@ -17,8 +17,8 @@ interpolated) are added to the mixer's logits. ``.lang`` (used
 by 3D selection) gives the state channel at ``.time`` (set it with :meth:`set_time`).
 
 Temporal opacity (4DGS / STG style, optional): ``splats["time_opacity"]`` [N, R] log-gates over
-R bins evenly spread over t (linearly interpolated); the opacity at ``t`` is
-``sigmoid(opacity) * exp(b(t) - max_r b_r)``: 1 at a Gaussian's brightest bin, so the canonical
+R bins evenly spread over t; the opacity at ``t`` is ``sigmoid(opacity) * g(t)``, ``g`` the gates
+``exp(b_r - max_r b_r)`` linearly interpolated between bins (:func:`time_gate`): 1 at a Gaussian's brightest bin, so the canonical
 opacity stays its peak (gsplat's pruning on it keeps its meaning) and a Gaussian can exist over a
 time interval only (an object that drives further than its own size is then drawn by
 Gaussians along its path, each at its moment, where a deformation learnt from the photometric
@@ -86,10 +86,13 @@ def interp_time(grid: Tensor, t: float) -> Tensor:
 
 
 def time_gate(bins: Tensor, t: float) -> Tensor:
-    """The temporal opacity factor [N] in (0, 1] of log-gates ``bins`` [N, R] at ``t``:
-    ``exp(b(t) - max_r b_r)`` (exactly 1 for equal bins)."""
-    bt = interp_time(bins[:, :, None], t)[:, 0]
-    return torch.exp(bt - bins.max(1).values)
+    """The temporal opacity factor [N] in (0, 1] of log-gates ``bins`` [N, R] at ``t``: the
+    gates ``exp(b_r - max_r b_r)`` (exactly 1 for equal bins) linearly interpolated between the
+    two bins around ``t``. At a bin's time it is that bin's gate alone; between bins the gates
+    (not their logs) mix, so a Gaussian gated to one frame time fades out linearly toward the
+    next one while the Gaussian gated there fades in (interpolating the logs instead made both
+    nearly vanish halfway: a moving object gated frame by frame disappeared between its frames)."""
+    return interp_time(torch.exp(bins - bins.max(1, keepdim=True).values)[:, :, None], t)[:, 0]
 
 
 class DeformableGaussians(Gaussians):

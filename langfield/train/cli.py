@@ -449,6 +449,23 @@ def cli_render(
 OptRunArg = tyro.conf.Positional[Annotated[Optional[Path], tyro.conf.arg(metavar="RUN")]]
 
 
+def _dynamic_summary(m: Dict[str, Any]) -> Dict[str, Any]:
+    """The headline numbers of evaluate_dynamic_run's result (the whole is in metrics.json)."""
+    def part(d):
+        d = d or {}
+        r, ta, ts = d.get("rgb") or {}, d.get("time_agnostic") or {}, d.get("time_sensitive") or {}
+        out = {"psnr": r.get("psnr"), "ssim": r.get("ssim"), "rgb_views": r.get("n_views"),
+               "miou": ta.get("miou"), "loc": ta.get("loc"), "acc": ts.get("acc"), "viou": ts.get("viou"),
+               "time_sensitive_frames": ts.get("n_frames")}
+        return {k: v for k, v in out.items() if v is not None}
+
+    out = {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
+    out.update(part(m))
+    if m.get("unseen_camera"):
+        out["unseen_camera"] = part(m["unseen_camera"])
+    return out
+
+
 def cli_eval(
     run: OptRunArg = None,
     queries: Optional[Path] = None,
@@ -460,6 +477,8 @@ def cli_eval(
     trajectory: Optional[Path] = None,
     reference: Optional[Path] = None,
     max_diff: float = 0.01,
+    data: Optional[Path] = None,
+    new_times: bool = False,
 ) -> int:
     """Evaluate a trained run -> RUN/metrics.json: PSNR/SSIM on its held-out views and, for a run
     with a language field, text queries (LERF-ovs protocol: localization, mIoU; and 3D selection).
@@ -477,6 +496,10 @@ def cli_eval(
             Umeyama alignment, as `evo_ape tum --align`, and RPE), timestamps associated like evo.
         reference: the reference (ground-truth) TUM trajectory for --trajectory.
         max_diff: largest timestamp difference (s) for associating --trajectory and --reference poses.
+        data: dynamic runs: evaluate on another capture of the run's scene (e.g. the same cameras at more times),
+            put in the run's world; results go to metrics.json under dynamic_other.
+        new_times: dynamic runs: only the views at times the run has no training frame at (between its frame
+            times; with --data or on the run's own dataset).
     """
     plain_warnings()
     from langfield.run import RunError, RunFolder, load_run
@@ -496,6 +519,10 @@ def cli_eval(
     if run is None:
         raise _fail("give a run folder (or --trajectory EST --reference REF)")
     kind = _run_kind(Path(run))
+    if (data is not None or new_times) and kind != "deformable":
+        raise _fail("--data and --new-times are for dynamic runs (deformable Gaussians)")
+    if data is not None and not Path(data).is_dir():
+        raise _fail(f"--data {data}: not a folder")
     if kind == "slam" and queries is None:
         from langfield.slam.evaluate import evaluate_slam_run, format_slam_eval
 
@@ -508,10 +535,11 @@ def cli_eval(
         from langfield.dynamic.language import evaluate_dynamic_run
 
         try:
-            m = evaluate_dynamic_run(run, queries, device=device, threshold=threshold)
+            m = evaluate_dynamic_run(run, queries, device=device, threshold=threshold, data=data,
+                                     new_times_only=new_times)
         except (RunError, ValueError, OSError) as e:
             raise _fail(str(e).splitlines()[0]) from None
-        print(json.dumps({k: v for k, v in m.items() if not isinstance(v, (list, dict))}, indent=1, default=str))
+        print(json.dumps(_dynamic_summary(m), indent=1, default=str))
         return 0
 
     if queries is None:
