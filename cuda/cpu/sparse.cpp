@@ -500,8 +500,9 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                 // per level: cosines z (C e) / sqrt(z G z) over the channels used, then LERF relevancy
                 // against the canonical columns. Each 16-pixel block takes only the channels used in it
                 // (cidx, in tile order; padded to a multiple of 8 with zero coefficients), reading G and
-                // A in place: z G z = sum_a G_aa z_a^2 + 2 sum_{a<b} G_ab z_a z_b (half the
-                // multiply-adds), 8 rows of G at a time (register blocking: 16 accumulators, each z and G entry loaded once per use).
+                // A in place: z G z = 2 sum_a z_a (G_aa z_a / 2 + sum_{b>a} G_ab z_b) (half the
+                // multiply-adds; the diagonal starts each row's accumulator), 8 rows of G at a time
+                // (register blocking: 16 accumulators, each z and G entry loaded once per use).
                 for (int l = 0; l < n_levels; ++l) {
                     int s = 0;
                     for (int a = 0; a < L; ++a)
@@ -547,7 +548,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                             zc[2 * a] = zc[2 * a + 1] = lf_vf8{};
                             bi[a] = sb ? bi[0] : 0;
                         }
-                        lf_vf8 d0 = {}, d1 = {}, o0 = {}, o1 = {};  // diagonal and off-diagonal parts
+                        lf_vf8 o0 = {}, o1 = {};  // z (G/2 on the diagonal, G above it) z
                         for (int a0 = 0; a0 < sbp; a0 += 8) {
                             const float *g[8];
                             lf_vf8 za[8], zb[8], y0[8], y1[8];
@@ -556,7 +557,9 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                                 g[k] = Gl + (size_t)bi[a0 + k] * L;
                                 za[k] = zc[2 * (a0 + k)];
                                 zb[k] = zc[2 * (a0 + k) + 1];
-                                y0[k] = y1[k] = lf_vf8{};
+                                const float hk = 0.5f * g[k][bi[a0 + k]];  // the diagonal's half
+                                y0[k] = hk * za[k];
+                                y1[k] = hk * zb[k];
                             }
                             // within the 8 rows: the upper triangle
 #pragma GCC unroll 8
@@ -579,14 +582,11 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                             }
 #pragma GCC unroll 8
                             for (int k = 0; k < 8; ++k) {
-                                const float gkk = g[k][bi[a0 + k]];
                                 o0 += za[k] * y0[k];
                                 o1 += zb[k] * y1[k];
-                                d0 += gkk * za[k] * za[k];
-                                d1 += gkk * zb[k] * zb[k];
                             }
                         }
-                        const lf_vf8 n0 = d0 + 2.f * o0, n1 = d1 + 2.f * o1;
+                        const lf_vf8 n0 = 2.f * o0, n1 = 2.f * o1;
                         // d_m = sum_a A_am z_a, 4 columns at a time in registers (the same order of sums per m)
                         if (M <= 8) {  // every column in one pass over z (the same order of sums per m)
                             lf_vf8 r[16] = {};
