@@ -281,6 +281,23 @@ def test_projection_and_activation():
     q = project_topk_simplex(torch.tensor([[0.5, 0.45, 0.0, 0.2]]), 3)  # top-3 sum 1.15: each loses 0.05
     assert torch.allclose(q, torch.tensor([[0.45, 0.4, 0.0, 0.15]]), atol=1e-6)
     assert torch.allclose(project_topk_simplex(q, 3), q, atol=1e-7)  # idempotent
+    # against the projection by bisection on the threshold (float64), for whole rows (k = L) and
+    # top-k, with ties and rows far off the simplex
+    g = torch.Generator().manual_seed(4)
+    for shape, k in (((500, 3, 4), 4), ((300, 16), 16), ((300, 16), 5)):
+        x = torch.randn(*shape, generator=g) * torch.rand(*shape[:-1], 1, generator=g) * 3
+        x[:20] = x[:20].round()  # ties
+        sel, idx = x.topk(k, -1)
+        sel = sel.double()
+        lo, hi = sel.min(-1, keepdim=True).values - 1, sel.max(-1, keepdim=True).values
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            big = (sel - mid).clamp_min(0).sum(-1, keepdim=True) > 1
+            lo, hi = torch.where(big, mid, lo), torch.where(big, hi, mid)
+        p = project_topk_simplex(x, k)
+        ref = torch.zeros_like(x, dtype=torch.float64).scatter_(-1, idx, (sel - lo).clamp_min(0))  # ties: topk's pick
+        assert float((p.double() - ref).abs().max()) <= 2e-6 and int((p > 0).sum(-1).max()) <= k
+        assert torch.allclose(p.sum(-1), torch.ones(shape[:-1]), atol=1e-5)
     w = topk_softmax(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2)
     e = math.exp(1.0)
     assert torch.allclose(w, torch.tensor([[0.0, e / (1 + e), 1 / (1 + e), 0.0]]))

@@ -70,37 +70,27 @@ def project_topk_simplex(v: Tensor, k: int) -> Tensor:
     L = v.shape[-1]
     k = max(1, min(int(k), L))
     x = torch.nan_to_num(v.float(), nan=-1e30, posinf=1e30, neginf=-1e30)
-    if k == L:
-        return _project_simplex(x).to(v.dtype)
+    if k == L:  # every entry: the threshold from the sorted row, then the row itself
+        theta = _simplex_threshold(torch.sort(x, dim=-1, descending=True).values)
+        return (x - theta).clamp_min_(0).to(v.dtype)
     top, idx = torch.topk(x, k, dim=-1, sorted=True)  # descending
-    css = top.cumsum(-1) - 1.0
-    r = torch.arange(1, k + 1, device=v.device, dtype=top.dtype)
-    cond = top - css / r > 0
-    rho = cond.to(torch.int64).cumsum(-1).argmax(-1, keepdim=True)  # last index where cond holds
-    theta = css.gather(-1, rho) / (rho + 1).to(top.dtype)
-    w = (top - theta).clamp_min(0)
     out = torch.zeros_like(x)
-    out.scatter_(-1, idx, w)
+    out.scatter_(-1, idx, (top - _simplex_threshold(top)).clamp_min_(0))
     return out.to(v.dtype)
 
 
-def _project_simplex(x: Tensor, max_iters: int = 100) -> Tensor:
-    """The Euclidean projection of every row of ``x [..., L]`` onto the probability simplex by
-    Michelot's active-set iteration: ``theta`` starts at ``(sum - 1) / L`` (a lower bound of the
-    threshold), each pass sets it to ``(sum of the entries above it - 1) / their count``; it only
-    grows and the active set only shrinks, so a row is exact once its count stops falling (a
-    few passes, against a sort of every row). Same result as the sort-based formula."""
-    L = x.shape[-1]
-    theta = (x.sum(-1, keepdim=True) - 1.0) / L
-    cnt = torch.full_like(theta, float(L))
-    for _ in range(max_iters):
-        act = x > theta
-        new_cnt = act.sum(-1, keepdim=True).to(x.dtype)
-        theta = (torch.where(act, x, 0.0).sum(-1, keepdim=True) - 1.0) / new_cnt.clamp_min(1.0)
-        if not bool((new_cnt < cnt).any()):
-            break
-        cnt = new_cnt
-    return (x - theta).clamp_min(0)
+def _simplex_threshold(top: Tensor) -> Tensor:
+    """The threshold ``theta [..., 1]`` of the Euclidean projection onto the probability simplex
+    of rows sorted in descending order (Held et al. / Duchi et al.): with ``c_j`` the sum of the
+    ``j`` largest entries minus 1, ``theta = c_rho / rho`` for the count ``rho`` of the ``j``
+    where ``u_j > c_j / j`` (a prefix of the sorted row; ``j = 1`` always holds). One sort and a
+    few passes, without the per-iteration syncs of an active-set loop (Michelot's, used before:
+    about 2x the time for the rows of 4 that sparse codebook training projects every step)."""
+    k = top.shape[-1]
+    css = top.cumsum(-1).sub_(1.0)
+    r = torch.arange(1, k + 1, device=top.device, dtype=top.dtype)
+    rho = (top - css / r > 0).sum(-1, keepdim=True).clamp_min_(1)
+    return css.gather(-1, rho - 1) / rho.to(top.dtype)
 
 
 def topk_softmax(logits: Tensor, k: int) -> Tensor:
