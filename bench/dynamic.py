@@ -111,10 +111,10 @@ def bench_language(work: Path, device: str, size: int, frames: int, rgb_steps: i
               "psnr": (un.get("rgb") or {}).get("psnr"), "miou": uta.get("miou"), "loc": uta.get("loc"),
               "acc": uts.get("acc"), "viou": uts.get("viou"),
               "per_query": {q: {"acc": v["acc"], "viou": v["viou"]} for q, v in (uts.get("queries") or {}).items()}}
-    return run, [row, unseen, bench_between(run, work, size, frames, views, row["steps"])]
+    return run, [row, unseen, bench_between(run, work, size, frames, views, row["steps"], device)]
 
 
-def bench_between(run: Path, work: Path, size: int, frames: int, views: int, steps: str) -> dict:
+def bench_between(run: Path, work: Path, size: int, frames: int, views: int, steps: str, device: str = "cpu") -> dict:
     """The run at times it never saw: the same scene and cameras captured at ``2 frames - 1``
     times (the run's and the midpoints between them), put in the run's world, and evaluated on
     the held-out views at the midpoints only (``langfield eval RUN --data MID --new-times``)."""
@@ -124,7 +124,7 @@ def bench_between(run: Path, work: Path, size: int, frames: int, views: int, ste
     mid = work / "dyn_scene_between"
     make_scene("dynamic", mid, kind="dynamic", camera="static", views=views, frames=2 * frames - 1,
                size=(size, size), holdout="times", overwrite=True)
-    b = evaluate_dynamic_run(run, data=mid, new_times_only=True, device="cpu", log=lambda *_: None, write=False)
+    b = evaluate_dynamic_run(run, data=mid, new_times_only=True, device=device, log=lambda *_: None, write=False)
     ta, ts = b.get("time_agnostic") or {}, b.get("time_sensitive") or {}
     return {"bench": f"dynamic scene {size}x{size}, held-out views at the {frames - 1} midpoints between frame times",
             "steps": steps, "psnr": (b.get("rgb") or {}).get("psnr"), "miou": ta.get("miou"), "loc": ta.get("loc"),

@@ -406,7 +406,7 @@ def update_metrics(run: PathLike, values: Mapping[str, Any], *, key: Optional[st
     return doc
 
 
-_STAGE_KEYS = ("language", "slam", "trajectory", "dynamic", "time_sensitive")
+_STAGE_KEYS = ("language", "slam", "trajectory", "dynamic", "dynamic_other", "time_sensitive")
 
 
 # ------------------------------------------------------------------------------------------
@@ -476,23 +476,58 @@ def load_run_dataset(doc: Mapping[str, Any], cache_images: bool = False, verify:
 
 def open_dataset_in_run_world(doc: Mapping[str, Any], data: PathLike, cache_images: bool = False):
     """Another capture of a run's scene (e.g. the same cameras at other times) with the run's
-    loading options, in the run's world: its poses take the normalisation the run's own dataset
-    got (``config.json`` ``dataset.transform``), not one of their own, so that they agree with
-    the trained Gaussians."""
+    loading options, in the run's world and on its time axis: its poses take the normalisation
+    the run's own dataset got (``config.json`` ``dataset.transform``), not one of their own, and
+    its frame times the run's rescaling of raw times to [0, 1] (``dataset.time_raw_range``, or
+    the run's dataset when the config predates it), so that both agree with the trained
+    Gaussians. Times outside the run's range are an error (a deformation does not extrapolate)."""
     import numpy as np
+    from dataclasses import replace
 
     from langfield.train.config import TrainConfig
 
     cfg = TrainConfig.from_dict(doc["train"])
+    dmeta = doc.get("dataset") or {}
     ds = open_dataset(data, downscale=cfg.downscale, normalize=False, test_every=cfg.test_every,
                       cache_images=cache_images, allow_outside=cfg.allow_outside)
-    T = (doc.get("dataset") or {}).get("transform")
-    if not cfg.normalize or T is None:
+    if cfg.normalize:
+        T = dmeta.get("transform")
+        if T is None:
+            raise RunError("config.json has no dataset.transform (the run's normalisation): another capture "
+                           "cannot be put in the run's world")
+        try:
+            ds = ds.transformed(np.asarray(T, dtype=np.float64))
+        except (TypeError, ValueError) as e:
+            raise RunError(f"config.json dataset.transform: not a 4x4 similarity ({e})") from None
+    if not any(f.time is not None for f in ds.frames):
         return ds
-    try:
-        return ds.transformed(np.asarray(T, dtype=np.float64))
-    except (TypeError, ValueError) as e:
-        raise RunError(f"config.json dataset.transform: not a 4x4 similarity ({e})") from None
+    if "time_raw_range" in dmeta:
+        rng = dmeta["time_raw_range"]
+    else:  # a config from before the range was recorded: the run's dataset says
+        try:
+            rng = load_run_dataset(doc).meta.get("time_raw_range")
+        except RunError:
+            if ds.meta.get("time_raw_range") is not None:
+                raise RunError(f"{data}: its times are rescaled to [0, 1] and the run's own time range is unknown "
+                               f"(its dataset is missing): the two time axes cannot be matched") from None
+            rng = None
+    lo, hi = (0.0, 1.0) if rng is None else (float(rng[0]), float(rng[1]))
+    span = hi - lo if hi > lo else 1.0
+    frames, bad = [], []
+    for f in ds.frames:
+        if f.time is None:
+            frames.append(f)
+            continue
+        raw = float(f.extras.get("time_raw", f.time))
+        t = (raw - lo) / span
+        if not -1e-6 <= t <= 1 + 1e-6:
+            bad.append(raw)
+        frames.append(replace(f, time=min(max(t, 0.0), 1.0)))
+    if bad:
+        raise RunError(f"{data}: {len(bad)} frame(s) at times outside the run's range [{lo:g}, {hi:g}] "
+                       f"(e.g. {bad[0]:g}); a dynamic run is evaluated within the times it was trained on")
+    ds.frames = frames
+    return ds
 
 
 def open_dataset(data: PathLike, *, downscale: int = 1, normalize: bool = True, test_every: int = 8,

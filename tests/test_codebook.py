@@ -298,6 +298,12 @@ def test_projection_and_activation():
         ref = torch.zeros_like(x, dtype=torch.float64).scatter_(-1, idx, (sel - lo).clamp_min(0))  # ties: topk's pick
         assert float((p.double() - ref).abs().max()) <= 2e-6 and int((p > 0).sum(-1).max()) <= k
         assert torch.allclose(p.sum(-1), torch.ones(shape[:-1]), atol=1e-5)
+    # entries so large that u - 1 rounds to u in float32 (and +inf, counted as 1e30): one-hot
+    big = torch.tensor([[1e8, 0.0, 0.0, 0.0], [float("inf"), 1.0, 0.0, 0.0], [3e7, 3e7 - 0.5, 0.0, 0.0]])
+    for k in (4, 2):
+        pb = project_topk_simplex(big, k)
+        assert torch.equal(pb[:2], torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])), (k, pb)
+        assert float(pb[2].sum()) == pytest.approx(1.0, abs=1e-6) and float(pb[2, 0]) >= 0.5
     w = topk_softmax(torch.tensor([[1.0, 3.0, 2.0, 0.0]]), 2)
     e = math.exp(1.0)
     assert torch.allclose(w, torch.tensor([[0.0, e / (1 + e), 1 / (1 + e), 0.0]]))

@@ -480,6 +480,27 @@ def test_eval_between_frame_times_on_another_capture(dynamic_language_run, tmp_p
     p = subprocess.run([sys.executable, "-m", "langfield.cli", "eval", str(run), "--data", str(tmp_path / "nope"),
                         "--device", "cpu"], capture_output=True, text=True)
     assert p.returncode != 0 and "--data" in p.stderr and "Traceback" not in p.stderr
+    # the run's own capture has no held-out view at a new time: an error, not an empty success
+    from langfield.dynamic.language import evaluate_dynamic_run
+    from langfield.run import RunError
+
+    with pytest.raises(RunError, match="no held-out view"):
+        evaluate_dynamic_run(run, new_times_only=True, device="cpu", log=lambda *_: None, write=False)
+    # language metrics alone on another capture (no RGB pass)
+    m2 = evaluate_dynamic_run(run, data=mid, new_times_only=True, rgb=False, device="cpu", log=lambda *_: None,
+                              write=False)
+    assert "rgb" not in m2 and m2["time_sensitive"]["acc"] == ts["acc"]
+    # times on the run's axis: a capture whose raw times span twice the run's range maps into [0, 2]
+    # of it, which is outside the run: refused; a run config recording a raw range maps raw times
+    doc2 = {**doc, "dataset": {**doc["dataset"], "time_raw_range": [0.0, 0.5]}}
+    with pytest.raises(RunError, match="outside the run's range"):
+        open_dataset_in_run_world(doc2, mid)
+    doc3 = {**doc, "dataset": {**doc["dataset"], "time_raw_range": [0.0, 2.0]}}
+    half = dataset_cameras(open_dataset_in_run_world(doc3, mid))
+    assert max(c.time for c in half) == pytest.approx(0.5) and min(c.time for c in half) == 0.0
+    doc4 = {**doc, "dataset": {k: v for k, v in doc["dataset"].items() if k != "transform"}}
+    with pytest.raises(RunError, match="dataset.transform"):
+        open_dataset_in_run_world(doc4, mid)
 
 
 def test_state_competitors_and_hold_rule_fallbacks(tmp_path):

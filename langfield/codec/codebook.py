@@ -66,31 +66,39 @@ def project_topk_simplex(v: Tensor, k: int) -> Tensor:
     """Each row of ``v [..., L]`` -> its nearest point (Euclidean, among the rows' top-k
     entries) on the probability simplex with at most ``k`` non-zeros: the ``k`` largest entries
     are projected onto the simplex (sort-based, exact), the others become 0. A row of equal
-    values keeps its first ``k`` entries at ``1/k``. Non-finite entries count as very small."""
+    values keeps ``k`` of its entries (``torch.topk``'s pick) at ``1/k``. NaN and -inf count as
+    very small (-1e30), +inf as very large (1e30)."""
     L = v.shape[-1]
     k = max(1, min(int(k), L))
     x = torch.nan_to_num(v.float(), nan=-1e30, posinf=1e30, neginf=-1e30)
     if k == L:  # every entry: the threshold from the sorted row, then the row itself
-        theta = _simplex_threshold(torch.sort(x, dim=-1, descending=True).values)
-        return (x - theta).clamp_min_(0).to(v.dtype)
+        top = torch.sort(x, dim=-1, descending=True).values
+        lead, theta = _simplex_threshold(top)
+        return ((x - lead) - theta).clamp_min_(0).to(v.dtype)
     top, idx = torch.topk(x, k, dim=-1, sorted=True)  # descending
+    lead, theta = _simplex_threshold(top)
     out = torch.zeros_like(x)
-    out.scatter_(-1, idx, (top - _simplex_threshold(top)).clamp_min_(0))
+    out.scatter_(-1, idx, ((top - lead) - theta).clamp_min_(0))
     return out.to(v.dtype)
 
 
-def _simplex_threshold(top: Tensor) -> Tensor:
-    """The threshold ``theta [..., 1]`` of the Euclidean projection onto the probability simplex
-    of rows sorted in descending order (Held et al. / Duchi et al.): with ``c_j`` the sum of the
-    ``j`` largest entries minus 1, ``theta = c_rho / rho`` for the count ``rho`` of the ``j``
-    where ``u_j > c_j / j`` (a prefix of the sorted row; ``j = 1`` always holds). One sort and a
-    few passes, without the per-iteration syncs of an active-set loop (Michelot's, used before:
-    about 2x the time for the rows of 4 that sparse codebook training projects every step)."""
+def _simplex_threshold(top: Tensor) -> Tuple[Tensor, Tensor]:
+    """The Euclidean projection onto the probability simplex of rows sorted in descending order
+    (Held et al. / Duchi et al.), as ``(lead, theta)`` [..., 1] with the projection
+    ``max(x - lead - theta, 0)``: ``lead`` is the row's largest entry, and on the shifted row
+    ``u = top - lead`` (``u_1 = 0``), with ``c_j`` the sum of the ``j`` largest minus 1,
+    ``theta = c_rho / rho`` for the count ``rho`` of the ``j`` where ``u_j > c_j / j`` (a prefix;
+    ``j = 1`` holds exactly after the shift, also for entries so large that ``u_1 - 1`` would
+    round to ``u_1``). One sort and a few passes, without the per-iteration syncs of an
+    active-set loop (Michelot's, used before: about 2x the time for the rows of 4 that sparse
+    codebook training projects every step)."""
     k = top.shape[-1]
-    css = top.cumsum(-1).sub_(1.0)
+    lead = top[..., :1]
+    u = top - lead
+    css = u.cumsum(-1).sub_(1.0)
     r = torch.arange(1, k + 1, device=top.device, dtype=top.dtype)
-    rho = (top - css / r > 0).sum(-1, keepdim=True).clamp_min_(1)
-    return css.gather(-1, rho - 1) / rho.to(top.dtype)
+    rho = (u - css / r > 0).sum(-1, keepdim=True).clamp_min_(1)
+    return lead, css.gather(-1, rho - 1) / rho.to(top.dtype)
 
 
 def topk_softmax(logits: Tensor, k: int) -> Tensor:

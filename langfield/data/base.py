@@ -453,6 +453,8 @@ class Dataset(torch.utils.data.Dataset):
         if T.shape != (4, 4) or not np.isfinite(T).all():
             raise ValueError(f"transform must be a finite 4x4 similarity, got shape {T.shape}")
         s = similarity_scale(T)
+        if not s > 1e-12:
+            raise ValueError("transform must be a 4x4 similarity with a non-zero scale (its rotation part is singular)")
         frames = self.frames
         if frames:
             new = _apply_to_cameras(T, np.stack([f.camtoworld for f in frames]))

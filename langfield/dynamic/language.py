@@ -763,6 +763,8 @@ def _language_metrics(field, data: Path, qpath: Path, qdoc: Dict[str, Any], *, t
         pairs = [(v, qv) for v, qv in zip(qdoc.get("views", []), qs.views) if kept(qv.name)]
         qdoc = {**qdoc, "views": [v for v, _ in pairs]}
         qs = QuerySet(qs.source, [qv for _, qv in pairs])
+        if not qs.views:  # none kept (the caller reports it when nothing at all was measured)
+            return out
     agnostic = QuerySet(qs.source, [QueryView(v.name, [q for q in v.queries if q.text not in sensitive], [])
                                     for v in qs.views])
     ta = evaluate_field(field, agnostic, threshold=threshold, three_d=False, log=log)
@@ -873,12 +875,25 @@ def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Pat
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunError(f"{qv}: not valid JSON ({e})") from None
         un: Dict[str, Any] = {"note": "a camera never trained on (split val)"}
-        if ds is not None and ds.indices("val") and ds.indices("test") and \
+        if rgb and ds is not None and ds.indices("val") and ds.indices("test") and \
                 (m := rgb_metrics(ds.indices("val"))) is not None:
             un["rgb"] = m
         if field.has_language:
             un.update(_language_metrics(field, data, qv, vdoc, **kw))
         out["unseen_camera"] = un
+    if new_times_only and not _evaluated_anything(out):
+        raise RunError(f"{data}: no held-out view (test / val split, queries file) is at a time the run never saw "
+                       f"(its training frame times cover them); --new-times needs a capture at other times, "
+                       f"e.g. --data with more frames")
     if write:
         update_metrics(run, out, key="dynamic_other" if (other or new_times_only) else "dynamic")
     return out
+
+
+def _evaluated_anything(out: Dict[str, Any]) -> bool:
+    """Whether a result of :func:`evaluate_dynamic_run` holds any measured view."""
+    def part(d):
+        d = d or {}
+        return bool((d.get("rgb") or {}).get("n_views") or (d.get("time_sensitive") or {}).get("n_frames")
+                    or (d.get("time_agnostic") or {}).get("n_views"))
+    return part(out) or part(out.get("unseen_camera"))

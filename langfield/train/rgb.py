@@ -400,6 +400,7 @@ class RGBTrainer(EpochSampler):
                 "num_test": len(self.test_idx),
                 "scene_scale": float(ds.scene_scale),
                 "transform": np.asarray(ds.transform).tolist(),
+                "time_raw_range": ds.meta.get("time_raw_range"),  # times rescaled to [0, 1] from these
                 "has_alpha": bool(self.has_alpha),
                 "background": self.background,
                 "init": "points" if ds.points is not None and len(ds.points) > 0 else "random",
