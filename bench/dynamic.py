@@ -99,18 +99,10 @@ def bench_language(work: Path, device: str, size: int, frames: int, rgb_steps: i
                                lr=0.01, log=lambda *_: None)
     t_lang, c_lang = time.perf_counter() - t0, time.process_time() - c0
     mt = r["metrics"]
-    ta, ts = mt.get("time_agnostic") or {}, mt.get("time_sensitive") or {}
-    un = mt.get("unseen_camera") or {}
-    uta, uts = un.get("time_agnostic") or {}, un.get("time_sensitive") or {}
-    row = {"bench": f"dynamic scene {size}x{size}, held-out times of seen cameras",
-           "steps": f"{rgb_steps}+{lang_steps}",
-           "psnr": m["psnr"], "miou": ta.get("miou"), "loc": ta.get("loc"), "acc": ts.get("acc"),
-           "viou": ts.get("viou"), "train_s": t_rgb + t_lang, "cpu_s": c_rgb + c_lang, "load": os.getloadavg()[0],
-           "per_query": {q: {"acc": v["acc"], "viou": v["viou"]} for q, v in (ts.get("queries") or {}).items()}}
-    unseen = {"bench": f"dynamic scene {size}x{size}, camera never trained on", "steps": row["steps"],
-              "psnr": (un.get("rgb") or {}).get("psnr"), "miou": uta.get("miou"), "loc": uta.get("loc"),
-              "acc": uts.get("acc"), "viou": uts.get("viou"),
-              "per_query": {q: {"acc": v["acc"], "viou": v["viou"]} for q, v in (uts.get("queries") or {}).items()}}
+    steps = f"{rgb_steps}+{lang_steps}"
+    row = {**_lang_row(f"dynamic scene {size}x{size}, held-out times of seen cameras", steps, mt), "psnr": m["psnr"],
+           "train_s": t_rgb + t_lang, "cpu_s": c_rgb + c_lang, "load": os.getloadavg()[0]}
+    unseen = _lang_row(f"dynamic scene {size}x{size}, camera never trained on", steps, mt.get("unseen_camera"))
     return run, [row, unseen, bench_between(run, work, size, frames, views, row["steps"], device)]
 
 
@@ -125,11 +117,17 @@ def bench_between(run: Path, work: Path, size: int, frames: int, views: int, ste
     make_scene("dynamic", mid, kind="dynamic", camera="static", views=views, frames=2 * frames - 1,
                size=(size, size), holdout="times", overwrite=True)
     b = evaluate_dynamic_run(run, data=mid, new_times_only=True, device=device, log=lambda *_: None, write=False)
-    ta, ts = b.get("time_agnostic") or {}, b.get("time_sensitive") or {}
-    return {"bench": f"dynamic scene {size}x{size}, held-out views at the {frames - 1} midpoints between frame times",
-            "steps": steps, "psnr": (b.get("rgb") or {}).get("psnr"), "miou": ta.get("miou"), "loc": ta.get("loc"),
-            "acc": ts.get("acc"), "viou": ts.get("viou"),
-            "per_query": {q: {"acc": v["acc"], "viou": v["viou"]} for q, v in (ts.get("queries") or {}).items()}}
+    return _lang_row(f"dynamic scene {size}x{size}, held-out views at the {frames - 1} midpoints between frame "
+                     f"times", steps, b)
+
+
+def _lang_row(bench: str, steps: str, metrics) -> dict:
+    """A table row of one part of a dynamic run's metrics (``evaluate_dynamic_run``)."""
+    from langfield.dynamic.language import metrics_headline
+
+    h = metrics_headline(metrics)
+    return {"bench": bench, "steps": steps, **{k: h.get(k) for k in ("psnr", "miou", "loc", "acc", "viou")},
+            "per_query": h.get("per_query", {})}
 
 
 def bench_query(run: Path, device: str, size: int = 256, repeats: int = 5):

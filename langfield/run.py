@@ -482,8 +482,8 @@ def open_dataset_in_run_world(doc: Mapping[str, Any], data: PathLike, cache_imag
     the run's dataset when the config predates it), so that both agree with the trained
     Gaussians. Times outside the run's range are an error (a deformation does not extrapolate)."""
     import numpy as np
-    from dataclasses import replace
 
+    from langfield.data.base import rescale_times
     from langfield.train.config import TrainConfig
 
     cfg = TrainConfig.from_dict(doc["train"])
@@ -512,17 +512,7 @@ def open_dataset_in_run_world(doc: Mapping[str, Any], data: PathLike, cache_imag
                                f"(its dataset is missing): the two time axes cannot be matched") from None
             rng = None
     lo, hi = (0.0, 1.0) if rng is None else (float(rng[0]), float(rng[1]))
-    span = hi - lo if hi > lo else 1.0
-    frames, bad = [], []
-    for f in ds.frames:
-        if f.time is None:
-            frames.append(f)
-            continue
-        raw = float(f.extras.get("time_raw", f.time))
-        t = (raw - lo) / span
-        if not -1e-6 <= t <= 1 + 1e-6:
-            bad.append(raw)
-        frames.append(replace(f, time=min(max(t, 0.0), 1.0)))
+    frames, bad = rescale_times(ds.frames, lo, hi)
     if bad:
         raise RunError(f"{data}: {len(bad)} frame(s) at times outside the run's range [{lo:g}, {hi:g}] "
                        f"(e.g. {bad[0]:g}); a dynamic run is evaluated within the times it was trained on")

@@ -244,11 +244,8 @@ inline void add_updates_n(float *acc, const int *off, const float *val, const lf
 }
 inline void add_updates(float *acc, const int *off, const float *val, int nq, bool finite, const lf_vf8 *w,
                         const int *pp, int nc) {
-    if (!finite) {  // a non-finite value adds only in the blended lanes (add_chunks)
-        for (int q = 0; q < nq; ++q) add_chunks(acc + off[q], w, pp, nc, val[q]);
-        return;
-    }
-    switch (nq) {
+    switch (finite ? nq : 0) {  // non-finite values (they add only in the blended lanes) or more than
+                                // 16 updates: value by value with add_chunks (default)
 #define LF_ADD_CASE(n) case n: add_updates_n<n>(acc, off, val, w, pp, nc); return;
         LF_ADD_CASE(1) LF_ADD_CASE(2) LF_ADD_CASE(3) LF_ADD_CASE(4) LF_ADD_CASE(5) LF_ADD_CASE(6)
         LF_ADD_CASE(7) LF_ADD_CASE(8) LF_ADD_CASE(9) LF_ADD_CASE(10) LF_ADD_CASE(11) LF_ADD_CASE(12)
@@ -446,7 +443,7 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
             for (int64_t t = tb; t < te; ++t) {
                 const SpTile tg = sp_tile(t, tile_size, tile_width, tile_height, width, height, tile_offsets,
                                           n_tiles, n_isects);
-                const auto visit = 
+                const auto visit =
                             [&](int64_t, int64_t gid, const lf_vf8 *w, const int *pp, int nc) {
                                 uint64_t blocks = 0;  // the 16-pixel blocks the chunks touch
                                 for (int c = 0; c < nc; ++c) blocks |= (1ull << (pp[c] >> 4)) | (1ull << ((pp[c] + 7) >> 4));
@@ -587,8 +584,9 @@ LF_API int lf_rasterize_sparse_relevancy_fwd(
                             }
                         }
                         const lf_vf8 n0 = 2.f * o0, n1 = 2.f * o1;
-                        // d_m = sum_a A_am z_a, 4 columns at a time in registers (the same order of sums per m)
-                        if (M <= 8) {  // every column in one pass over z (the same order of sums per m)
+                        // d_m = sum_a A_am z_a in registers, the same order of sums per m: every column in
+                        // one pass over z (M <= 8), else 4 columns at a time
+                        if (M <= 8) {
                             lf_vf8 r[16] = {};
                             for (int a = 0; a < sb; ++a) {
                                 const lf_vf8 z0 = zc[2 * a], z1 = zc[2 * a + 1];

@@ -824,15 +824,26 @@ def normalize_times(frames: List[Frame], source: PathLike, field_name: str = "ti
     lo, hi = float(ts.min()), float(ts.max())
     if lo >= 0.0 and hi <= 1.0:
         return frames, {}
+    return rescale_times(frames, lo, hi)[0], {"time_raw_range": [lo, hi]}
+
+
+def rescale_times(frames: List[Frame], lo: float, hi: float) -> Tuple[List[Frame], List[float]]:
+    """Frames with their raw time (``extras["time_raw"]`` when it was rescaled before, else
+    ``time``) mapped by ``(raw - lo) / (hi - lo)`` to ``time`` in [0, 1] (clamped; all 0 when
+    ``hi <= lo``), the raw value kept in ``extras["time_raw"]``; also the raw times that fell
+    outside ``[lo, hi]`` (beyond 1e-6 of the span). Frames without a time keep none."""
     span = hi - lo
-    out = []
+    out, outside = [], []
     for f in frames:
         if f.time is None:
             out.append(f)
             continue
-        t = (f.time - lo) / span if span > 0 else 0.0
-        out.append(replace(f, time=float(min(max(t, 0.0), 1.0)), extras={**f.extras, "time_raw": f.time}))
-    return out, {"time_raw_range": [lo, hi]}
+        raw = float(f.extras.get("time_raw", f.time))
+        t = (raw - lo) / span if span > 0 else 0.0
+        if span > 0 and not -1e-6 <= t <= 1 + 1e-6:
+            outside.append(raw)
+        out.append(replace(f, time=float(min(max(t, 0.0), 1.0)), extras={**f.extras, "time_raw": raw}))
+    return out, outside
 
 
 def data_cache_dir() -> Path:

@@ -890,10 +890,22 @@ def evaluate_dynamic_run(run: Union[str, Path], queries: Optional[Union[str, Pat
     return out
 
 
+def metrics_headline(m: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The headline numbers of :func:`evaluate_dynamic_run`'s result, or of its
+    ``unseen_camera`` part: ``psnr``, ``ssim``, ``rgb_views``, ``miou``, ``loc``,
+    ``agnostic_views``, ``acc``, ``viou``, ``time_sensitive_frames``, ``per_query`` (``{text:
+    {acc, viou}}``); a number that was not measured is left out."""
+    m = m or {}
+    r, ta, ts = m.get("rgb") or {}, m.get("time_agnostic") or {}, m.get("time_sensitive") or {}
+    out = {"psnr": r.get("psnr"), "ssim": r.get("ssim"), "rgb_views": r.get("n_views"), "miou": ta.get("miou"),
+           "loc": ta.get("loc"), "agnostic_views": ta.get("n_views"), "acc": ts.get("acc"), "viou": ts.get("viou"),
+           "time_sensitive_frames": ts.get("n_frames"),
+           "per_query": {q: {"acc": v["acc"], "viou": v["viou"]} for q, v in (ts.get("queries") or {}).items()}
+           or None}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _evaluated_anything(out: Dict[str, Any]) -> bool:
     """Whether a result of :func:`evaluate_dynamic_run` holds any measured view."""
-    def part(d):
-        d = d or {}
-        return bool((d.get("rgb") or {}).get("n_views") or (d.get("time_sensitive") or {}).get("n_frames")
-                    or (d.get("time_agnostic") or {}).get("n_views"))
-    return part(out) or part(out.get("unseen_camera"))
+    return any(h.get(k) for h in (metrics_headline(out), metrics_headline(out.get("unseen_camera")))
+               for k in ("rgb_views", "agnostic_views", "time_sensitive_frames"))

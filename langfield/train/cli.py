@@ -451,18 +451,12 @@ OptRunArg = tyro.conf.Positional[Annotated[Optional[Path], tyro.conf.arg(metavar
 
 def _dynamic_summary(m: Dict[str, Any]) -> Dict[str, Any]:
     """The headline numbers of evaluate_dynamic_run's result (the whole is in metrics.json)."""
-    def part(d):
-        d = d or {}
-        r, ta, ts = d.get("rgb") or {}, d.get("time_agnostic") or {}, d.get("time_sensitive") or {}
-        out = {"psnr": r.get("psnr"), "ssim": r.get("ssim"), "rgb_views": r.get("n_views"),
-               "miou": ta.get("miou"), "loc": ta.get("loc"), "acc": ts.get("acc"), "viou": ts.get("viou"),
-               "time_sensitive_frames": ts.get("n_frames")}
-        return {k: v for k, v in out.items() if v is not None}
+    from langfield.dynamic.language import metrics_headline
 
     out = {k: v for k, v in m.items() if not isinstance(v, (list, dict))}
-    out.update(part(m))
+    out.update({k: v for k, v in metrics_headline(m).items() if k != "per_query"})
     if m.get("unseen_camera"):
-        out["unseen_camera"] = part(m["unseen_camera"])
+        out["unseen_camera"] = {k: v for k, v in metrics_headline(m["unseen_camera"]).items() if k != "per_query"}
     return out
 
 
